@@ -1,0 +1,81 @@
+"""Causal depthwise short convolution over varlen packed segments.
+
+Weight convention as torch.nn.Conv1d (depthwise, left padded): y_i = sum_w W[c, w] x_{i-(W-1)+w}.
+A segment starts from its own `initial_state` tail (the W-1 inputs before it, oldest first) or
+zeros: nothing leaks across segment boundaries (memories or documents)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    row_weight_index: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+):
+    """x: [N, D] packed rows; weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
+    the weight of each row (per-memory convolutions); cu_seqlens: [S+1]; initial_state [S, W-1, D].
+    Returns (y [N, D], final tails [S, W-1, D] or None). No activation is applied."""
+    N, D = x.shape
+    W = weight.shape[-1]
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    S = lens.numel()
+    seg = torch.repeat_interleave(torch.arange(S, device=x.device), lens, output_size=N)
+    pos = torch.arange(N, device=x.device) - cu[seg]
+    w_rows = weight if weight.dim() == 2 else weight[row_weight_index]  # [D, W] or [N, D, W]
+    y = torch.zeros_like(x)
+    for shift in range(W):
+        tap = w_rows[..., W - 1 - shift]
+        src = torch.arange(N, device=x.device) - shift
+        inside = pos >= shift
+        xs = torch.where(inside[:, None], x[src.clamp(min=0)], torch.zeros((), dtype=x.dtype, device=x.device))
+        if initial_state is not None and shift > 0:
+            tail_idx = (W - 1 - shift + pos).clamp(min=0, max=W - 2)
+            xs = torch.where(inside[:, None], xs, initial_state[seg, tail_idx])
+        y = y + tap * xs
+    final = None
+    if output_final_state:
+        final = _final_tails(x, cu, lens, W, initial_state)
+    return y, final
+
+
+def _final_tails(x, cu, lens, W, initial_state):
+    """The last W-1 inputs of each segment (reaching into its initial tail when it is short)."""
+    S = lens.numel()
+    r = torch.arange(W - 1, device=x.device)
+    ext = lens[:, None] - (W - 1) + r[None, :]  # position in the segment, negative = in the tail
+    from_x = ext >= 0
+    xi = (cu[:-1, None] + ext).clamp(min=0, max=max(x.shape[0] - 1, 0))
+    if x.shape[0]:
+        vals = x[xi]
+    else:
+        vals = x.new_zeros(S, W - 1, x.shape[1])
+    if initial_state is not None:
+        tails = initial_state[torch.arange(S, device=x.device)[:, None], (ext + W - 1).clamp(min=0, max=W - 2)]
+    else:
+        tails = torch.zeros_like(vals)
+    return torch.where(from_x[..., None], vals, tails)
+
+
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor):
+    """One decoding step. x: [N, D]; weight [D, W] or [N, D, W]; state [N, W-1, D] (oldest
+    first). Returns (y [N, D], new state)."""
+    window = torch.cat([state, x[:, None]], 1)  # [N, W, D]
+    y = (window * weight.transpose(-1, -2)).sum(1)
+    return y, window[:, 1:]
+
+
+def naive_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: Optional[torch.Tensor] = None):
+    """Reference for one segment: x [T, D], weight [D, W]; nn.functional.conv1d semantics."""
+    T, D = x.shape
+    W = weight.shape[-1]
+    prefix = initial_state if initial_state is not None else x.new_zeros(W - 1, D)
+    xp = torch.cat([prefix, x], 0).t()[None]  # [1, D, T+W-1]
+    y = torch.nn.functional.conv1d(xp, weight[:, None, :], groups=D)
+    return y[0].t()

@@ -1,0 +1,87 @@
+"""Shared helpers for the reference (pure PyTorch) kernels: varlen segment bookkeeping and
+chunk padding. Layout everywhere: tokens [B, T, H, ...]; with `cu_seqlens` B must be 1 and the
+packed sequence holds len(cu_seqlens)-1 segments (empty segments allowed)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim (the convention of the MoM spec and fla)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 stays float64 (the reference precision); everything else computes in float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def num_segments(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def check_varlen(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], initial_state: Optional[torch.Tensor]):
+    if cu_seqlens is not None:
+        if x.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (packed), got {x.shape[0]}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor")
+    n = num_segments(x, cu_seqlens)
+    if initial_state is not None and initial_state.shape[0] != n:
+        raise ValueError(f"initial_state has {initial_state.shape[0]} states for {n} sequences")
+
+
+class ChunkLayout:
+    """Maps a (possibly varlen-packed) sequence onto zero-padded chunks [S, NC, C].
+
+    Padding rows must act as identity steps: the callers zero k, v, beta and the log-decay there.
+    One host sync (the longest segment) is needed to size the padded tensor."""
+
+    def __init__(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], chunk_size: int):
+        self.chunk_size = C = chunk_size
+        B, T = x.shape[:2]
+        self.T = T
+        self.varlen = cu_seqlens is not None
+        if not self.varlen:
+            self.S = B
+            self.NC = max(1, -(-T // C))
+        else:
+            cu = cu_seqlens.long()
+            lens = cu[1:] - cu[:-1]
+            self.S = lens.numel()
+            max_len = int(lens.max()) if self.S > 0 else 0
+            self.NC = max(1, -(-max_len // C))
+            seg = torch.repeat_interleave(torch.arange(self.S, device=x.device), lens, output_size=T)
+            pos = torch.arange(T, device=x.device) - cu[seg]
+            self.dest = seg * (self.NC * C) + pos
+
+    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, *rest] -> [S, NC, C, *rest] (zeros in the padding)."""
+        C, NC = self.chunk_size, self.NC
+        rest = x.shape[2:]
+        if not self.varlen:
+            pad = NC * C - self.T
+            if pad:
+                x = F.pad(x, (0, 0) * len(rest) + (0, pad))
+            return x.reshape(self.S, NC, C, *rest)
+        out = x.new_zeros(self.S * NC * C, *rest)
+        out = out.index_copy(0, self.dest, x[0])
+        return out.view(self.S, NC, C, *rest)
+
+    def from_chunks(self, y: torch.Tensor) -> torch.Tensor:
+        """[S, NC, C, *rest] -> [B, T, *rest]."""
+        rest = y.shape[3:]
+        if not self.varlen:
+            return y.reshape(self.S, -1, *rest)[:, : self.T]
+        return y.reshape(-1, *rest)[self.dest].unsqueeze(0)
+
+
+def segment_bounds(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """(batch index, start, end) per sequence; used by the naive loops only."""
+    if cu_seqlens is None:
+        return [(b, 0, x.shape[1]) for b in range(x.shape[0])]
+    cu = cu_seqlens.tolist()
+    return [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]

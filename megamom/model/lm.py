@@ -1,0 +1,168 @@
+"""Causal language model shared by all architectures: embeddings, pre-norm blocks
+(h = x + mixer(norm(x)); out = h + SwiGLU(norm(h))), final norm, (tied) LM head.
+
+Module names follow flash-linear-attention's (model.embeddings, model.layers.{i}.attn_norm /
+attn / mlp_norm / mlp, model.norm, lm_head) so checkpoint conversion is a renaming."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .attention import Attention
+from .cache import ModelCache
+from .layers import RMSNorm, SwiGLU
+from .memory_mixer import MemoryMixer, RouterStats
+
+
+@dataclass
+class LMOutput:
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_coef * aux_loss + z_coef * z_loss
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None  # mean over routed layers (1.0 = balanced)
+    z_loss: Optional[torch.Tensor] = None
+    router_stats: list = field(default_factory=list)  # RouterStats per routed layer
+    cache: Optional[ModelCache] = None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx) if cfg.arch == "transformer" else MemoryMixer(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size)
+
+    def forward(self, x, ctx: dict, cache=None, use_cache: bool = False):
+        if isinstance(self.attn, Attention):
+            h, stats, new_cache = self.attn(self.attn_norm(x), ctx["positions"], ctx["segment_ids"], cache, use_cache)
+        else:
+            h, stats, new_cache = self.attn(self.attn_norm(x), ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, stats, new_cache
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+def document_index(segment_ids: Optional[torch.Tensor], B: int, T: int, device) -> tuple[torch.Tensor, int]:
+    """Global document id of every token (flattened [B*T], non-decreasing) and their number.
+    segment_ids: [B, T] per-row document numbers starting at 0, non-decreasing."""
+    if segment_ids is None:
+        return torch.arange(B, device=device).repeat_interleave(T), B
+    per_row = segment_ids[:, -1].long() + 1
+    offsets = F.pad(per_row.cumsum(0)[:-1], (1, 0))
+    return (segment_ids.long() + offsets[:, None]).reshape(-1), int(per_row.sum())
+
+
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document (for rotary embeddings)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(1).values
+    return idx - start
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        nn.init.normal_(self.model.embeddings.weight, 0.0, std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        for block in self.model.layers:
+            for lin in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj):
+                nn.init.normal_(lin.weight, 0.0, std)
+            if isinstance(block.attn, Attention):
+                for lin in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.attn.o_proj):
+                    nn.init.normal_(lin.weight, 0.0, std)
+            else:
+                block.attn.reset_parameters()
+            block.attn_norm.weight.fill_(1.0)
+            block.mlp_norm.weight.fill_(1.0)
+        self.model.norm.weight.fill_(1.0)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Parameters kept out of weight decay: norms, biases, embeddings, A_log, dt_bias."""
+        names = set()
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.dim() < 2 or "norm" in name or "embeddings" in name or leaf in ("A_log", "dt_bias", "bias"):
+                names.add(name)
+        return names
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None, cache: Optional[ModelCache] = None,
+                use_cache: bool = False, logits_to_keep: int = 0, return_logits: bool = True) -> LMOutput:
+        """input_ids, labels: [B, T] with labels[t] the target of position t (-100 = ignore).
+        segment_ids: [B, T] document number per token (memories and attention reset at
+        document starts). logits_to_keep > 0 computes logits for the last positions only."""
+        B, T = input_ids.shape
+        cfg = self.config
+        x = self.model.embeddings(input_ids)
+        doc_ids, num_docs = document_index(segment_ids, B, T, x.device)
+        offset = cache.seen_tokens if cache is not None else 0
+        if segment_ids is not None:
+            positions = document_positions(segment_ids)
+        else:
+            positions = (torch.arange(T, device=x.device) + offset).expand(B, T)
+        ctx = {"doc_ids": doc_ids, "num_docs": num_docs, "positions": positions, "segment_ids": segment_ids}
+        layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
+        new_caches, stats = [], []
+        for block, layer_cache in zip(self.model.layers, layer_caches):
+            if self.activation_checkpointing and self.training and layer_cache is None and not use_cache:
+                x, st, nc = checkpoint(block, x, ctx, None, False, use_reentrant=False)
+            else:
+                x, st, nc = block(x, ctx, layer_cache, use_cache)
+            new_caches.append(nc)
+            if st is not None:
+                stats.append(st)
+        x = self.model.norm(x)
+        out = LMOutput(router_stats=stats)
+        if use_cache or cache is not None:
+            out.cache = ModelCache(new_caches, offset + T)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        if labels is not None or return_logits:
+            logits = F.linear(x, self.output_weight)
+            out.logits = logits if return_logits else None
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                          ignore_index=-100)
+            loss = out.lm_loss
+            if stats:
+                out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
+                out.z_loss = torch.stack([s.z_loss for s in stats]).mean()
+                if cfg.aux_loss_coef:
+                    loss = loss + cfg.aux_loss_coef * out.aux_loss
+                if cfg.z_loss_coef:
+                    loss = loss + cfg.z_loss_coef * out.z_loss
+            out.loss = loss
+        return out

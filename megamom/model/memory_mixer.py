@@ -1,0 +1,253 @@
+"""The Mixture-of-Memories layer (arch "mom") and, as its one-memory case, plain linear
+recurrent layers (arch "linear": Gated DeltaNet, GLA, ...: only the shared memory, no router).
+
+Forward pass (training / prefill), for N = B*T tokens and M = routed + shared memories:
+  1. route (float32 softmax, top-k, renormalise)          -> weights [N, k], memories [N, k]
+  2. pack rows memory-major (memory, document, position)  -> A = N*(k+shared) rows
+  3. q = x W_q once per token (shared); k, v, beta, decay = x W[m] for the row's memory
+  4. short causal conv + SiLU over each memory's own subsequence (cu_seqlens, no leaks)
+  5. ONE chunked scan over all (memory, document) segments
+  6. weighted sum of each token's rows (+ shared memory with weight 1)
+  7. per-head RMSNorm * swish(x W_g), then W_o
+Per-memory weights are stacked [M, out, d] so expert parallelism can shard the memory dim and
+tensor parallelism the head dim (every per-head piece: q/k/v/beta/decay rows, A_log, dt_bias,
+conv channels) without touching this code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megamom.kernels import causal_conv1d_step, causal_conv1d_varlen, get_rule, memory_scan, memory_step
+
+from ..config import ModelConfig
+from .cache import MemoryLayerCache
+from .layers import GatedRMSNorm
+from .routing import build_packing, combine, load_balancing_loss, pack, pack_per_memory, route, router_z_loss
+
+
+@dataclass
+class RouterStats:
+    aux_loss: torch.Tensor  # scalar, differentiable
+    z_loss: torch.Tensor  # scalar, differentiable
+    token_fraction: torch.Tensor  # [E] detached: share of routed slots per memory
+
+
+class MemoryMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.rule = get_rule(cfg.update_rule)
+        d, H, K, Vh = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.head_v_dim
+        self.hidden_size, self.num_heads, self.head_dim, self.head_v_dim = d, H, K, Vh
+        self.num_routed = cfg.num_memories if cfg.routed else 0
+        self.topk = cfg.topk if cfg.routed else 0
+        self.shared = cfg.shared_mem if cfg.routed else True
+        M = self.num_memories = self.num_routed + int(self.shared)
+        Kd, Vd = H * K, H * Vh
+
+        self.router = nn.Linear(d, self.num_routed, bias=False) if self.num_routed else None
+        self.q_proj = nn.Linear(d, Kd, bias=False)
+        self.k_proj = nn.Parameter(torch.empty(M, Kd, d))
+        self.v_proj = nn.Parameter(torch.empty(M, Vd, d))
+        self.b_proj = nn.Parameter(torch.empty(M, H, d)) if self.rule.delta else None
+        decay_dim = {"scalar": H, "vector": Kd, None: 0}[self.rule.decay]
+        self.a_proj = nn.Parameter(torch.empty(M, decay_dim, d)) if decay_dim else None
+        if self.rule.decay == "scalar":
+            self.A_log = nn.Parameter(torch.empty(H))
+            self.dt_bias = nn.Parameter(torch.empty(H))
+        self.conv_size = cfg.conv_size if cfg.use_short_conv else 0
+        if self.conv_size:
+            Mc = M if cfg.per_memory_conv else 1
+            self.q_conv = nn.Parameter(torch.empty(Mc, Kd, self.conv_size))
+            self.k_conv = nn.Parameter(torch.empty(Mc, Kd, self.conv_size))
+            self.v_conv = nn.Parameter(torch.empty(Mc, Vd, self.conv_size))
+        self.g_proj = nn.Linear(d, Vd, bias=False) if cfg.use_output_gate else None
+        self.o_norm = GatedRMSNorm(Vh, eps=cfg.norm_eps)
+        self.o_proj = nn.Linear(Vd, d, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper code's init: xavier-uniform (gain 2^-2.5) linears, A ~ U(0, 16), dt ~ logU."""
+        gain = 2 ** -2.5
+        for lin in (self.router, self.q_proj, self.g_proj, self.o_proj):
+            if lin is not None:
+                nn.init.xavier_uniform_(lin.weight, gain=gain)
+        for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
+            if stacked is not None:
+                for m in range(stacked.shape[0]):
+                    nn.init.xavier_uniform_(stacked[m], gain=gain)
+        if self.rule.decay == "scalar":
+            H = self.num_heads
+            self.A_log.copy_(torch.empty(H).uniform_(0, 16).log())
+            dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        if self.conv_size:
+            bound = 1 / math.sqrt(self.conv_size)  # nn.Conv1d's default for a depthwise conv
+            for w in (self.q_conv, self.k_conv, self.v_conv):
+                w.uniform_(-bound, bound)
+        self.o_norm.weight.fill_(1.0)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"A_log", "dt_bias"}
+
+    # ------------------------------------------------------------------------------ pieces
+    def _stacked_weight(self) -> tuple[torch.Tensor, list[int]]:
+        parts = [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
+        return torch.cat(parts, 1), [p.shape[1] for p in parts]
+
+    def _split(self, rows: torch.Tensor, sizes: list[int]):
+        pieces = list(rows.split(sizes, -1))
+        k, v = pieces[0], pieces[1]
+        rest = pieces[2:]
+        b = rest.pop(0) if self.b_proj is not None else None
+        a = rest.pop(0) if self.a_proj is not None else None
+        return k, v, b, a
+
+    def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor]):
+        """-> (log-decay g in float32 or None, beta or None), per head (or per key for GLA)."""
+        beta = b.float().sigmoid() if b is not None else None
+        g = None
+        if self.rule.decay == "scalar":
+            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        elif self.rule.decay == "vector":
+            g = F.logsigmoid(a.float()) / self.cfg.gla_gate_normalizer
+        return g, beta
+
+    def _slot_weights(self, router_out, N: int, device, dtype) -> torch.Tensor:
+        cols = []
+        if router_out is not None:
+            cols.append(router_out.topk_weight)
+        if self.shared:
+            cols.append(torch.ones(N, 1, device=device, dtype=torch.float32))
+        return torch.cat(cols, 1)
+
+    def _router_stats(self, r, counts_reduce=None) -> Optional[RouterStats]:
+        if r is None:
+            return None
+        aux, frac = load_balancing_loss(r.probs, r.topk_index, self.num_routed, counts_reduce)
+        return RouterStats(aux, router_z_loss(r.logits), frac.detach())
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, num_docs: int,
+                cache: Optional[MemoryLayerCache] = None, use_cache: bool = False):
+        """x: [B, T, d]; doc_ids: [B*T] global document index (non-decreasing); returns
+        (out [B, T, d], RouterStats or None, new cache or None)."""
+        B, T, d = x.shape
+        if cache is not None and T == 1:
+            return self._decode_step(x, cache)
+        H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
+        N = B * T
+        xf = x.reshape(N, d)
+
+        r = route(xf, self.router.weight, self.topk) if self.router is not None else None
+        packing = build_packing(r.topk_index if r is not None else None, doc_ids, num_docs,
+                                self.num_routed, self.shared)
+        A = packing.row_token.numel()
+
+        q_rows = pack(self.q_proj(xf), packing)
+        W, sizes = self._stacked_weight()
+        y = F.linear(xf, W.reshape(-1, d)).view(N, self.num_memories, -1)
+        k_rows, v_rows, b_rows, a_rows = self._split(pack_per_memory(y, packing), sizes)
+
+        conv_state = None
+        if self.conv_size:
+            init = cache.conv if cache is not None else None
+            q_rows, k_rows, v_rows, conv_state = self._conv(q_rows, k_rows, v_rows, packing, init,
+                                                            use_cache or cache is not None)
+        g, beta = self._gates(b_rows, a_rows)
+        initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
+        o_rows, final_state = memory_scan(
+            self.rule,
+            q_rows.view(1, A, H, K), k_rows.view(1, A, H, K), v_rows.view(1, A, H, Vh),
+            None if g is None else g.view(1, A, *g.shape[1:]) if self.rule.decay == "scalar" else g.view(1, A, H, K),
+            None if beta is None else beta.view(1, A, H),
+            scale=K ** -0.5, initial_state=initial_state, output_final_state=use_cache or cache is not None,
+            cu_seqlens=packing.cu_seqlens, chunk_size=self.cfg.chunk_size,
+            use_qk_l2norm=self.cfg.qk_norm == "l2", backend=self.cfg.kernel_backend,
+        )
+        slot_w = self._slot_weights(r, N, x.device, x.dtype)
+        o = combine(o_rows[0], packing, slot_w)  # [N, H, Vh]
+        o = self._output(o, xf)
+        new_cache = None
+        if use_cache or cache is not None:
+            new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
+        return o.view(B, T, d), self._router_stats(r), new_cache
+
+    def _output(self, o: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+        gate = self.g_proj(xf).view(*o.shape) if self.g_proj is not None else None
+        o = self.o_norm(o.to(xf.dtype), gate)
+        return self.o_proj(o.reshape(o.shape[0], -1))
+
+    def _conv(self, q, k, v, packing, init: Optional[dict], want_state: bool):
+        M = self.num_memories
+        per_mem = self.cfg.per_memory_conv
+        out, state = [], {}
+        for name, x, w in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
+            weight = w if per_mem else w[0]
+            tails = init[name].reshape(-1, *init[name].shape[2:]) if init is not None else None
+            y, final = causal_conv1d_varlen(x, weight, packing.cu_seqlens,
+                                            packing.row_memory if per_mem else None, tails, want_state)
+            out.append(F.silu(y))
+            if want_state:
+                state[name] = final.view(M, -1, *final.shape[1:])
+        return (*out, state if want_state else None)
+
+    # ------------------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def _decode_step(self, x: torch.Tensor, cache: MemoryLayerCache):
+        """One token per sequence: update only the selected memories, constant memory."""
+        B, _, d = x.shape
+        H, K, Vh, M = self.num_heads, self.head_dim, self.head_v_dim, self.num_memories
+        xf = x.reshape(B, d)
+        r = route(xf, self.router.weight, self.topk) if self.router is not None else None
+        selected = torch.zeros(B, M, dtype=torch.bool, device=x.device)
+        weight = torch.zeros(B, M, dtype=torch.float32, device=x.device)
+        if r is not None:
+            selected.scatter_(1, r.topk_index, True)
+            weight.scatter_(1, r.topk_index, r.topk_weight)
+        if self.shared:
+            selected[:, -1] = True
+            weight[:, -1] = 1.0
+        W, sizes = self._stacked_weight()
+        y = F.linear(xf, W.reshape(-1, d)).view(B, M, -1)
+        k, v, b, a = self._split(y, sizes)
+        q = self.q_proj(xf)[:, None].expand(B, M, -1)
+        conv_state = None
+        if self.conv_size:
+            conv_state = {}
+            outs = []
+            for name, t, w in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
+                tails = cache.conv[name].transpose(0, 1)  # [B, M, W-1, C]
+                weight_m = w if self.cfg.per_memory_conv else w.expand(M, -1, -1)
+                out_t, new_tails = causal_conv1d_step(
+                    t.reshape(B * M, -1), weight_m.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * M, *w.shape[1:]),
+                    tails.reshape(B * M, *tails.shape[2:]).to(t.dtype))
+                new_tails = new_tails.view(B, M, *new_tails.shape[1:])
+                keep = selected[:, :, None, None]
+                conv_state[name] = torch.where(keep, new_tails, tails.to(new_tails.dtype)).transpose(0, 1)
+                outs.append(F.silu(out_t))
+            q, k, v = (o.view(B * M, H, -1) for o in outs)
+        else:
+            q, k, v = (t.reshape(B * M, H, -1) for t in (q, k, v))
+        g, beta = self._gates(b, a)
+        if g is not None:
+            g = g.reshape(B * M, H) if self.rule.decay == "scalar" else g.reshape(B * M, H, K)
+        if beta is not None:
+            beta = beta.reshape(B * M, H)
+        state = cache.state.transpose(0, 1).reshape(B * M, H, K, Vh)
+        o, new_state = memory_step(self.rule, q, k, v, g, beta, state, scale=K ** -0.5,
+                                   use_qk_l2norm=self.cfg.qk_norm == "l2")
+        new_state = torch.where(selected.view(B * M, 1, 1, 1), new_state, state)
+        o = (o.view(B, M, H, Vh) * weight[:, :, None, None].to(o.dtype)).sum(1)
+        out = self._output(o, xf)
+        new_cache = MemoryLayerCache(new_state.view(B, M, H, K, Vh).transpose(0, 1).contiguous(), conv_state)
+        return out.view(B, 1, d), None, new_cache

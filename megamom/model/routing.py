@@ -1,0 +1,137 @@
+"""Token-to-memory routing: router, dropless stable packing, and its weighted inverse.
+
+Packed ("memory-major") order: rows sorted by (memory, document, position). Each token appears
+once per selected memory (top-k) and once more for the shared memory, which is memory index E.
+A segment is one (memory, document) pair; all segments of a layer go to ONE scan call through
+`cu_seqlens` (empty segments included, so segment m * D + d is always memory m, document d).
+
+Everything is vectorised: one sort, one bincount, gathers. The only host sync is the one the
+scan needs to size its chunks. The exchange of rows between expert-parallel ranks plugs in
+between `pack` and `combine` (see megamom.parallel)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [N, E] float32
+    probs: torch.Tensor  # [N, E] float32, full softmax
+    topk_weight: torch.Tensor  # [N, k] renormalised
+    topk_index: torch.Tensor  # [N, k]
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, topk: int) -> RouterOutput:
+    """x: [N, d]; weight: [E, d]. Softmax in float32, top-k, renormalise to sum 1."""
+    logits = F.linear(x.float(), weight.float())
+    probs = logits.softmax(-1)
+    w, idx = probs.topk(topk, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    return RouterOutput(logits, probs, w, idx)
+
+
+@dataclass
+class Packing:
+    row_token: torch.Tensor  # [A] source token of each packed row
+    row_memory: torch.Tensor  # [A] memory of each packed row (E = shared)
+    row_segment: torch.Tensor  # [A] segment index (memory * num_docs + doc)
+    slot_row: torch.Tensor  # [N, R] packed row of (token, slot); slots = top-k choices (+ shared)
+    cu_seqlens: torch.Tensor  # [M * num_docs + 1]
+    num_memories: int  # M = routed + shared
+    num_docs: int
+    num_tokens: int
+
+
+def build_packing(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num_docs: int,
+                  num_routed: int, shared: bool) -> Packing:
+    """topk_index: [N, k] (None when there is no router); doc_ids: [N] global document index of
+    each token, non-decreasing in token order. Returns the memory-major packing."""
+    N = doc_ids.numel()
+    device = doc_ids.device
+    tokens = torch.arange(N, device=device)
+    mems, toks = [], []
+    if topk_index is not None:
+        k = topk_index.shape[1]
+        mems.append(topk_index.reshape(-1))
+        toks.append(tokens.repeat_interleave(k))
+    if shared:
+        mems.append(torch.full((N,), num_routed, device=device, dtype=torch.long))
+        toks.append(tokens)
+    slot_mem = torch.cat(mems).long()  # assignment order: routed slots token-major, then shared
+    slot_tok = torch.cat(toks)
+    M = num_routed + int(shared)
+    # (memory, token) pairs are unique, so this key sorts them into a unique, stable order.
+    order = torch.argsort(slot_mem * N + slot_tok)
+    row_token, row_memory = slot_tok[order], slot_mem[order]
+    row_segment = row_memory * num_docs + doc_ids[row_token]
+    counts = torch.bincount(row_segment, minlength=M * num_docs)
+    cu = F.pad(counts.cumsum(0), (1, 0))
+    slot_row = torch.empty_like(order)
+    slot_row[order] = torch.arange(order.numel(), device=device)
+    # assignment a = slot * N + token for the shared slot, token * k + j for routed ones
+    if topk_index is not None:
+        k = topk_index.shape[1]
+        routed = slot_row[: N * k].view(N, k)
+        slot_row = torch.cat([routed, slot_row[N * k:].view(-1, N).t()], 1) if shared else routed
+    else:
+        slot_row = slot_row.view(1, N).t()
+    return Packing(row_token, row_memory, row_segment, slot_row.contiguous(), cu, M, num_docs, N)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x[row_token] with a deterministic backward: the gradient of token n is the sum of its R rows,
+    read through `slot_row` (no atomics, so bitwise reproducible on GPU too)."""
+
+    @staticmethod
+    def forward(ctx, x, row_token, slot_row):
+        ctx.save_for_backward(slot_row)
+        return x[row_token]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_row,) = ctx.saved_tensors
+        return grad[slot_row].sum(1), None, None
+
+
+def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """[N, ...] token rows -> [A, ...] packed rows (a token repeated once per selected memory)."""
+    return _GatherTokens.apply(x, packing.row_token, packing.slot_row)
+
+
+def pack_per_memory(y: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """y: [N, M, P] per-memory projections of every token -> [A, P], each row the projection of
+    its token by its own memory. (token, memory) pairs are unique, so the gather is injective."""
+    N, M, P = y.shape
+    return y.reshape(N * M, P)[packing.row_token * M + packing.row_memory]
+
+
+def combine(rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> torch.Tensor:
+    """Weighted inverse of `pack`: rows [A, ...] -> [N, ...] = sum over slots of weight * row.
+    slot_weight: [N, R] (routing weights, 1 for the shared memory)."""
+    gathered = rows[packing.slot_row]  # [N, R, ...]
+    w = slot_weight.to(gathered.dtype).view(*slot_weight.shape, *([1] * (gathered.dim() - 2)))
+    return (gathered * w).sum(1)
+
+
+def load_balancing_loss(probs: torch.Tensor, topk_index: torch.Tensor, num_memories: int,
+                        counts_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch loss E * sum_e f_e P_e with f_e = tokens sent to e / (k N), P_e = mean_t p_te.
+    Equals 1 at perfect balance. `counts_reduce` (optional) all-reduces the counts and token
+    totals over the ranks that share a sequence. Returns (loss, f)."""
+    N, k = topk_index.shape
+    counts = torch.bincount(topk_index.reshape(-1), minlength=num_memories).to(probs.dtype)
+    prob_sum = probs.sum(0)
+    total = torch.tensor(float(N), dtype=probs.dtype, device=probs.device)
+    if counts_reduce is not None:
+        counts, total = counts_reduce(counts, total)
+    f = counts / (k * total)
+    P = prob_sum / total
+    return num_memories * (f * P).sum(), f
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, -1).pow(2).mean()
