@@ -310,7 +310,7 @@ def _apply(obj: Any, values: dict, prefix: str, source: str) -> None:
         dotted = f"{prefix}{key}"
         if key not in names:
             hint = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            extra = f"; did you mean {prefix}{hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
+            extra = f"; did you mean '{prefix}{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {dotted!r} (from {source}){extra}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

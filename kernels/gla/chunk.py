@@ -5,7 +5,7 @@ plain PyTorch. Within a chunk with cumulative log-decay G (per key, or per head 
     S_C = exp(G_C) * S_0 + (K * exp(G_C - G))^T V
 
 All exponents are differences G_i - G_j with j <= i, so they never overflow. For per-key decay the
-intra-chunk term materialises a [C, C, K] tensor: keep chunks small (16-64) on this path."""
+intra-chunk term is built from sub-chunks of 16 (see `_per_key_intra_chunk`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -50,8 +50,7 @@ def chunk_gla_torch(
         G = gc.cumsum(3)  # cumulative over the chunk positions
 
     if per_key:  # G: [S, H, NC, C, K]
-        diff = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
-        attn = torch.einsum("shnik,shnjk,shnijk->shnij", qc, kc, diff.exp())
+        attn = _per_key_intra_chunk(qc, kc, G)
         q_decayed = qc * G.exp()
         k_to_end = kc * (G[..., -1:, :] - G).exp()
         chunk_decay = G[..., -1, :].exp()[..., None]  # [S, H, NC, K, 1]
@@ -71,3 +70,27 @@ def chunk_gla_torch(
         state = chunk_decay[:, :, n] * state + k_to_end[:, :, n].transpose(-1, -2) @ vc[:, :, n]
     o = layout.from_chunks(torch.stack(outs, 2).permute(0, 2, 3, 1, 4))
     return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _per_key_intra_chunk(qc, kc, G, sub: int = 16):
+    """A_ij = sum_k q_ik k_jk exp(G_ik - G_jk) for j <= i within each chunk, for per-key decay.
+
+    Inside a sub-chunk the [sub, sub, K] decay tensor is materialised; between sub-chunks a < b
+    the product factorises through the end of sub-chunk b: q_i exp(G_i - G_e) . k_j exp(G_e - G_j),
+    both exponents <= 0, so nothing overflows (the secondary chunking of fla's GLA)."""
+    *lead, C, K = qc.shape
+    sub = min(sub, C)
+    ns = C // sub
+    qs, ks, Gs = (t.reshape(*lead, ns, sub, K) for t in (qc, kc, G))
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=qc.device).tril()
+    diff = (Gs[..., :, None, :] - Gs[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    intra = torch.einsum("...ik,...jk,...ijk->...ij", qs, ks, diff.exp())  # [..., ns, sub, sub]
+    ref = Gs[..., -1, :]  # [..., ns, K] end of each sub-chunk
+    below = torch.ones(ns, ns, dtype=torch.bool, device=qc.device).tril(-1)  # a > b
+    q_exp = (Gs[..., :, None, :, :] - ref[..., None, :, None, :])  # [..., a, b, sub, K]
+    q_exp = q_exp.masked_fill(~below[:, :, None, None], float("-inf"))
+    k_scaled = ks * (ref[..., None, :] - Gs).exp()  # [..., b, sub, K]
+    inter = (qs[..., :, None, :, :] * q_exp.exp()) @ k_scaled[..., None, :, :, :].transpose(-1, -2)
+    eye = torch.eye(ns, dtype=torch.bool, device=qc.device)
+    blocks = torch.where(eye[:, :, None, None], intra[..., :, None, :, :], inter)  # [..., a, b, sub, sub]
+    return blocks.transpose(-3, -2).reshape(*lead, C, C)

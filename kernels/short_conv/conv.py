@@ -75,6 +75,8 @@ def naive_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: Op
     """Reference for one segment: x [T, D], weight [D, W]; nn.functional.conv1d semantics."""
     T, D = x.shape
     W = weight.shape[-1]
+    if T == 0:
+        return x.clone()
     prefix = initial_state if initial_state is not None else x.new_zeros(W - 1, D)
     xp = torch.cat([prefix, x], 0).t()[None]  # [1, D, T+W-1]
     y = torch.nn.functional.conv1d(xp, weight[:, None, :], groups=D)

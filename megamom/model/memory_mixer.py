@@ -38,6 +38,11 @@ class RouterStats:
     token_fraction: torch.Tensor  # [E] detached: share of routed slots per memory
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 go up, float64 stays (the reference precision of the tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class MemoryMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -114,12 +119,12 @@ class MemoryMixer(nn.Module):
 
     def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor]):
         """-> (log-decay g in float32 or None, beta or None), per head (or per key for GLA)."""
-        beta = b.float().sigmoid() if b is not None else None
+        beta = _f32(b).sigmoid() if b is not None else None
         g = None
         if self.rule.decay == "scalar":
-            g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+            g = -_f32(self.A_log).exp() * F.softplus(_f32(a) + _f32(self.dt_bias))
         elif self.rule.decay == "vector":
-            g = F.logsigmoid(a.float()) / self.cfg.gla_gate_normalizer
+            g = F.logsigmoid(_f32(a)) / self.cfg.gla_gate_normalizer
         return g, beta
 
     def _slot_weights(self, router_out, N: int, device, dtype) -> torch.Tensor:
@@ -127,7 +132,7 @@ class MemoryMixer(nn.Module):
         if router_out is not None:
             cols.append(router_out.topk_weight)
         if self.shared:
-            cols.append(torch.ones(N, 1, device=device, dtype=torch.float32))
+            cols.append(torch.ones(N, 1, device=device, dtype=torch.promote_types(dtype, torch.float32)))
         return torch.cat(cols, 1)
 
     def _router_stats(self, r, counts_reduce=None) -> Optional[RouterStats]:
@@ -163,6 +168,8 @@ class MemoryMixer(nn.Module):
             init = cache.conv if cache is not None else None
             q_rows, k_rows, v_rows, conv_state = self._conv(q_rows, k_rows, v_rows, packing, init,
                                                             use_cache or cache is not None)
+        else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
+            q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
         g, beta = self._gates(b_rows, a_rows)
         initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
         o_rows, final_state = memory_scan(
@@ -210,7 +217,7 @@ class MemoryMixer(nn.Module):
         xf = x.reshape(B, d)
         r = route(xf, self.router.weight, self.topk) if self.router is not None else None
         selected = torch.zeros(B, M, dtype=torch.bool, device=x.device)
-        weight = torch.zeros(B, M, dtype=torch.float32, device=x.device)
+        weight = torch.zeros(B, M, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         if r is not None:
             selected.scatter_(1, r.topk_index, True)
             weight.scatter_(1, r.topk_index, r.topk_weight)
@@ -237,7 +244,7 @@ class MemoryMixer(nn.Module):
                 outs.append(F.silu(out_t))
             q, k, v = (o.view(B * M, H, -1) for o in outs)
         else:
-            q, k, v = (t.reshape(B * M, H, -1) for t in (q, k, v))
+            q, k, v = (F.silu(t).reshape(B * M, H, -1) for t in (q, k, v))
         g, beta = self._gates(b, a)
         if g is not None:
             g = g.reshape(B * M, H) if self.rule.decay == "scalar" else g.reshape(B * M, H, K)

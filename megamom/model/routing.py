@@ -26,8 +26,10 @@ class RouterOutput:
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, topk: int) -> RouterOutput:
-    """x: [N, d]; weight: [E, d]. Softmax in float32, top-k, renormalise to sum 1."""
-    logits = F.linear(x.float(), weight.float())
+    """x: [N, d]; weight: [E, d]. Softmax in float32 (float64 inputs stay float64, the reference
+    precision of the tests), top-k, renormalise to sum 1."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    logits = F.linear(x.to(dt), weight.to(dt))
     probs = logits.softmax(-1)
     w, idx = probs.topk(topk, dim=-1)
     w = w / w.sum(-1, keepdim=True)

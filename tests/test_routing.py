@@ -1,0 +1,165 @@
+"""Routing: the packed layout (memory-major, stable, dropless, cu_seqlens incl. empty segments),
+pack / combine as exact inverses with correct gradients (gradcheck in float64), and the custom
+backward of the token gather against plain indexing."""
+import itertools
+
+import pytest
+import torch
+
+from megamom.model.routing import build_packing, combine, pack, pack_per_memory, route
+
+DT = torch.float64
+
+
+def random_topk(N, E, k, seed):
+    """Distinct memories per token, in a random (not sorted) order, as topk returns them."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)])
+
+
+# 3 samples of 6 tokens; sample 1 holds 3 documents (one of a single token)
+DOC_IDS = torch.tensor([0] * 6 + [1, 1, 2, 3, 3, 3] + [4] * 6)
+NUM_DOCS = 5
+
+
+def expected_layout(topk_index, doc_ids, num_docs, E, shared):
+    """The packed order by hand: for each memory, each document, the routed tokens in time order."""
+    N = doc_ids.numel()
+    M = E + int(shared)
+    chosen = [set(topk_index[n].tolist()) if topk_index is not None else set() for n in range(N)]
+    if shared:
+        for c in chosen:
+            c.add(E)
+    rows, lens = [], []
+    for m in range(M):
+        for d in range(num_docs):
+            seg = [n for n in range(N) if doc_ids[n] == d and m in chosen[n]]
+            rows += [(n, m, m * num_docs + d) for n in seg]
+            lens.append(len(seg))
+    cu = [0] + list(itertools.accumulate(lens))
+    return rows, cu
+
+
+@pytest.mark.parametrize("E,k,shared", [(4, 2, True), (4, 1, False), (3, 3, True), (5, 1, True), (0, 0, True)])
+def test_packing_layout(E, k, shared):
+    N = DOC_IDS.numel()
+    topk_index = random_topk(N, E, k, seed=E * 10 + k) if E else None
+    p = build_packing(topk_index, DOC_IDS, NUM_DOCS, E, shared)
+    M = E + int(shared)
+    R = k + int(shared)
+    rows, cu = expected_layout(topk_index, DOC_IDS, NUM_DOCS, E, shared)
+
+    # memory-major, then document, then position: exactly the hand-made order
+    assert p.row_token.tolist() == [r[0] for r in rows]
+    assert p.row_memory.tolist() == [r[1] for r in rows]
+    assert p.row_segment.tolist() == [r[2] for r in rows]
+    assert p.cu_seqlens.tolist() == cu
+    assert p.cu_seqlens.numel() == M * NUM_DOCS + 1
+    assert p.num_memories == M and p.num_docs == NUM_DOCS and p.num_tokens == N
+    # dropless: every token exactly R times, each (token, memory) pair once
+    assert p.row_token.numel() == N * R
+    assert torch.bincount(p.row_token, minlength=N).tolist() == [R] * N
+    pairs = set(zip(p.row_token.tolist(), p.row_memory.tolist()))
+    assert len(pairs) == N * R
+    # stable: time order kept inside every segment
+    for s in range(M * NUM_DOCS):
+        toks = p.row_token[cu[s]:cu[s + 1]]
+        assert torch.all(toks[1:] > toks[:-1])
+    # slot_row: the packed row of (token, j-th choice); last column = shared memory
+    assert p.slot_row.shape == (N, R)
+    for n in range(N):
+        for j in range(R):
+            row = int(p.slot_row[n, j])
+            assert int(p.row_token[row]) == n
+            want = int(topk_index[n, j]) if j < k else E
+            assert int(p.row_memory[row]) == want
+    assert sorted(p.slot_row.flatten().tolist()) == list(range(N * R))
+
+
+def test_packing_has_empty_segments_and_they_are_counted():
+    """topk=1 over 5 memories and short documents: some (memory, document) segments are empty and
+    still get their (zero-length) place in cu_seqlens, so segment m*D+d is always (m, d)."""
+    N = DOC_IDS.numel()
+    topk_index = random_topk(N, 5, 1, seed=3)
+    p = build_packing(topk_index, DOC_IDS, NUM_DOCS, 5, True)
+    lens = (p.cu_seqlens[1:] - p.cu_seqlens[:-1]).view(6, NUM_DOCS)
+    assert (lens == 0).any()
+    for m in range(5):
+        for d in range(NUM_DOCS):
+            assert int(lens[m, d]) == int(((topk_index[:, 0] == m) & (DOC_IDS == d)).sum())
+    assert lens[5].tolist() == torch.bincount(DOC_IDS).tolist()  # shared memory: every token
+
+
+def test_pack_combine_round_trip_values():
+    N, E, k = DOC_IDS.numel(), 4, 2
+    p = build_packing(random_topk(N, E, k, 1), DOC_IDS, NUM_DOCS, E, True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2, 3, generator=gen, dtype=DT)
+    w = torch.rand(N, k + 1, generator=gen, dtype=DT)
+    rows = pack(x, p)
+    assert torch.equal(rows, x[p.row_token])
+    torch.testing.assert_close(combine(rows, p, w), x * w.sum(1)[:, None, None], atol=1e-14, rtol=0)
+    # combine is a weighted sum of each token's own rows: mark the rows by their memory
+    marked = rows * (1 + p.row_memory.to(DT))[:, None, None]
+    choice = torch.cat([p.row_memory[p.slot_row[:, :k]], torch.full((N, 1), E)], 1).to(DT)
+    torch.testing.assert_close(combine(marked, p, w), x * (w * (1 + choice)).sum(1)[:, None, None],
+                               atol=1e-14, rtol=0)
+
+
+def test_pack_per_memory_picks_the_rows_memory():
+    N, E, k = DOC_IDS.numel(), 3, 2
+    p = build_packing(random_topk(N, E, k, 2), DOC_IDS, NUM_DOCS, E, True)
+    y = torch.randn(N, E + 1, 5, dtype=DT)
+    out = pack_per_memory(y, p)
+    for a in range(out.shape[0]):
+        assert torch.equal(out[a], y[p.row_token[a], p.row_memory[a]])
+
+
+@pytest.mark.parametrize("E,k,shared", [(4, 2, True), (3, 1, False), (0, 0, True)])
+def test_pack_combine_gradcheck(E, k, shared):
+    N = 9
+    doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    topk_index = random_topk(N, E, k, 5) if E else None
+    p = build_packing(topk_index, doc, 3, E, shared)
+    R = k + int(shared)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 3, generator=gen, dtype=DT, requires_grad=True)
+    w = torch.rand(N, R, generator=gen, dtype=DT, requires_grad=True)
+    y = torch.randn(N, E + int(shared), 3, generator=gen, dtype=DT, requires_grad=True)
+    row_scale = torch.randn(p.row_token.numel(), 1, generator=gen, dtype=DT)
+
+    def f(x, w, y):  # a row-dependent op between pack and combine, as the scan is
+        rows = pack(x, p).tanh() * row_scale + pack_per_memory(y, p) * pack(x, p)
+        return combine(rows, p, w)
+
+    assert torch.autograd.gradcheck(f, (x, w, y))
+    assert torch.autograd.gradcheck(lambda x: pack(x, p), (x,))
+
+
+def test_gather_backward_matches_plain_indexing():
+    N, E, k = DOC_IDS.numel(), 4, 2
+    p = build_packing(random_topk(N, E, k, 7), DOC_IDS, NUM_DOCS, E, True)
+    gen = torch.Generator().manual_seed(2)
+    x1 = torch.randn(N, 2, 3, generator=gen, dtype=DT, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    up = torch.randn(p.row_token.numel(), 2, 3, generator=gen, dtype=DT)
+    (pack(x1, p) * up).sum().backward()
+    (x2[p.row_token] * up).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-14, rtol=0)
+
+
+def test_route_topk_and_renormalisation():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 6, generator=gen, dtype=DT)
+    w = torch.randn(5, 6, generator=gen, dtype=DT)
+    r = route(x, w, 3)
+    logits = x @ w.t()
+    probs = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+    torch.testing.assert_close(r.logits, logits, atol=1e-13, rtol=0)
+    torch.testing.assert_close(r.probs, probs, atol=1e-13, rtol=0)
+    for n in range(10):
+        best = sorted(range(5), key=lambda e: -float(probs[n, e]))[:3]
+        assert sorted(r.topk_index[n].tolist()) == sorted(best)
+        sel = probs[n, r.topk_index[n]]
+        torch.testing.assert_close(r.topk_weight[n], sel / sel.sum(), atol=1e-14, rtol=0)
+    torch.testing.assert_close(r.topk_weight.sum(-1), torch.ones(10, dtype=DT), atol=1e-14, rtol=0)
