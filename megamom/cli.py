@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     sub = argparse.ArgumentParser(prog=f"megamom {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    args = sub.parse_intermixed_args(argv[1:])  # options and dotted overrides in any order
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:

@@ -1,0 +1,1 @@
+"""Packaged YAML configs (the top-level configs/ folder), read with importlib.resources."""

@@ -1,0 +1,263 @@
+"""Atomic, resumable checkpoints on top of DeepSpeed's save/load.
+
+Layout under <out_dir>/checkpoints/:
+    step_00000100/            DeepSpeed files (+ ours): complete once COMPLETE.json exists
+        trainer_state.json    step, tokens, config snapshot, tokenizer reference, world layout
+        rank_00000.json       per-rank loader state and RNG states
+        COMPLETE.json         written last; then the directory is renamed into place
+    latest                    name of the newest complete checkpoint (replaced atomically)
+A save first writes `.tmp-step_XXXXXXXX/`; a kill at any point leaves at most a tmp directory,
+which is never taken for a checkpoint and is removed by the next save. DeepSpeed's own files are
+read with torch.load(weights_only=True) (see SafeCheckpointEngine).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .distributed import barrier
+
+MARKER = "COMPLETE.json"
+STATE = "trainer_state.json"
+PREFIX = "step_"
+_NAME = re.compile(rf"^{PREFIX}(\d{{8}})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fault(point: str) -> None:
+    """Fault injection for crash tests: MEGAMOM_FAULT=<point> kills this process there."""
+    if os.environ.get("MEGAMOM_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under root, oldest first."""
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _NAME.match(p.name)
+            if m and (p / MARKER).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    state = {
+        "python": _encode(random.getstate()),
+        "numpy": _encode(np.random.get_state()),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_decode(state["python"]))
+    np.random.set_state(_decode(state["numpy"]))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _encode(obj):
+    """JSON-safe encoding of RNG state tuples (numpy arrays as lists)."""
+    if isinstance(obj, tuple):
+        return {"tuple": [_encode(o) for o in obj]}
+    if isinstance(obj, np.ndarray):
+        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
+    return obj
+
+
+def _decode(obj):
+    if isinstance(obj, dict) and "tuple" in obj:
+        return tuple(_decode(o) for o in obj["tuple"])
+    if isinstance(obj, dict) and "ndarray" in obj:
+        return np.array(obj["ndarray"], dtype=obj["dtype"])
+    if isinstance(obj, list):
+        return [_decode(o) for o in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_state: dict, rank: int,
+                    keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = Path(root)
+    name = f"{PREFIX}{step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crash during an earlier save of the same step
+            shutil.rmtree(tmp)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+    _write_json_atomic(tmp / f"rank_{rank:05d}.json", rank_state)
+    _fault("ckpt_before_commit")
+    barrier()
+    if rank == 0:
+        _write_json_atomic(tmp / STATE, trainer_state)
+        _write_json_atomic(tmp / MARKER, {"step": step, "time": time.time(),
+                                          "world_size": trainer_state.get("world_size")})
+        _fsync_dir(tmp)
+        if final.exists():  # an older save of the same step (e.g. a rerun): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, root / "latest")
+        for old_step, old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _fault("ckpt_after_commit")
+    barrier()
+    return final
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not exist")
+    if not (ckpt / MARKER).is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete (no {MARKER}; a save was interrupted). "
+                              f"Resume from an earlier one, e.g. --resume auto")
+    try:
+        return json.loads((ckpt / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: cannot read {STATE}: {e}") from None
+
+
+def read_rank_state(ckpt: Path, rank: int) -> Optional[dict]:
+    p = Path(ckpt) / f"rank_{rank:05d}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def model_state_file(ckpt: Path) -> Path:
+    """DeepSpeed's file holding the module weights (ZeRO-3 shards them into zero_pp_* files)."""
+    files = sorted(Path(ckpt).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        files = sorted(Path(ckpt).glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no DeepSpeed model states file")
+    return files[0]
+
+
+def check_shapes(ckpt: Path, model: torch.nn.Module) -> None:
+    """Name the tensors whose shapes differ between a checkpoint and the model (before loading)."""
+    sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True)
+    shapes = sd.get("param_shapes")
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if isinstance(shapes, list):  # ZeRO: one dict per param group
+        saved = {n: tuple(s) for group in shapes for n, s in group.items()}
+    elif sd.get("module") is not None:
+        saved = {n: tuple(t.shape) for n, t in sd["module"].items()}
+    else:
+        return
+    missing = sorted(set(ours) - set(saved))
+    unexpected = sorted(set(saved) - set(ours))
+    mismatched = [f"{n}: checkpoint {saved[n]} vs model {ours[n]}" for n in sorted(set(ours) & set(saved))
+                  if saved[n] != ours[n]]
+    if missing or unexpected or mismatched:
+        lines = []
+        if mismatched:
+            lines.append("shape mismatch: " + "; ".join(mismatched[:10]) + (" ..." if len(mismatched) > 10 else ""))
+        if missing:
+            lines.append("missing in checkpoint: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            lines.append("not in model: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not fit the model: " + " | ".join(lines))
+
+
+def deepspeed_safe_globals() -> list:
+    """The plain data classes DeepSpeed pickles into its optimizer-state files; allowing exactly
+    these keeps weights_only=True loading (no arbitrary code) while reading DeepSpeed checkpoints."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def install_safe_loader(engine) -> None:
+    """Make DeepSpeed read checkpoint files with torch.load(weights_only=True)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load():
+    """DeepSpeed's zero_to_fp32 calls torch.load(weights_only=False); make it safe for its span."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def load_model_state_dict(ckpt: Path) -> dict:
+    """Full model weights of a checkpoint, whatever its ZeRO stage, without DeepSpeed's engine:
+    the fp32 master weights from the optimizer partitions (ZeRO 1-3), else the module weights.
+    This is the one place that reads checkpoint layouts (conversion and eval call it)."""
+    ckpt = Path(ckpt)
+    read_trainer_state(ckpt)  # complete and readable, or a clear error
+    if list(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with _weights_only_torch_load():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True)
+    if not sd.get("module"):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} holds no module weights")
+    return dict(sd["module"])

@@ -1,0 +1,67 @@
+"""Optimizer, parameter groups and the DeepSpeed config."""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, embeddings, A_log and dt_bias."""
+    no_decay_names = model.no_weight_decay_names()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in no_decay_names else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+class AdamWSkipNonFinite(torch.optim.AdamW):
+    """AdamW that skips its update when a gradient is non-finite. DeepSpeed's ZeRO optimizers do
+    this themselves; without ZeRO (stage 0) the engine steps this optimizer directly and reads
+    `overflow` to count the step as skipped (and not advance the lr schedule)."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(groups: list[dict], t) -> torch.optim.Optimizer:
+    return AdamWSkipNonFinite(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                              weight_decay=t.weight_decay)
+
+
+def build_deepspeed_config(cfg: Config, batching, precision: str) -> dict:
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage > 0:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    ds = {
+        "train_micro_batch_size_per_gpu": batching.micro,
+        "gradient_accumulation_steps": batching.accum,
+        "train_batch_size": batching.global_batch,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
+    if t.offload_optimizer:
+        if t.zero_stage == 0:
+            from ..config import ConfigError
+            raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1")
+        # Offload runs DeepSpeed's CPU Adam (JIT-built on first use), configured here.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2],
+                                                       "eps": t.adam_eps, "weight_decay": t.weight_decay}}
+    return ds

@@ -1,0 +1,372 @@
+"""The training loop on a DeepSpeed engine (ZeRO 0-3), with logging, checkpoints, exact resume,
+preemption handling and non-finite-step skipping."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError, dump_config
+from ..model import build_model
+from ..model.counting import count_parameters, flops_per_token
+from . import checkpoint as ckpt
+from .distributed import DistInfo, all_reduce_max_flag, barrier, init_distributed
+from .lr_schedule import WarmupCosine
+from .metrics import MetricsLogger, peak_flops
+from .optim import build_deepspeed_config, build_optimizer, param_groups
+
+log = logging.getLogger("megamom.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Batching:
+    micro: int
+    accum: int
+    dp_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.dp_size
+
+
+def resolve_batching(cfg: Config, world_size: int) -> Batching:
+    """Validate micro x accumulation x data-parallel = global batch (derive accumulation when only
+    the global batch is given)."""
+    p, t = cfg.parallel, cfg.train
+    if p.tensor > 1 or p.sequence > 1 or p.expert > 1:
+        raise ConfigError("parallel.tensor/sequence/expert > 1 are not available in this version of "
+                          "megamom train yet; use data parallelism (more processes) for now")
+    model_parallel = p.tensor * p.sequence
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.sequence "
+                          f"= {model_parallel}")
+    dp = world_size // model_parallel
+    accum = t.grad_accum
+    if t.global_batch_size is not None:
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; "
+                              f"choose a global batch that is a multiple of {per_step}")
+        derived = t.global_batch_size // per_step
+        if accum not in (1, derived):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} needs grad_accum={derived} with "
+                              f"micro_batch_size={t.micro_batch_size} on {dp} data-parallel ranks, "
+                              f"but train.grad_accum={accum}; drop one of them")
+        accum = derived
+    return Batching(t.micro_batch_size, accum, dp)
+
+
+def _resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return p
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto", device: str = "auto", quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        t = cfg.train
+        self.out_dir = Path(t.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.dist: DistInfo = init_distributed(device)
+        self.batching = resolve_batching(cfg, self.dist.world_size)
+        self.precision = _resolve_precision(cfg, self.dist.device)
+        self.resume_from = self._find_resume(resume)
+
+        self._prepare_data()
+        self._build_engine()
+        self.step = 0
+        self.tokens_seen = 0
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+        self.train_loader = self._loader("train")
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.metrics = MetricsLogger(self.out_dir, self.dist.is_main, self.step)
+        self._stop_signal: Optional[int] = None
+        self._install_signal_handlers()
+
+    # ---------------------------------------------------------------------------------- setup
+    def _find_resume(self, resume: str) -> Optional[Path]:
+        if resume in ("none", "", None):
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        path = Path(resume)
+        state = ckpt.read_trainer_state(path)  # raises a clear error for missing / incomplete
+        self._check_config_compatible(state, path)
+        return path
+
+    def _check_config_compatible(self, state: dict, path: Path) -> None:
+        saved = state.get("config", {}).get("model", {})
+        ours = dataclasses.asdict(self.cfg.model)
+        # kernel choices do not change the function the model computes
+        ignore = {"kernel_backend", "attn_impl"}
+        diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}" for k in sorted(ours)
+                if k not in ignore and saved.get(k) != ours.get(k)]
+        if diff and not self.cfg.train.allow_config_change_on_resume:
+            raise ConfigError(f"checkpoint {str(path)!r} was trained with a different model config: "
+                              + "; ".join(diff) + ". Pass train.allow_config_change_on_resume=true to load "
+                              "it anyway (tensors must still fit), or --resume none to start over")
+        if state.get("world_size") not in (None, self.dist.world_size) and self.cfg.train.zero_stage > 0:
+            raise ConfigError(f"checkpoint {str(path)!r} holds ZeRO-{self.cfg.train.zero_stage} shards of "
+                              f"{state['world_size']} ranks but this run has {self.dist.world_size}; resume with "
+                              f"the same number of processes (or consolidate it with megamom convert)")
+
+    def _prepare_data(self) -> None:
+        from ..data import ensure_default_dataset, load_tokenizer
+        d = self.cfg.data
+        if not d.paths:
+            cache = Path(d.cache_dir or os.environ.get("MEGAMOM_CACHE", Path.home() / ".cache" / "megamom"))
+            if self.dist.is_main:
+                default = ensure_default_dataset(cache / "default-data", seq_len=d.seq_len)
+            barrier()
+            if not self.dist.is_main:
+                default = ensure_default_dataset(cache / "default-data", seq_len=d.seq_len)
+            d.paths = [str(p) for p in default.paths]
+            d.tokenizer = str(default.tokenizer_path)
+        if not d.tokenizer:
+            raise ConfigError("data.tokenizer is not set: give the sentencepiece .model (or HF tokenizer dir) "
+                              "the data was prepared with")
+        self.tokenizer = load_tokenizer(d.tokenizer)
+        if self.tokenizer.vocab_size > self.cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer {d.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
+                              f"model.vocab_size={self.cfg.model.vocab_size}; raise model.vocab_size")
+
+    def _loader(self, split: str):
+        from ..data import build_loader
+        return build_loader(self.cfg.data, split=split, micro_batch_size=self.batching.micro,
+                            dp_rank=self.dist.rank // (self.cfg.parallel.tensor * self.cfg.parallel.sequence),
+                            dp_size=self.batching.dp_size, seed=self.cfg.train.seed)
+
+    def _build_engine(self) -> None:
+        import deepspeed
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.param_count = count_parameters(model)
+        ds_config = build_deepspeed_config(cfg, self.batching, self.precision)
+        groups = param_groups(model, cfg.train.weight_decay)
+        optimizer = None if cfg.train.offload_optimizer else build_optimizer(groups, cfg.train)
+        sched = lambda opt: WarmupCosine(opt, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
+                                         cfg.train.min_lr_ratio)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=sched, config=ds_config,
+            dist_init_required=False)
+        if cfg.train.compile:
+            self.engine.compile()
+        ckpt.install_safe_loader(self.engine)
+        self.model = self.engine.module
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
+        self.peak_flops = peak_flops(self.dist.device)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+            if self.dist.is_main:
+                log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. in-process tests)
+                pass
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.dist.world_size,
+            "dp_size": self.batching.dp_size,
+            "global_batch": self.batching.global_batch,
+            "config": self.cfg.to_dict(),
+            "tokenizer": {"path": self.cfg.data.tokenizer, "hash": getattr(self.tokenizer, "hash", None)},
+            "precision": self.precision,
+            "megamom_version": __import__("megamom").__version__,
+        }
+
+    def save(self) -> Path:
+        rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(), rank_state,
+                                    self.dist.rank, self.cfg.train.keep_last)
+        if self.dist.is_main and not self.quiet:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.read_trainer_state(path)
+        self._check_config_compatible(state, path)
+        ckpt.check_shapes(path, self.model)
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {str(path)!r}")
+        rank_state = ckpt.read_rank_state(path, self.dist.rank)
+        if rank_state is None:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no state for rank {self.dist.rank}")
+        self.train_loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.dist.is_main and not self.quiet:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ---------------------------------------------------------------------------------- loop
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.dist.device
+        keys = ("input_ids", "labels", "segment_ids")
+        out = {k: batch[k].to(dev, non_blocking=True) for k in keys if k in batch and batch[k] is not None}
+        if not self.cfg.data.reset_at_doc_boundaries:
+            out.pop("segment_ids", None)
+        return out
+
+    def _reduce_mean(self, values: list[torch.Tensor]) -> list[float]:
+        t = torch.stack([v.detach().float() for v in values]).to(self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(t)
+            t /= self.dist.world_size
+        return t.tolist()
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        summary: dict = {"start_step": self.step}
+        if self.step >= t.max_steps:
+            if self.dist.is_main and not self.quiet:
+                print(f"checkpoint at step {self.step} already reached train.max_steps={t.max_steps}; "
+                      f"nothing to train (use --resume none or another train.out_dir to start over)")
+        if self.dist.is_main and self.step == 0:
+            (self.out_dir).mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_config(cfg))
+        self.model.train()
+        tokens_per_step = self.batching.global_batch * cfg.data.seq_len
+        it = iter(self.train_loader)
+        bar = None
+        if self.dist.is_main and not self.quiet and self.step < t.max_steps:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        stopped_by = None
+        last_eval = None
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            sums = None
+            stats = []
+            for _ in range(self.batching.accum):
+                batch = self._to_device(next(it))
+                out = self.engine(**batch, return_logits=False)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                parts = [out.loss.detach(), out.lm_loss.detach(),
+                         out.aux_loss.detach() if out.aux_loss is not None else torch.zeros(()),
+                         out.z_loss.detach() if out.z_loss is not None else torch.zeros(())]
+                parts = [p.float().cpu() for p in parts]
+                sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+                stats = out.router_stats
+            applied = self.engine.was_step_applied()
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            if applied:
+                self.nonfinite_in_row = 0
+            else:
+                self.nonfinite_in_row += 1
+                self.skipped_steps += 1
+                if self.dist.is_main:
+                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                                self.step, self.nonfinite_in_row)
+                    self.metrics.log(self.step, {"skipped": 1.0, "skipped_total": self.skipped_steps})
+                if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                    raise TrainingError(f"aborting: {self.nonfinite_in_row} steps in a row had a non-finite loss or "
+                                        f"gradient (train.max_nonfinite_in_row={t.max_nonfinite_in_row}); lower the "
+                                        f"learning rate or check the data")
+            dt = time.perf_counter() - t0
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                loss, lm, aux, z = self._reduce_mean([s / self.batching.accum for s in sums])
+                values = {"loss": loss, "lm_loss": lm, "lr": self.scheduler.lr(),
+                          "grad_norm": self.engine.get_global_grad_norm(),
+                          "tokens_per_s": tokens_per_step / dt, "tokens_seen": self.tokens_seen,
+                          "step_time_s": dt}
+                achieved = self.flops_per_token * tokens_per_step / dt
+                if self.peak_flops:
+                    values["mfu"] = achieved / (self.peak_flops * self.dist.world_size)
+                    values["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                else:
+                    values["achieved_tflops"] = achieved / 1e12
+                    values["peak_rss_gib"] = _peak_rss_bytes() / 2**30
+                if stats:
+                    values["aux_loss"] = aux
+                    values["z_loss"] = z
+                    for i, s in enumerate(stats):
+                        values[f"router/layer{i}/aux"] = float(s.aux_loss.detach())
+                        for e, frac in enumerate(s.token_fraction.tolist()):
+                            values[f"router/layer{i}/mem{e}"] = frac
+                self.metrics.log(self.step, values)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            if bar is not None:
+                bar.update(1)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                last_eval = self.evaluate()
+            if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                self.save()
+            if all_reduce_max_flag(self._stop_signal is not None, self.dist.device):
+                stopped_by = "signal"
+                break
+        if bar is not None:
+            bar.close()
+        summary["final_checkpoint"] = str(self.save())
+        if stopped_by is None:
+            last_eval = self.evaluate()
+        summary.update(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps,
+                       stopped_by=stopped_by, eval=last_eval)
+        self.metrics.close()
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        """Token-weighted loss over train.eval_steps batches of the validation split."""
+        loader = self._loader("val")
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.train.eval_steps:
+                break
+            batch = self._to_device(batch)
+            out = self.model(**batch, return_logits=False)
+            n = (batch["labels"] != -100).sum()
+            total += torch.tensor([out.lm_loss.double().item() * n.item(), n.item()], dtype=torch.float64)
+        self.model.train()
+        total = total.to(self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(total)
+        if total[1] == 0:
+            return None
+        loss = float(total[0] / total[1])
+        result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": float(total[1])}
+        self.metrics.log(self.step, result, kind="val")
+        if self.dist.is_main and not self.quiet:
+            log.info("step %d: val loss %.4f, ppl %.2f", self.step, loss, result["val_ppl"])
+        return result
