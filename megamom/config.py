@@ -286,6 +286,11 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                pass
         return False, value
     if annotation is str:
         return isinstance(value, str), value

@@ -313,6 +313,22 @@ def test_float32_layer_close_to_float64_reference():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
+def test_bfloat16_layer_runs_in_float32_inside():
+    """bf16 activations and weights (the GPU training dtype): output in bf16, close to the float64
+    definition at bf16 accuracy; gradients reach every parameter."""
+    cfg = make_cfg()
+    mixer = make_mixer(cfg, 13)
+    x = torch.randn(2, 13, cfg.hidden_size, generator=torch.Generator().manual_seed(13), dtype=DT)
+    P = {n: p.detach().to(torch.bfloat16).double() for n, p in mixer.named_parameters()}
+    ref = reference_layer(P, cfg, x.to(torch.bfloat16).double())
+    mixer = mixer.to(torch.bfloat16)
+    out, stats, _ = mixer(x.to(torch.bfloat16), torch.arange(2).repeat_interleave(13), 2)
+    assert out.dtype == torch.bfloat16 and stats.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=0.05 * float(ref.abs().max()), rtol=0.05)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in mixer.parameters())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_router_precision(dtype):
     """Softmax and top-k weights in float32 for low-precision inputs; float64 stays float64."""
@@ -327,9 +343,11 @@ def test_router_precision(dtype):
     torch.testing.assert_close(r.probs.double(), ref, atol=tol, rtol=0)
 
 
-def test_model_with_segments_equals_documents_run_alone():
-    """CausalLM level: a packed row of documents = each document run on its own (mom, 2 layers)."""
-    cfg = make_cfg(num_layers=2, vocab_size=40)
+@pytest.mark.parametrize("arch", ["mom", "linear", "transformer"])
+def test_model_with_segments_equals_documents_run_alone(arch):
+    """CausalLM level: a packed row of documents = each document run on its own (2 layers; for the
+    transformer, attention is masked to the document and rotary positions restart)."""
+    cfg = make_cfg(arch=arch, num_layers=2, vocab_size=40)
     torch.manual_seed(12)
     model = CausalLM(cfg).to(DT)
     spread_parameters(model, 12)

@@ -126,6 +126,10 @@ class CausalLM(nn.Module):
         document starts). logits_to_keep > 0 computes logits for the last positions only."""
         B, T = input_ids.shape
         cfg = self.config
+        if segment_ids is not None and (use_cache or cache is not None):
+            # a cache holds one sequence per row (memory states, K/V): packed documents would mix
+            raise ValueError("segment_ids (packed documents) cannot be combined with a cache; "
+                             "generate with one document per row and segment_ids=None")
         x = self.model.embeddings(input_ids)
         doc_ids, num_docs = document_index(segment_ids, B, T, x.device)
         offset = cache.seen_tokens if cache is not None else 0
@@ -154,7 +158,8 @@ class CausalLM(nn.Module):
             logits = F.linear(x, self.output_weight)
             out.logits = logits if return_logits else None
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ce_dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
+            out.lm_loss = F.cross_entropy(logits.to(ce_dtype).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                           ignore_index=-100)
             loss = out.lm_loss
             if stats:
