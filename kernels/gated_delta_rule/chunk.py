@@ -74,10 +74,14 @@ def chunk_gated_delta_rule_torch(
     state = (initial_state.to(dt) if initial_state is not None
              else q.new_zeros(S_, H, K, V, dtype=dt))
     outs = []
-    for n in range(layout.NC):
-        U = u[:, :, n] - w[:, :, n] @ state
-        outs.append(q_decayed[:, :, n] @ state + attn[:, :, n] @ U)
-        state = chunk_decay[:, :, n, None, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ U
+    # unbind once: indexing [:, :, n] inside the loop would give every chunk a full-size gradient
+    # buffer in backward (quadratic in the number of chunks)
+    per_chunk = zip(u.unbind(2), w.unbind(2), q_decayed.unbind(2), attn.unbind(2), k_to_end.unbind(2),
+                    chunk_decay.unbind(2))
+    for u_n, w_n, q_n, attn_n, k_n, decay_n in per_chunk:
+        U = u_n - w_n @ state
+        outs.append(q_n @ state + attn_n @ U)
+        state = decay_n[..., None, None] * state + k_n.transpose(-1, -2) @ U
     o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4)  # [S, NC, C, H, V]
     o = layout.from_chunks(o)
     return o.to(out_dtype), (state if output_final_state else None)

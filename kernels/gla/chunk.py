@@ -65,9 +65,11 @@ def chunk_gla_torch(
     state = (initial_state.to(dt) if initial_state is not None
              else q.new_zeros(layout.S, H, K, V, dtype=dt))
     outs = []
-    for n in range(layout.NC):
-        outs.append(q_decayed[:, :, n] @ state + intra[:, :, n])
-        state = chunk_decay[:, :, n] * state + k_to_end[:, :, n].transpose(-1, -2) @ vc[:, :, n]
+    # unbind once (see the gated delta rule's chunk loop)
+    for q_n, intra_n, decay_n, k_n, v_n in zip(q_decayed.unbind(2), intra.unbind(2), chunk_decay.unbind(2),
+                                              k_to_end.unbind(2), vc.unbind(2)):
+        outs.append(q_n @ state + intra_n)
+        state = decay_n * state + k_n.transpose(-1, -2) @ v_n
     o = layout.from_chunks(torch.stack(outs, 2).permute(0, 2, 3, 1, 4))
     return o.to(out_dtype), (state if output_final_state else None)
 

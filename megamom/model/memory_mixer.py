@@ -28,7 +28,7 @@ from megamom.kernels import causal_conv1d_step, causal_conv1d_varlen, get_rule, 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
 from .layers import GatedRMSNorm
-from .routing import build_packing, combine, load_balancing_loss, pack, pack_per_memory, route, router_z_loss
+from .routing import build_packing, combine, grouped_projection, load_balancing_loss, pack, route, router_z_loss
 
 
 @dataclass
@@ -160,8 +160,7 @@ class MemoryMixer(nn.Module):
 
         q_rows = pack(self.q_proj(xf), packing)
         W, sizes = self._stacked_weight()
-        y = F.linear(xf, W.reshape(-1, d)).view(N, self.num_memories, -1)
-        k_rows, v_rows, b_rows, a_rows = self._split(pack_per_memory(y, packing), sizes)
+        k_rows, v_rows, b_rows, a_rows = self._split(grouped_projection(xf, W, packing), sizes)
 
         conv_state = None
         if self.conv_size:

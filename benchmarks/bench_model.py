@@ -1,0 +1,220 @@
+"""GPU benchmark: the MoM layer and whole-model training steps of megamom against the anchors
+(flash-linear-attention's MoM, HF Llama with SDPA) measured in the same run.
+
+Usage on the device machine (see benchmarks/README.md for the install lines):
+    python benchmarks/bench_model.py [stages] [--backends torch,triton]
+stages (comma-separated): layer, train, long, profile   (default: layer,train)
+Prints a table last; writes JSON to $OUT (or /tmp).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import torch
+from triton.testing import do_bench
+
+from megamom.config import load_config
+from megamom.model import MemoryMixer, build_model
+from megamom.model.counting import count_parameters, flops_per_token
+
+DEV = "cuda"
+PEAK = 989e12  # H100/H200 SXM dense bf16
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS: dict = {}
+ROWS: list = []
+
+
+def log(key, value):
+    RESULTS[key] = value
+    print(f"{key}: {value}", flush=True)
+
+
+def ms(fn, rep=100):
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def cfg_of(name, **overrides):
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).model
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def fla_available():
+    try:
+        import fla.ops.common.chunk_o as co
+        co.TRITON_ABOVE_3_7_1 = True  # timing only: fla refuses Triton 3.4-3.7.0 on Hopper (fla #640)
+        return True
+    except Exception as e:
+        print("fla not importable:", e)
+        return False
+
+
+# ------------------------------------------------------------------------------------------- layer
+def bench_layer(backends):
+    B, T = 8, 2048
+    x0 = torch.randn(B, T, 1024, device=DEV, dtype=torch.bfloat16)
+    doc_ids = torch.arange(B, device=DEV).repeat_interleave(T)
+    for backend in backends:
+        cfg = cfg_of("mom-340m", kernel_backend=backend)
+        layer = MemoryMixer(cfg).to(DEV, torch.bfloat16)
+        x = x0.clone().requires_grad_()
+
+        def fb():
+            out = layer(x, doc_ids, B)[0]
+            out.float().pow(2).mean().backward()
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.time(); fb(); torch.cuda.synchronize()
+            first = time.time() - t0
+            t = ms(fb)
+            log(f"layer_megamom_{backend}", {"fwdbwd_ms": round(t, 3), "first_s": round(first, 1),
+                                             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
+            ROWS.append((f"MoM layer fwd+bwd, megamom ({backend})", f"{t:.2f} ms"))
+        except Exception as e:
+            log(f"layer_megamom_{backend}", f"failed: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+        del layer, x
+        torch.cuda.empty_cache()
+    if fla_available():
+        from fla.layers.mom import MomAttention
+        layer = MomAttention(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, num_memories=4, topk=2,
+                             shared_mem=True, layer_idx=0).to(DEV, torch.bfloat16)
+        x = x0.clone().requires_grad_()
+
+        def fb():
+            out = layer(x)[0]
+            out.float().pow(2).mean().backward()
+        fb(); torch.cuda.synchronize()
+        t = ms(fb)
+        log("layer_fla", {"fwdbwd_ms": round(t, 3)})
+        ROWS.append(("MoM layer fwd+bwd, fla (anchor 29.6 ms)", f"{t:.2f} ms"))
+        del layer, x
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- train
+def train_bench(name, model, flops_tok, B=8, T=2048, steps=6, ours=True):
+    model = model.to(DEV)
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    ids = torch.randint(0, 32000, (B, T + 1), device=DEV)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if ours:
+                out = model(ids[:, :T], labels=ids[:, 1:], return_logits=False)
+            else:
+                out = model(input_ids=ids[:, :T], labels=ids[:, :T])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.time(); step(); step(); torch.cuda.synchronize(); first = time.time() - t0
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        for _ in range(steps):
+            loss = step()
+        ev[1].record(); torch.cuda.synchronize()
+        dt = ev[0].elapsed_time(ev[1]) / steps / 1e3
+        tok_s = B * T / dt
+        res = {"params_M": round(n / 1e6, 1), "tok_per_s": round(tok_s), "step_ms": round(dt * 1e3, 1),
+               "mfu": round(flops_tok * tok_s / PEAK, 3), "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               "warm_s": round(first, 1), "loss": round(loss.item(), 3)}
+        log(f"train_{name}_B{B}_T{T}", res)
+        ROWS.append((f"train {name} B{B} T{T}", f"{res['tok_per_s']:,} tok/s, MFU {res['mfu']:.1%}, {res['peak_GiB']} GiB"))
+    except Exception as e:
+        log(f"train_{name}_B{B}_T{T}", f"failed: {type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc()
+    del model, opt
+    torch.cuda.empty_cache()
+    return RESULTS.get(f"train_{name}_B{B}_T{T}")
+
+
+def bench_train(backends, long=False):
+    shapes = [(8, 2048)] if not long else [(2, 8192), (1, 32768)]
+    mom = cfg_of("mom-340m")
+    for backend in backends:
+        for B, T in shapes:
+            cfg = cfg_of("mom-340m", kernel_backend=backend)
+            torch.manual_seed(0)
+            train_bench(f"megamom_mom_{backend}", build_model(cfg), flops_per_token(cfg, T), B, T)
+    if long:
+        return
+    if fla_available():
+        from fla.models import MomConfig, MomForCausalLM
+        fcfg = MomConfig(hidden_size=1024, num_hidden_layers=24, num_heads=4, head_dim=256, expand_v=1,
+                         num_memories=4, topk=2, shared_mem=True, vocab_size=32000, hidden_ratio=3,
+                         tie_word_embeddings=True)
+        train_bench("fla_mom", MomForCausalLM(fcfg), flops_per_token(mom, 2048), ours=False)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    lcfg = LlamaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                       intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096,
+                       tie_word_embeddings=True)
+    lcfg._attn_implementation = "sdpa"
+    train_bench("hf_llama_sdpa", LlamaForCausalLM(lcfg), flops_per_token(cfg_of("transformer-340m"), 2048),
+                ours=False)
+
+
+def bench_profile(backend):
+    from torch.profiler import ProfilerActivity, profile
+    B, T = 8, 2048
+    cfg = cfg_of("mom-340m", kernel_backend=backend)
+    layer = MemoryMixer(cfg).to(DEV, torch.bfloat16)
+    x = torch.randn(B, T, 1024, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    doc_ids = torch.arange(B, device=DEV).repeat_interleave(T)
+
+    def fb():
+        layer(x, doc_ids, B)[0].float().pow(2).mean().backward()
+    for _ in range(3):
+        fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fb()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    print(table)
+    out = os.environ.get("OUT", "/tmp")
+    with open(os.path.join(out, f"profile_layer_{backend}.txt"), "w") as f:
+        f.write(table)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stages", nargs="?", default="layer,train")
+    ap.add_argument("--backends", default="torch,triton")
+    a = ap.parse_args()
+    stages = set(a.stages.split(","))
+    backends = [b for b in a.backends.split(",") if b]
+    log("device", torch.cuda.get_device_name())
+    log("torch", torch.__version__)
+    from megamom.kernels import resolve_backend
+    try:
+        log("triton_backend_available", resolve_backend("auto", torch.device("cuda")) == "triton")
+    except Exception as e:
+        log("triton_backend_available", f"no: {e}")
+    if "layer" in stages:
+        bench_layer(backends)
+    if "profile" in stages:
+        bench_profile(backends[-1])
+    if "train" in stages:
+        bench_train(backends)
+    if "long" in stages:
+        bench_train(backends, long=True)
+    out = os.environ.get("OUT", "/tmp")
+    with open(os.path.join(out, "bench_model.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    print("\n| what | result |\n|---|---|")
+    for what, res in ROWS:
+        print(f"| {what} | {res} |")
+
+
+if __name__ == "__main__":
+    main()
