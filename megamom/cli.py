@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     sub = argparse.ArgumentParser(prog=f"megamom {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_intermixed_args(argv[1:])  # options and dotted overrides in any order
+    try:  # options and dotted overrides in any order
+        args = sub.parse_intermixed_args(argv[1:])
+    except TypeError:  # argparse cannot intermix with sub-parsers / REMAINDER: plain parsing then
+        args = sub.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:

@@ -31,6 +31,7 @@ UPDATE_RULES = ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")
 QK_NORMS = ("l2", "none")
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
 
 
 @dataclass
@@ -152,11 +153,27 @@ class DataConfig:
     num_workers: int = 0
     shuffle: bool = True
     reset_at_doc_boundaries: bool = True
+    # Streaming (mosaicml-streaming) knobs; the defaults suit most runs. A fixed num_canonical_nodes
+    # keeps the sample order when a run resumes on a different number of nodes.
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: Optional[int] = None
+    num_canonical_nodes: Optional[int] = None
+    cache_limit: Optional[str] = None  # e.g. "50gb": evict downloaded shards of remote paths beyond it
+    predownload: Optional[int] = None  # samples to download ahead (default: 8 x batch size)
+    download_timeout: float = 60.0
 
     def validate(self) -> None:
         _positive("data.seq_len", self.seq_len)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        _choice("data.shuffle_algo", self.shuffle_algo, SHUFFLE_ALGOS)
+        for key in ("shuffle_block_size", "num_canonical_nodes", "predownload"):
+            if getattr(self, key) is not None:
+                _positive(f"data.{key}", getattr(self, key))
+        _positive("data.download_timeout", self.download_timeout)
+        if not isinstance(self.paths, list) or not all(isinstance(p, str) and p for p in self.paths):
+            raise ConfigError(f"data.paths={self.paths!r} must be a list of dataset directories or URLs "
+                              "(e.g. data.paths=[data/web, s3://bucket/code])")
         if self.weights is not None and len(self.weights) != len(self.paths):
             raise ConfigError(f"data.weights has {len(self.weights)} entries but data.paths has "
                               f"{len(self.paths)}: give one weight per dataset")

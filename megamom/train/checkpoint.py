@@ -39,10 +39,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _fault(point: str) -> None:
-    """Fault injection for crash tests: MEGAMOM_FAULT=<point> kills this process there."""
-    if os.environ.get("MEGAMOM_FAULT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_requested(point: str, step: int) -> bool:
+    """Fault injection for crash tests: MEGAMOM_FAULT=<point>[:<step>[,<step>...]]."""
+    spec = os.environ.get("MEGAMOM_FAULT", "")
+    name, _, steps = spec.partition(":")
+    return name == point and (not steps or str(step) in steps.split(","))
+
+
+def _fault(point: str, step: int) -> None:
+    if fault_requested(point, step):
+        os.kill(os.getpid(), signal.SIGKILL)  # what `kill -9` or an OOM killer does
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -132,7 +138,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
     _write_json_atomic(tmp / f"rank_{rank:05d}.json", rank_state)
-    _fault("ckpt_before_commit")
+    _fault("ckpt_before_commit", step)
     barrier()
     if rank == 0:
         _write_json_atomic(tmp / STATE, trainer_state)
@@ -148,7 +154,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
         os.replace(latest_tmp, root / "latest")
         for old_step, old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _fault("ckpt_after_commit")
+    _fault("ckpt_after_commit", step)
     barrier()
     return final
 

@@ -38,16 +38,15 @@ def evaluate_checkpoint(checkpoint: str, data: list[str], split: str = "val", ba
                           seed=0, shuffle=False)
     total, count = 0.0, 0
     with torch.no_grad():
+        limit = min(max_batches, len(loader)) if max_batches else len(loader)  # one pass at most
         for i, batch in enumerate(loader):
-            if max_batches and i >= max_batches:
+            if i >= limit:
                 break
             batch = {k: v.to(dev) for k, v in batch.items() if k in ("input_ids", "labels", "segment_ids")}
             out = model(**batch, return_logits=False)
             n = int((batch["labels"] != -100).sum())
             total += out.lm_loss.double().item() * n
             count += n
-            if getattr(loader, "epoch_done", False):
-                break
     if count == 0:
         raise ConfigError(f"no {split} tokens found in {data}")
     loss = total / count

@@ -96,12 +96,17 @@ class Trainer:
         self.resume_from = self._find_resume(resume)
 
         self._prepare_data()
+        self.train_loader = self._loader("train")
+        if len(self.train_loader) < self.batching.accum:
+            raise ConfigError(f"the training data ({', '.join(cfg.data.paths)}) holds {len(self.train_loader)} "
+                              f"micro-batches of {self.batching.micro} per rank, fewer than one optimizer step "
+                              f"({self.batching.accum} micro-batches x {self.batching.dp_size} ranks); lower "
+                              f"train.micro_batch_size / grad_accum or prepare more data")
         self._build_engine()
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
-        self.train_loader = self._loader("train")
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.metrics = MetricsLogger(self.out_dir, self.dist.is_main, self.step)
@@ -273,11 +278,14 @@ class Trainer:
         last_eval = None
         while self.step < t.max_steps:
             t0 = time.perf_counter()
+            lr = self.scheduler.lr()  # the rate this step's update uses
             sums = None
             stats = []
             for _ in range(self.batching.accum):
                 batch = self._to_device(next(it))
                 out = self.engine(**batch, return_logits=False)
+                if ckpt.fault_requested("nan_loss", self.step + 1):  # test hook: a poisoned step
+                    out.loss = out.loss * float("nan")
                 self.engine.backward(out.loss)
                 self.engine.step()
                 parts = [out.loss.detach(), out.lm_loss.detach(),
@@ -305,7 +313,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 loss, lm, aux, z = self._reduce_mean([s / self.batching.accum for s in sums])
-                values = {"loss": loss, "lm_loss": lm, "lr": self.scheduler.lr(),
+                values = {"loss": loss, "lm_loss": lm, "lr": lr,
                           "grad_norm": self.engine.get_global_grad_norm(),
                           "tokens_per_s": tokens_per_step / dt, "tokens_seen": self.tokens_seen,
                           "step_time_s": dt}
@@ -349,10 +357,12 @@ class Trainer:
     def evaluate(self) -> Optional[dict]:
         """Token-weighted loss over train.eval_steps batches of the validation split."""
         loader = self._loader("val")
+        if len(loader) == 0:
+            return None  # validation split smaller than one batch
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         for i, batch in enumerate(loader):
-            if i >= self.cfg.train.eval_steps:
+            if i >= min(self.cfg.train.eval_steps, len(loader)):  # at most one pass over the split
                 break
             batch = self._to_device(batch)
             out = self.model(**batch, return_logits=False)

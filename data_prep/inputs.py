@@ -1,0 +1,157 @@
+"""Finding input files (files, directories, globs) and cutting them into work units."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import PrepError
+
+TEXT_EXTS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+SUPPORTED = ".txt, .jsonl, .ndjson, .parquet (text and JSON lines also as .gz / .zst)"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute
+    key: str  # stable name relative to the input spec (decides the train/val split of its documents)
+    format: str  # text | jsonl | parquet
+    compression: Optional[str]  # None | gzip | zstd
+    size: int
+    mtime_ns: int
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of work for one process: a whole file, a byte range of an uncompressed line-oriented
+    file, or a range of parquet row groups. Its output goes to `<split>/<uid>/`."""
+
+    uid: str
+    file: InputFile
+    start: int = 0  # byte offset (line files) or first row group (parquet)
+    end: Optional[int] = None  # exclusive; None = to the end
+    first: bool = True  # first unit of its file
+
+
+def classify(path: str) -> Optional[tuple[str, Optional[str]]]:
+    name = path.lower()
+    comp = None
+    for ext, c in COMPRESSIONS.items():
+        if name.endswith(ext):
+            comp, name = c, name[: -len(ext)]
+            break
+    fmt = TEXT_EXTS.get(os.path.splitext(name)[1])
+    if fmt is None or (fmt == "parquet" and comp):
+        return None
+    return fmt, comp
+
+
+def _input(path: str, key: str) -> InputFile:
+    fmt, comp = classify(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise PrepError(f"input {path!r}: cannot stat ({e.strerror})") from None
+    return InputFile(os.path.abspath(path), key, fmt, comp, st.st_size, st.st_mtime_ns)
+
+
+def _walk(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+    return found
+
+
+def discover(specs: list[str]) -> tuple[list[InputFile], list[str]]:
+    """Expand files, directories (recursively; hidden entries skipped) and globs into input files,
+    sorted and without duplicates. Returns (inputs, skipped): files found in directories or globs
+    whose type is not supported are skipped and listed; an explicitly named one is an error."""
+    if not specs:
+        raise PrepError("no inputs given: pass files, directories or globs of " + SUPPORTED)
+    inputs: dict[str, InputFile] = {}
+    skipped: list[str] = []
+    for spec in specs:
+        spec = os.path.expanduser(spec)
+        if glob.has_magic(spec):
+            matches = sorted(m for m in glob.glob(spec, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise PrepError(f"input glob {spec!r} matches no file")
+            base = _glob_base(spec)
+            candidates = [(m, os.path.relpath(m, base)) for m in matches]
+        elif os.path.isdir(spec):
+            files = _walk(spec)
+            candidates = [(f, os.path.relpath(f, spec)) for f in files]
+            if not files:
+                raise PrepError(f"input directory {spec!r} holds no files")
+        elif os.path.isfile(spec):
+            if classify(spec) is None:
+                raise PrepError(f"input {spec!r}: unsupported file type; supported: {SUPPORTED}")
+            candidates = [(spec, os.path.basename(spec))]
+        else:
+            raise PrepError(f"input {spec!r} does not exist (pass files, directories or globs)")
+        for path, key in candidates:
+            if classify(path) is None:
+                skipped.append(path)
+                continue
+            real = os.path.realpath(path)
+            if real not in inputs:
+                inputs[real] = _input(path, key.replace(os.sep, "/"))
+    if not inputs:
+        raise PrepError(f"no input files of a supported type ({SUPPORTED}) among {specs}; "
+                        f"skipped: {skipped[:5]}")
+    return sorted(inputs.values(), key=lambda f: (f.key, f.path)), skipped
+
+
+def _glob_base(spec: str) -> str:
+    parts = Path(spec).parts
+    base = []
+    for p in parts:
+        if glob.has_magic(p):
+            break
+        base.append(p)
+    return str(Path(*base)) if base else "."
+
+
+def splittable(f: InputFile, txt_mode: str) -> bool:
+    """Byte ranges can be processed independently only in uncompressed one-document-per-line files."""
+    return f.compression is None and (f.format == "jsonl" or (f.format == "text" and txt_mode == "line"))
+
+
+def plan_units(files: list[InputFile], txt_mode: str, unit_bytes: int) -> list[Unit]:
+    units: list[Unit] = []
+    for i, f in enumerate(files):
+        ranges: list[tuple[int, Optional[int]]] = [(0, None)]
+        if splittable(f, txt_mode) and f.size > unit_bytes:
+            ranges = [(s, min(s + unit_bytes, f.size)) for s in range(0, f.size, unit_bytes)]
+        elif f.format == "parquet":
+            ranges = _parquet_ranges(f, unit_bytes)
+        for j, (s, e) in enumerate(ranges):
+            units.append(Unit(f"{i:05d}-{j:04d}", f, s, e, j == 0))
+    return units
+
+
+def _parquet_ranges(f: InputFile, unit_bytes: int) -> list[tuple[int, Optional[int]]]:
+    """Runs of row groups of about `unit_bytes` (uncompressed). An unreadable file gets one unit,
+    whose worker then reports the problem."""
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(f.path).metadata
+    except Exception:
+        return [(0, None)]
+    ranges, start, size = [], 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        if size >= unit_bytes:
+            ranges.append((start, g + 1))
+            start, size = g + 1, 0
+    if start < meta.num_row_groups or not ranges:
+        ranges.append((start, meta.num_row_groups))
+    return ranges

@@ -1,0 +1,29 @@
+"""Shared fixtures. The default dataset (tokenizer + shards of the shipped corpus) is built once
+per session into a temporary cache that every test and subprocess shares via MEGAMOM_CACHE."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def megamom_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("megamom-cache")
+    from megamom.data import ensure_default_dataset
+    ensure_default_dataset(cache / "default-data", seq_len=128)
+    return cache
+
+
+@pytest.fixture
+def megamom_env(megamom_cache) -> dict:
+    env = dict(os.environ)
+    env["MEGAMOM_CACHE"] = str(megamom_cache)
+    env.pop("MEGAMOM_FAULT", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def megamom_exe() -> str:
+    return str(Path(sys.executable).parent / "megamom")

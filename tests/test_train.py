@@ -1,0 +1,194 @@
+"""Training engine end to end on CPU (real DeepSpeed, real streaming shards, real tensorboard):
+ZeRO stages vs one process, exact resume after kill -9, kills during checkpoint saves, SIGTERM,
+non-finite steps, bad input, logging read back, the default main job, eval."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# A small model on the default dataset (seq_len 128, so the session's shards are reused).
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16",
+        "model.chunk_size=16", "train.micro_batch_size=4", "train.lr=3e-3", "train.warmup_steps=2",
+        "train.eval_every=0", "train.log_every=1", "--sample-prompt="]
+
+
+def train(exe, env, out_dir, *overrides, nproc=1, check=True, timeout=600):
+    args = ["train", *TINY, f"train.out_dir={out_dir}", *overrides]
+    if nproc == 1:
+        cmd = [exe, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "megamom.cli", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"training failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def losses(out_dir) -> dict:
+    """step -> loss (the last record of a step wins: a resumed run replays steps after its checkpoint)."""
+    out = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train" and "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_two_processes_match_one(stage, tmp_path, megamom_env, megamom_exe):
+    """Same global batch (4 per rank x 2 ranks vs 8 in one process): same loss curve."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = ["train.max_steps=4", f"train.zero_stage={stage}"]
+    train(megamom_exe, megamom_env, one, *common, "train.micro_batch_size=8")
+    train(megamom_exe, megamom_env, two, *common, "train.micro_batch_size=4", nproc=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), f"step {s}: 1 process {a[s]} vs 2 processes {b[s]}"
+    assert a[4] < a[1]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_exact_resume_after_kill_9(nproc, tmp_path, megamom_env, megamom_exe):
+    """2N steps straight == N steps, SIGKILL, resume to 2N: bitwise the same loss at every step."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    common = ["train.max_steps=6", "train.save_every=3", "train.zero_stage=1"]
+    train(megamom_exe, megamom_env, straight, *common, nproc=nproc)
+    env = dict(megamom_env, MEGAMOM_FAULT="ckpt_after_commit:3")  # SIGKILL right after saving step 3
+    r = train(megamom_exe, env, crashed, *common, nproc=nproc, check=False)
+    assert r.returncode != 0
+    assert (crashed / "checkpoints" / "step_00000003" / "COMPLETE.json").is_file()
+    assert max(losses(crashed)) == 3
+    r = train(megamom_exe, megamom_env, crashed, *common, nproc=nproc)
+    assert "resumed from" in r.stderr + r.stdout
+    a, b = losses(straight), losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, megamom_env, megamom_exe):
+    out = tmp_path / "run"
+    common = ["train.max_steps=6", "train.save_every=2"]
+    env = dict(megamom_env, MEGAMOM_FAULT="ckpt_before_commit:4")  # killed while writing step 4
+    r = train(megamom_exe, env, out, *common, check=False)
+    assert r.returncode != 0
+    root = out / "checkpoints"
+    assert (root / ".tmp-step_00000004").is_dir()  # the half-written save ...
+    assert not (root / "step_00000004").exists()  # ... never looks complete
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    r = train(megamom_exe, megamom_env, out, *common)
+    assert "resumed from" in r.stderr + r.stdout and "step_00000002" in r.stderr + r.stdout
+    assert not (root / ".tmp-step_00000004").exists()
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"][-3:] or \
+        (root / "step_00000006" / "COMPLETE.json").is_file()
+    straight = tmp_path / "straight"
+    train(megamom_exe, megamom_env, straight, *common)
+    assert losses(straight) == losses(out)
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path, megamom_env, megamom_exe):
+    out = tmp_path / "run"
+    cmd = [megamom_exe, "train", *TINY, f"train.out_dir={out}", "train.max_steps=100000"]
+    p = subprocess.Popen(cmd, env=megamom_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "stopped early by a signal" in stdout
+    step = max(losses(out))
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert ckpts and ckpts[-1].name == f"step_{step:08d}" and (ckpts[-1] / "COMPLETE.json").is_file()
+    r = train(megamom_exe, megamom_env, out, f"train.max_steps={step + 2}")
+    assert f"at step {step}" in r.stderr + r.stdout
+    assert max(losses(out)) == step + 2
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path, megamom_env, megamom_exe):
+    out = tmp_path / "skip"
+    env = dict(megamom_env, MEGAMOM_FAULT="nan_loss:2")
+    for stage in (0, 1):
+        train(megamom_exe, env, out / str(stage), "train.max_steps=4", f"train.zero_stage={stage}")
+        recs = [json.loads(line) for line in (out / str(stage) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if r.get("skipped")] == [2], f"ZeRO-{stage}"
+        good = [r for r in recs if r["kind"] == "train" and "loss" in r and r["step"] != 2]
+        assert all(isinstance(r["loss"], float) for r in good)  # parameters stayed finite
+    env = dict(megamom_env, MEGAMOM_FAULT="nan_loss:2,3,4")
+    r = train(megamom_exe, env, out / "abort", "train.max_steps=6", "train.max_nonfinite_in_row=3", check=False)
+    assert r.returncode != 0
+    assert "3 steps in a row had a non-finite loss or gradient" in r.stderr
+
+
+def test_tensorboard_and_jsonl_read_back(tmp_path, megamom_env, megamom_exe):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    train(megamom_exe, megamom_env, out, "train.max_steps=3", "train.eval_every=2", "train.eval_steps=2")
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lm_loss", "train/aux_loss", "train/lr", "train/grad_norm",
+                "train/tokens_per_s", "train/achieved_tflops", "train/peak_rss_gib",
+                "train/router/layer0/mem0", "train/router/layer1/aux", "val/val_loss", "val/val_ppl"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    jl = losses(out)
+    assert [round(e.value, 5) for e in acc.Scalars("train/loss")] == [round(jl[s], 5) for s in (1, 2, 3)]
+    fractions = [acc.Scalars(f"train/router/layer0/mem{e}")[-1].value for e in range(4)]
+    assert abs(sum(fractions) - 1) < 1e-5
+    lr = [e.value for e in acc.Scalars("train/lr")]
+    assert lr[0] < lr[1]  # warmup
+
+
+def test_bad_input_errors_before_work(tmp_path, megamom_env, megamom_exe):
+    def fails(*overrides, resume=None):
+        args = [megamom_exe, "train", *TINY, f"train.out_dir={tmp_path / 'bad'}", *overrides]
+        if resume:
+            args += ["--resume", resume]
+        r = subprocess.run(args, env=megamom_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0
+        return r.stderr
+    assert "train.global_batch_size=10 is not divisible" in fails("train.global_batch_size=10")
+    assert "needs grad_accum=2" in fails("train.global_batch_size=8", "train.grad_accum=3")
+    assert "fewer than one optimizer step" in fails("train.micro_batch_size=100000")
+    assert "does not exist" in fails(resume=str(tmp_path / "nope"))
+    # a checkpoint of another model: refused (names the keys), or with the override, names tensors
+    good = tmp_path / "good"
+    train(megamom_exe, megamom_env, good, "train.max_steps=1")
+    ckpt = str(good / "checkpoints" / "step_00000001")
+    err = fails("model.num_memories=8", resume=ckpt)
+    assert "different model config" in err and "model.num_memories: checkpoint 4 vs now 8" in err
+    err = fails("model.num_memories=8", "train.allow_config_change_on_resume=true", resume=ckpt)
+    assert "does not fit the model" in err and "model.layers.0.attn.k_proj" in err
+    incomplete = tmp_path / "good" / "checkpoints" / "step_00000001"
+    (incomplete / "COMPLETE.json").unlink()
+    assert "is incomplete" in fails(resume=ckpt)
+
+
+def test_default_main_job_and_eval(tmp_path, megamom_env, megamom_exe):
+    """`megamom train` with no arguments (shortened) builds/reuses the data, trains, evaluates,
+    checkpoints and prints a sample; `megamom eval` reads the checkpoint back."""
+    env = dict(megamom_env)
+    r = subprocess.run([megamom_exe, "train", "train.max_steps=20", f"train.out_dir={tmp_path / 'main'}"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "val ppl" in r.stdout and "sample: " in r.stdout
+    ckpt = tmp_path / "main" / "checkpoints" / "step_00000020"
+    assert (ckpt / "COMPLETE.json").is_file()
+    val = [json.loads(x) for x in (tmp_path / "main" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["kind"] == "val"]
+    assert val and val[-1]["val_ppl"] < 4096  # better than uniform over the vocabulary
+    data_dir = json.loads((ckpt / "trainer_state.json").read_text())["config"]["data"]["paths"][0]
+    r = subprocess.run([megamom_exe, "eval", "--checkpoint", str(ckpt), "--data", data_dir, "--max-batches", "4"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["step"] == 20 and res["tokens"] > 0 and abs(res["ppl"] - pow(2.718281828459045, res["loss"])) < 1e-3 * res["ppl"]
