@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .config import ConfigError
@@ -34,8 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK (which it
+    also sets) is what we use."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     # Parse only the command name first, then let the command's module add its own options.
     if not argv or argv[0] in ("-h", "--help", "--version"):

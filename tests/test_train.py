@@ -192,3 +192,20 @@ def test_default_main_job_and_eval(tmp_path, megamom_env, megamom_exe):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["step"] == 20 and res["tokens"] > 0 and abs(res["ppl"] - pow(2.718281828459045, res["loss"])) < 1e-3 * res["ppl"]
+
+
+def test_deepspeed_launcher(tmp_path, megamom_env):
+    """`deepspeed --num_gpus 2 --module megamom.cli train ...` (it inserts --local_rank=N)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ds"
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    r = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(port), "--module", "megamom.cli", "train",
+                        *TINY, f"train.out_dir={out}", "train.max_steps=2"],
+                       env=megamom_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2]
+    state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
