@@ -85,3 +85,30 @@ def segment_bounds(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> list[
         return [(b, 0, x.shape[1]) for b in range(x.shape[0])]
     cu = cu_seqlens.tolist()
     return [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+
+
+def recurrence(step, q, k, v, gates: list, scale: Optional[float], initial_state, output_final_state: bool,
+               cu_seqlens, use_qk_l2norm: bool):
+    """The naive definition of a scan: `step(q_t, k_t, v_t, *gates_t, state, scale)` applied token
+    by token to each sequence (float32 state, float64 when the inputs are float64). gates: the
+    per-token gate tensors [B, T, H(, K)] the rule takes (None entries are passed through)."""
+    check_varlen(q, cu_seqlens, initial_state)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    scale = K ** -0.5 if scale is None else scale
+    dt = compute_dtype(q, k, v)
+    if use_qk_l2norm:
+        q, k = l2norm(q.to(dt)), l2norm(k.to(dt))
+    o = torch.zeros(*v.shape, dtype=dt, device=v.device)
+    finals = []
+    for n, (b, start, end) in enumerate(segment_bounds(q, cu_seqlens)):
+        S = (initial_state[n].to(dt) if initial_state is not None
+             else torch.zeros(H, K, V, dtype=dt, device=q.device))[None]
+        for t in range(start, end):
+            gates_t = [None if x is None else x[b, t][None].to(dt) for x in gates]
+            ot, S = step(q[b, t][None].to(dt), k[b, t][None].to(dt), v[b, t][None].to(dt), *gates_t, S, scale)
+            o[b, t] = ot[0]
+        finals.append(S[0])
+    final = None
+    if output_final_state:
+        final = torch.stack(finals) if finals else torch.zeros(0, H, K, V, dtype=dt, device=q.device)
+    return o.to(v.dtype), final
