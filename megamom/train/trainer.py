@@ -345,7 +345,10 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        summary["final_checkpoint"] = str(self.save())
+        if self.step > summary["start_step"] or self.resume_from is None:
+            summary["final_checkpoint"] = str(self.save())
+        else:  # resumed at max_steps: nothing new to save
+            summary["final_checkpoint"] = str(self.resume_from)
         if stopped_by is None:
             last_eval = self.evaluate()
         summary.update(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps,
