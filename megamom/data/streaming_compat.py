@@ -32,6 +32,53 @@ __all__ = ["MDSWriter", "Stream", "StreamingDataset", "clean_stale_shared_memory
 streaming_version = getattr(streaming, "__version__", "unknown")
 
 
+def _agreed_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
+    """streaming's `get_shm_prefix` with one change: the ranks agree on the prefix (all-reduce MAX)
+    before the local leader registers it. Upstream every rank picks "the first free prefix" on its
+    own, so a lock file or shared memory segment that appears or disappears between two ranks'
+    scans (another job, a dataset being torn down, stale lock files being cleaned) made them pick
+    different prefixes and fail with "prefix=N was not registered by local leader"."""
+    import torch
+    import torch.distributed as dist
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as P
+
+    P._check_self(streams_local)
+    prefix_int = max(P._check_and_find_retrying(streams_local, streams_remote, shm_name=name, retry=retry)
+                     for name in SHM_TO_CLEAN)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        agreed = torch.tensor([prefix_int], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        prefix_int = int(agreed.item())
+    if world.is_local_leader:
+        data = P._pack_locals(streams_local, prefix_int)
+        shm = SharedMemory(P._get_path(prefix_int, LOCALS), True, len(data))
+        shm.buf[:len(data)] = data
+    if distributed:
+        dist.barrier()
+    if not world.is_local_leader:
+        try:
+            shm = SharedMemory(P._get_path(prefix_int, LOCALS), False)
+        except FileNotFoundError:
+            raise RuntimeError(f"streaming shared memory prefix={prefix_int} was not registered by the local "
+                               "leader; are all ranks of this node building the same datasets?") from None
+        their_locals, their_prefix = P._unpack_locals(bytes(shm.buf))
+        if streams_local != their_locals or prefix_int != their_prefix:
+            raise RuntimeError(f"streaming shared memory mismatch: leader has {their_locals} at {their_prefix}, "
+                               f"this rank expects {streams_local} at {prefix_int}")
+    return prefix_int, shm
+
+
+if streaming_version == "0.13.0":  # the function replaced above is 0.13.0's; other versions keep theirs
+    import streaming.base.dataset as _dataset
+    import streaming.base.shared.prefix as _prefix
+    _prefix.get_shm_prefix = _agreed_shm_prefix
+    _dataset.get_shm_prefix = _agreed_shm_prefix
+
+
 
 def download_file(remote: str, local: str, timeout: float = 60.0) -> None:
     """Copy one file from a remote (s3://, gs://, ..., or a plain path) to a local path."""
