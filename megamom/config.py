@@ -211,6 +211,7 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite_in_row: int = 5
     allow_config_change_on_resume: bool = False
+    init_from: Optional[str] = None  # checkpoint whose weights start a NEW run (e.g. from `convert from-hf`)
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_last",

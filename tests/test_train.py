@@ -209,3 +209,34 @@ def test_deepspeed_launcher(tmp_path, megamom_env):
     assert sorted(losses(out)) == [1, 2]
     state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_init_from_starts_a_new_run_from_weights(tmp_path, megamom_env, megamom_exe):
+    """train.init_from loads a checkpoint's weights into a fresh run (any ZeRO stage); a
+    weights-only checkpoint (convert from-hf) cannot be resumed, only started from."""
+    src = tmp_path / "src"
+    train(megamom_exe, megamom_env, src, "train.max_steps=3", "train.zero_stage=2")
+    ckpt = src / "checkpoints" / "step_00000003"
+    new = tmp_path / "new"
+    # lr 1e-12: the one step leaves the weights as loaded, so both evaluate the same
+    train(megamom_exe, megamom_env, new, "train.max_steps=1", f"train.init_from={ckpt}", "train.lr=1e-12",
+          "train.warmup_steps=0", "train.zero_stage=1")
+    data = json.loads((ckpt / "trainer_state.json").read_text())["config"]["data"]["paths"][0]
+
+    def evaluate(c):
+        r = subprocess.run([megamom_exe, "eval", "--checkpoint", str(c), "--data", data, "--max-batches", "2"],
+                           env=megamom_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])["loss"]
+    assert abs(evaluate(ckpt) - evaluate(new / "checkpoints" / "step_00000001")) < 1e-6
+    err = subprocess.run([megamom_exe, "train", *TINY, f"train.out_dir={tmp_path / 'x'}", "model.num_memories=3",
+                          f"train.init_from={ckpt}"], env=megamom_env, capture_output=True, text=True, timeout=300)
+    assert err.returncode != 0 and "model.num_memories: checkpoint 4 vs config 3" in err.stderr
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    for args in (["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(hf)],
+                 ["convert", "from-hf", "--model", str(hf), "--out", str(back)]):
+        r = subprocess.run([megamom_exe, *args], env=megamom_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([megamom_exe, "train", *TINY, f"train.out_dir={tmp_path / 'y'}", "--resume", str(back)],
+                       env=megamom_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "cannot be resumed" in r.stderr and "train.init_from" in r.stderr

@@ -137,6 +137,7 @@ def export_hf(model: str | Path | bytes, out_dir: str | Path, *, overwrite: bool
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fast.save_pretrained(str(tmp))
+        _portable_tokenizer_config(tmp / "tokenizer_config.json")
         (tmp / SPM_NAME).write_bytes(sp.model_proto)
         (tmp / MARKER).write_text(json.dumps({"format": "megamom-tokenizer", "version": 1, "hash": sp.hash,
                                               "vocab_size": sp.vocab_size, "bos_id": sp.bos_id,
@@ -147,6 +148,17 @@ def export_hf(model: str | Path | bytes, out_dir: str | Path, *, overwrite: bool
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 writes tokenizer_class "TokenizersBackend", a class 4.x does not have; the
+    fast-tokenizer class both read (into identical ids) is PreTrainedTokenizerFast. Its inputs are
+    input_ids and attention_mask (token_type_ids would be rejected by causal LMs' generate())."""
+    conf = json.loads(path.read_text())
+    if conf.get("tokenizer_class") == "TokenizersBackend":
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    conf.setdefault("model_input_names", ["input_ids", "attention_mask"])
+    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+
 
 def _train_meta(proto) -> dict:
     ts = proto.trainer_spec

@@ -2,7 +2,6 @@
 against the hash the checkpoint recorded, so a model never ships with the wrong tokenizer."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -39,7 +38,6 @@ def write_tokenizer(tok, dest: Path, model_max_length: Optional[int] = None) -> 
             f.rename(dest / f.name)
             names.append(f.name)
         tmp.rmdir()
-        _portable_class(dest / "tokenizer_config.json")
         return names
     from ..tokenizer.hf import HF_TOKENIZER_FILES
     src = Path(tok.path)
@@ -47,18 +45,3 @@ def write_tokenizer(tok, dest: Path, model_max_length: Optional[int] = None) -> 
     for n in names:
         shutil.copyfile(src / n, dest / n)
     return names
-
-
-def _portable_class(path: Path) -> None:
-    """transformers 5 writes tokenizer_class "TokenizersBackend", a class 4.x does not have; the
-    fast-tokenizer class both read (into identical ids) is PreTrainedTokenizerFast. Its inputs are
-    input_ids and attention_mask."""
-    if not path.is_file():
-        return
-    conf = json.loads(path.read_text())
-    if conf.get("tokenizer_class") == "TokenizersBackend":
-        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
-    # PreTrainedTokenizerFast would also return token_type_ids, which causal LMs do not take
-    # (transformers 4.x generate() rejects them)
-    conf.setdefault("model_input_names", ["input_ids", "attention_mask"])
-    path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")

@@ -121,6 +121,9 @@ class Trainer:
             return ckpt.latest_checkpoint(self.ckpt_root)
         path = Path(resume)
         state = ckpt.read_trainer_state(path)  # raises a clear error for missing / incomplete
+        if state.get("weights_only"):
+            raise ConfigError(f"{str(path)!r} holds weights only (no optimizer, schedule or data position), "
+                              f"so it cannot be resumed; start a new run from it with train.init_from={path}")
         self._check_config_compatible(state, path)
         return path
 
@@ -171,6 +174,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
+        if cfg.train.init_from and self.resume_from is None:
+            self._init_weights_from(model, Path(cfg.train.init_from))
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.param_count = count_parameters(model)
         ds_config = build_deepspeed_config(cfg, self.batching, self.precision)
@@ -187,6 +192,24 @@ class Trainer:
         self.model = self.engine.module
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
         self.peak_flops = peak_flops(self.dist.device)
+
+    def _init_weights_from(self, model, path: Path) -> None:
+        """Start a new run from a checkpoint's weights (any ZeRO stage, or `convert from-hf`)."""
+        state = ckpt.read_trainer_state(path)
+        saved = state.get("config", {}).get("model", {})
+        ours = dataclasses.asdict(self.cfg.model)
+        diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {ours[k]!r}" for k in sorted(ours)
+                if k not in ("kernel_backend", "attn_impl") and saved.get(k) != ours[k]]
+        if diff:
+            raise ConfigError(f"train.init_from={str(path)!r} has another model config: " + "; ".join(diff))
+        want = (state.get("tokenizer") or {}).get("hash")
+        if want and getattr(self.tokenizer, "hash", None) and want != self.tokenizer.hash:
+            raise ConfigError(f"train.init_from={str(path)!r} was trained with tokenizer {want[:19]}… but "
+                              f"data.tokenizer is {self.tokenizer.hash[:19]}…; use the model's tokenizer")
+        ckpt.check_shapes(path, model)
+        model.load_state_dict(ckpt.load_model_state_dict(path), strict=True)
+        if self.dist.is_main and not self.quiet:
+            log.info("initialised weights from %s", path)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
