@@ -1,0 +1,133 @@
+"""Shared machinery of the Triton kernels (imported as `megamom.kernels.triton`).
+
+Importing this package raises ImportError where Triton is missing, which is what
+`megamom.kernels.rules.triton_available()` relies on.
+
+Conventions of every chunked kernel: tokens are packed [T_total, H, D] (B=1 plus cu_seqlens; a
+dense [B, T] batch is turned into B segments of length T), one program per (chunk, head) or per
+(segment, head, value block). `Varlen` holds the host-side bookkeeping: one host sync per call
+(cu_seqlens to the CPU), computed once in forward and reused by backward."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton  # noqa: F401  (ImportError here means: no Triton kernels)
+import triton.language as tl  # noqa: F401
+
+# Decorated kernels are interpreted (numpy, CPU tensors) when TRITON_INTERPRET=1 at import time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into a 1-element numpy array and converts it with
+    int(array) for `range(n)` over a runtime n; numpy >= 2.3 refuses that conversion. Re-set
+    __index__ right after the interpreter installs its own (restored with it after each launch)."""
+    from triton.runtime import interpreter as _interp
+
+    if getattr(_interp, "_megamom_index_patch", False) or not hasattr(_interp, "_patch_lang_tensor"):
+        return
+    original = _interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = patched
+    _interp._megamom_index_patch = True
+
+
+if INTERPRET:
+    _patch_interpreter_index()
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+@dataclass
+class Varlen:
+    cu: torch.Tensor  # [N+1] int32 on the device
+    chunk_indices: torch.Tensor  # [NT, 2] int32: (segment, chunk within segment)
+    chunk_offsets: torch.Tensor  # [N] int32: global index of each segment's first chunk
+    N: int  # segments
+    NT: int  # chunks over all segments
+
+
+_LAST: list = [None, None]  # (key, Varlen) of the last varlen call: one entry, no stale reuse
+
+
+def prepare_varlen(cu_seqlens: Optional[torch.Tensor], B: int, T: int, chunk_size: int,
+                   device: torch.device) -> Varlen:
+    """Cached: dense batches by shape; varlen by the identity (and version) of the cu_seqlens
+    tensor object, so a repeated call with the same tensor skips the host sync. A new tensor,
+    even at a reused address, is a new object and recomputes."""
+    if cu_seqlens is None:
+        return _prepare_dense(B, T, chunk_size, torch.device(device))
+    key = (weakref.ref(cu_seqlens), cu_seqlens._version, chunk_size, torch.device(device))
+    last_key, last = _LAST
+    if last_key is not None and last_key[0]() is cu_seqlens and last_key[1:] == key[1:]:
+        return last
+    vl = _prepare(cu_seqlens, B, T, chunk_size, device)
+    _LAST[0], _LAST[1] = key, vl
+    return vl
+
+
+@functools.lru_cache(maxsize=64)
+def _prepare_dense(B: int, T: int, chunk_size: int, device: torch.device) -> Varlen:
+    return _prepare(None, B, T, chunk_size, device)
+
+
+def _prepare(cu_seqlens, B, T, chunk_size, device) -> Varlen:
+    if cu_seqlens is None:
+        cu_cpu = torch.arange(0, B * T + 1, T, dtype=torch.int64) if T > 0 else torch.zeros(B + 1, dtype=torch.int64)
+    else:
+        cu_cpu = cu_seqlens.detach().to("cpu", torch.int64)  # the one host sync
+    lens = cu_cpu[1:] - cu_cpu[:-1]
+    if (lens < 0).any():
+        raise ValueError("cu_seqlens must be non-decreasing")
+    n_chunks = (lens + chunk_size - 1) // chunk_size
+    offsets = torch.cumsum(n_chunks, 0) - n_chunks
+    NT = int(n_chunks.sum())
+    seg = torch.repeat_interleave(torch.arange(lens.numel()), n_chunks)
+    within = torch.arange(NT) - offsets[seg]
+    idx = torch.stack([seg, within], 1).to(torch.int32)
+    return Varlen(cu_cpu.to(device=device, dtype=torch.int32), idx.to(device),
+                  offsets.to(device=device, dtype=torch.int32), lens.numel(), NT)
+
+
+# Launch parameters per kernel: chosen so that ptxas reports (almost) no spills and at most 227 KB of
+# shared memory for sm_90 at K = V = 256 (kernels/triton/aot_check.py), then by timing on an H100
+# (benchmarks/bench_kernels.py --sweep). The environment variable
+# MEGAMOM_TRITON_CFG='{"fwd_h": {"BV": 64, "num_warps": 4}}' overrides them (benchmark sweeps).
+_DEFAULT_CFG = {
+    "prep": dict(BK=64, BV=64, num_warps=8, num_stages=2),
+    "fwd_h": dict(BV=32, num_warps=8, num_stages=2),  # H100 sweep 2026-11-26: BV 64/16 or 4 warps no faster
+    "fwd_o": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "dv_local": dict(BK=64, BV=128, num_warps=8, num_stages=2),
+    "bwd_dhu": dict(BV=64, num_warps=8, num_stages=1),  # num_stages=2 needs 234 KB of shared memory
+    "bwd_dqkwg": dict(BK=64, BV=64, num_warps=8, num_stages=2),
+    "bwd_wy": dict(BK=64, BV=64, num_warps=8, num_stages=1),
+    "l2norm": dict(BM=16, num_warps=4, num_stages=1),
+    "step": dict(BV=32, num_warps=4, num_stages=1),
+}
+_ENV_CFG = json.loads(os.environ.get("MEGAMOM_TRITON_CFG", "{}") or "{}")
+
+
+def launch_cfg(name: str, **limits) -> dict:
+    """Launch parameters of kernel `name`; block sizes are clipped to `limits` (e.g. BV=next_pow2(V)).
+    Under the interpreter: the smallest legal blocks and no warps/stages."""
+    cfg = dict(_DEFAULT_CFG[name])
+    cfg.update(_ENV_CFG.get(name, {}))
+    for key, lim in limits.items():
+        if key in cfg:
+            cfg[key] = min(cfg[key], lim)
+    if INTERPRET:
+        cfg.pop("num_warps", None)
+        cfg.pop("num_stages", None)
+    return cfg

@@ -1,0 +1,73 @@
+"""Triton entry points behind `megamom.kernels.rules` (backend "triton").
+
+Importing this module raises ImportError where Triton is missing, so `rules.triton_available()`
+is False there. Rules and inputs the Triton kernels do not cover fall back to the PyTorch
+reference (logged once per reason):
+  gated_delta, delta            chunk_triton (WY form, fused q/k L2 norm)
+  scalar_decay, linear_attn     chunk_triton with DELTA=False (no WY solve)
+  gla (per-key decay)           torch reference
+  float64 inputs, head dim K > 256, chunk sizes other than 16/32/64   torch reference
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .triton import INTERPRET  # noqa: F401  (raises ImportError without Triton)
+from .gated_delta_rule.chunk import chunk_gated_delta_rule_torch
+from .gated_delta_rule.chunk_triton import chunk_scan_triton
+from .gated_delta_rule.fused_recurrent import fused_recurrent_step
+from .gated_delta_rule.transition import chunk_transition
+from .gla import chunk_gla_torch
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+SUPPORTED_CHUNKS = (16, 32, 64)
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("megamom triton_ops: %s; using the PyTorch reference kernel", reason)
+
+
+def _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                use_qk_l2norm):
+    if rule.delta:
+        return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                            cu_seqlens, chunk_size, use_qk_l2norm)
+    return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                           use_qk_l2norm)
+
+
+def memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                use_qk_l2norm):
+    """Chunked scan of `rule` (a rules.UpdateRule). Returns (o [B, T, H, V], final state or None)."""
+    if rule.decay == "vector":
+        _fallback(f"rule {rule.name!r} (per-key decay) has no Triton kernel yet")
+        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           chunk_size, use_qk_l2norm)
+    if q.dtype == torch.float64:
+        _fallback("float64 inputs")
+        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           chunk_size, use_qk_l2norm)
+    if q.shape[-1] > 256:
+        _fallback(f"head dim {q.shape[-1]} > 256")
+        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           chunk_size, use_qk_l2norm)
+    if chunk_size not in SUPPORTED_CHUNKS:
+        _fallback(f"chunk size {chunk_size} (Triton kernels use 16/32/64; the result does not depend on it)")
+        chunk_size = 64
+    return chunk_scan_triton(q, k, v, g, beta if rule.delta else None, scale, initial_state, output_final_state,
+                             cu_seqlens, chunk_size, use_qk_l2norm, delta=rule.delta)
+
+
+def memory_step(rule, q, k, v, g, beta, state, scale=None, use_qk_l2norm=False, out_state=None):
+    """One decoding step for every rule (see gated_delta_rule/fused_recurrent.py); same contract
+    as rules.memory_step, plus out_state=state for an in-place update."""
+    return fused_recurrent_step(q, k, v, g, beta if rule.delta else None, state, scale, use_qk_l2norm,
+                                delta=rule.delta, out_state=out_state)
+
+
+__all__ = ["memory_scan", "memory_step", "chunk_scan_triton", "fused_recurrent_step", "chunk_transition"]

