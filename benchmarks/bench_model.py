@@ -3,7 +3,7 @@
 
 Usage on the device machine (see benchmarks/README.md for the install lines):
     python benchmarks/bench_model.py [stages] [--backends torch,triton]
-stages (comma-separated): layer, train, long, profile   (default: layer,train)
+stages (comma-separated): check, layer, train, long, profile   (default: layer,train)
 Prints a table last; writes JSON to $OUT (or /tmp).
 """
 from __future__ import annotations
@@ -97,8 +97,70 @@ def bench_layer(backends):
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------------------- check
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_layer(B=2, T=1024):
+    """The MoM layer on the GPU path (Triton scan, grouped GEMM) against the same weights in float64
+    on the torch reference path: output, input gradient and every parameter gradient."""
+    cfg = cfg_of("mom-340m", kernel_backend="auto")
+    torch.manual_seed(0)
+    base = MemoryMixer(cfg).to(DEV)
+    x = torch.randn(B, T, 1024, device=DEV)
+    doc_ids = torch.arange(B, device=DEV).repeat_interleave(T)
+    dout = torch.randn(B, T, 1024, device=DEV)
+    results = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        layer = MemoryMixer(cfg).to(DEV, dtype)
+        layer.load_state_dict(base.state_dict())
+        ref = MemoryMixer(cfg_of("mom-340m", kernel_backend="torch")).to(DEV, torch.float64)
+        ref.load_state_dict({k: v.to(dtype).double() for k, v in base.state_dict().items()})  # same rounded weights
+        xs = x.to(dtype).requires_grad_()
+        xr = x.to(dtype).double().requires_grad_()
+        out = layer(xs, doc_ids, B)[0]
+        out.backward(dout.to(dtype))
+        out_ref = ref(xr, doc_ids, B)[0]
+        out_ref.backward(dout.double())
+        errs = {"out": rel(out, out_ref), "dx": rel(xs.grad, xr.grad)}
+        for (n, p), (_, pr) in zip(layer.named_parameters(), ref.named_parameters()):
+            errs[f"d{n}"] = rel(p.grad, pr.grad)
+        worst = max(errs, key=errs.get)
+        results[name] = {k: float(f"{v:.2e}") for k, v in errs.items()}
+        ROWS.append((f"MoM layer {name} GPU vs float64: out / dx / worst grad",
+                     f"{errs['out']:.1e} / {errs['dx']:.1e} / {worst} {errs[worst]:.1e}"))
+        del layer, ref
+    log("check_layer", results)
+    torch.cuda.empty_cache()
+
+
+def check_decode():
+    """Greedy decoding with the recurrent cache (Triton step) reproduces the parallel forward."""
+    cfg = cfg_of("mom-340m", num_layers=2, kernel_backend="auto")
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEV).eval()
+    ids = torch.randint(0, 32000, (2, 96), device=DEV)
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        out = model(ids[:, :64], use_cache=True)
+        steps = [out.logits[:, -1].float()]
+        cache = out.cache
+        for t in range(64, 96):
+            out = model(ids[:, t:t + 1], cache=cache)
+            cache = out.cache
+            steps.append(out.logits[:, -1].float())
+    err = rel(torch.stack(steps[:-1], 1), full[:, 63:95])
+    log("check_decode_rel_err_fp32", float(f"{err:.2e}"))
+    ROWS.append(("decode (cache, Triton step) vs parallel forward, fp32 logits", f"{err:.1e}"))
+
+
 # ------------------------------------------------------------------------------------------- train
-def train_bench(name, model, flops_tok, B=8, T=2048, steps=6, ours=True):
+STEPS = 6
+
+
+def train_bench(name, model, flops_tok, B=8, T=2048, steps=None, ours=True):
+    steps = steps or STEPS
     model = model.to(DEV)
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
@@ -190,7 +252,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("stages", nargs="?", default="layer,train")
     ap.add_argument("--backends", default="torch,triton")
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per model")
+    ap.add_argument("--no-fla", action="store_true")
     a = ap.parse_args()
+    global STEPS
+    STEPS = a.steps
+    if a.no_fla:
+        globals()["fla_available"] = lambda: False
     stages = set(a.stages.split(","))
     backends = [b for b in a.backends.split(",") if b]
     log("device", torch.cuda.get_device_name())
@@ -200,6 +268,9 @@ def main():
         log("triton_backend_available", resolve_backend("auto", torch.device("cuda")) == "triton")
     except Exception as e:
         log("triton_backend_available", f"no: {e}")
+    if "check" in stages:
+        check_layer()
+        check_decode()
     if "layer" in stages:
         bench_layer(backends)
     if "profile" in stages:

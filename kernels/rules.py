@@ -108,11 +108,15 @@ def memory_scan_naive(rule: str | UpdateRule, q, k, v, g=None, beta=None, scale=
     return naive_recurrent_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
 
 
-def memory_step(rule: str | UpdateRule, q, k, v, g, beta, state, scale=None, use_qk_l2norm=False):
+def memory_step(rule: str | UpdateRule, q, k, v, g, beta, state, scale=None, use_qk_l2norm=False,
+                backend: str = "auto"):
     """One decoding step for N independent memories: q, k [N, H, K]; v [N, H, V]; g [N, H] or
     [N, H, K]; beta [N, H]; state [N, H, K, V] (float32). Returns (o [N, H, V], new state)."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if state.dtype != torch.float64 and resolve_backend(backend, q.device) == "triton":
+        from . import triton_ops
+        return triton_ops.memory_step(rule, q, k, v, g, beta, state, scale, use_qk_l2norm)
     dt = state.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if use_qk_l2norm:

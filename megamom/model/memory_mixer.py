@@ -251,7 +251,7 @@ class MemoryMixer(nn.Module):
             beta = beta.reshape(B * M, H)
         state = cache.state.transpose(0, 1).reshape(B * M, H, K, Vh)
         o, new_state = memory_step(self.rule, q, k, v, g, beta, state, scale=K ** -0.5,
-                                   use_qk_l2norm=self.cfg.qk_norm == "l2")
+                                   use_qk_l2norm=self.cfg.qk_norm == "l2", backend=self.cfg.kernel_backend)
         new_state = torch.where(selected.view(B * M, 1, 1, 1), new_state, state)
         o = (o.view(B, M, H, Vh) * weight[:, :, None, None].to(o.dtype)).sum(1)
         out = self._output(o, xf)
