@@ -112,15 +112,16 @@ def check_layer(B=2, T=1024):
     doc_ids = torch.arange(B, device=DEV).repeat_interleave(T)
     dout = torch.randn(B, T, 1024, device=DEV)
     results = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for name, dtype, amp in (("bf16 weights", torch.bfloat16, False), ("fp32 weights + bf16 autocast", torch.float32, True)):
         layer = MemoryMixer(cfg).to(DEV, dtype)
         layer.load_state_dict(base.state_dict())
         ref = MemoryMixer(cfg_of("mom-340m", kernel_backend="torch")).to(DEV, torch.float64)
         ref.load_state_dict({k: v.to(dtype).double() for k, v in base.state_dict().items()})  # same rounded weights
         xs = x.to(dtype).requires_grad_()
         xr = x.to(dtype).double().requires_grad_()
-        out = layer(xs, doc_ids, B)[0]
-        out.backward(dout.to(dtype))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = layer(xs, doc_ids, B)[0]
+        out.float().backward(dout)
         out_ref = ref(xr, doc_ids, B)[0]
         out_ref.backward(dout.double())
         errs = {"out": rel(out, out_ref), "dx": rel(xs.grad, xr.grad)}

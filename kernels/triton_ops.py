@@ -6,7 +6,8 @@ reference (logged once per reason):
   gated_delta, delta            chunk_triton (WY form, fused q/k L2 norm)
   scalar_decay, linear_attn     chunk_triton with DELTA=False (no WY solve)
   gla (per-key decay)           torch reference
-  float64 inputs, head dim K > 256, chunk sizes other than 16/32/64   torch reference
+  float64 inputs, float32 inputs on CUDA, head dim K > 256             torch reference
+  chunk sizes other than 16/32/64                                       run at 64
 """
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state
                            chunk_size, use_qk_l2norm)
     if q.dtype == torch.float64:
         _fallback("float64 inputs")
+        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                           chunk_size, use_qk_l2norm)
+    if q.dtype == torch.float32 and q.is_cuda:
+        # Seen on H100/H200 with Triton 3.6 (2026-11-26): fp32 dots whose second operand is a
+        # transposed (column-major) fp32 tile, as in dk / dw of the backward, come out wrong by
+        # ~1e-2 (tf32 wgmma takes K-major operands only). bf16 (the training path) is unaffected.
+        _fallback("float32 inputs on CUDA (a Triton 3.6 tf32 miscompile; cast to bf16 for the fast path)")
         return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                            chunk_size, use_qk_l2norm)
     if q.shape[-1] > 256:

@@ -198,8 +198,9 @@ class MemoryMixer(nn.Module):
         per_mem = self.cfg.per_memory_conv
         out, state = [], {}
         for name, x, w in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
-            weight = w if per_mem else w[0]
-            tails = init[name].reshape(-1, *init[name].shape[2:]) if init is not None else None
+            # in the activations' dtype: under autocast an fp32 weight would promote the scan inputs
+            weight = (w if per_mem else w[0]).to(x.dtype)
+            tails = init[name].reshape(-1, *init[name].shape[2:]).to(x.dtype) if init is not None else None
             y, final = causal_conv1d_varlen(x, weight, packing.cu_seqlens,
                                             packing.row_memory if per_mem else None, tails, want_state)
             out.append(F.silu(y))
