@@ -31,6 +31,8 @@ ROWS: list = []
 def log(key, value):
     RESULTS[key] = value
     print(f"{key}: {value}", flush=True)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "bench_model.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)  # after every result: a run cut by its time limit keeps them
 
 
 def ms(fn, rep=100):
@@ -117,8 +119,8 @@ def check_layer(B=2, T=1024):
         layer.load_state_dict(base.state_dict())
         ref = MemoryMixer(cfg_of("mom-340m", kernel_backend="torch")).to(DEV, torch.float64)
         ref.load_state_dict({k: v.to(dtype).double() for k, v in base.state_dict().items()})  # same rounded weights
-        xs = x.to(dtype).requires_grad_()
-        xr = x.to(dtype).double().requires_grad_()
+        xs = x.to(dtype).detach().clone().requires_grad_()
+        xr = x.to(dtype).double().detach().clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = layer(xs, doc_ids, B)[0]
         out.float().backward(dout)
@@ -203,19 +205,14 @@ def train_bench(name, model, flops_tok, B=8, T=2048, steps=None, ours=True):
 def bench_train(backends, long=False):
     shapes = [(8, 2048)] if not long else [(2, 8192), (1, 32768)]
     mom = cfg_of("mom-340m")
-    for backend in backends:
+    fast = [b for b in backends if b != "torch"]
+    for backend in fast:
         for B, T in shapes:
             cfg = cfg_of("mom-340m", kernel_backend=backend)
             torch.manual_seed(0)
             train_bench(f"megamom_mom_{backend}", build_model(cfg), flops_per_token(cfg, T), B, T)
     if long:
         return
-    if fla_available():
-        from fla.models import MomConfig, MomForCausalLM
-        fcfg = MomConfig(hidden_size=1024, num_hidden_layers=24, num_heads=4, head_dim=256, expand_v=1,
-                         num_memories=4, topk=2, shared_mem=True, vocab_size=32000, hidden_ratio=3,
-                         tie_word_embeddings=True)
-        train_bench("fla_mom", MomForCausalLM(fcfg), flops_per_token(mom, 2048), ours=False)
     from transformers import LlamaConfig, LlamaForCausalLM
     lcfg = LlamaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                        intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096,
@@ -223,6 +220,16 @@ def bench_train(backends, long=False):
     lcfg._attn_implementation = "sdpa"
     train_bench("hf_llama_sdpa", LlamaForCausalLM(lcfg), flops_per_token(cfg_of("transformer-340m"), 2048),
                 ours=False)
+    if fla_available():
+        from fla.models import MomConfig, MomForCausalLM
+        fcfg = MomConfig(hidden_size=1024, num_hidden_layers=24, num_heads=4, head_dim=256, expand_v=1,
+                         num_memories=4, topk=2, shared_mem=True, vocab_size=32000, hidden_ratio=3,
+                         tie_word_embeddings=True)
+        train_bench("fla_mom", MomForCausalLM(fcfg), flops_per_token(mom, 2048), ours=False)
+    if "torch" in backends:  # the reference path last: slow, and may run out of memory
+        cfg = cfg_of("mom-340m", kernel_backend="torch")
+        torch.manual_seed(0)
+        train_bench("megamom_mom_torch", build_model(cfg), flops_per_token(cfg, 2048), 8, 2048, steps=2)
 
 
 def bench_profile(backend):
@@ -272,12 +279,12 @@ def main():
     if "check" in stages:
         check_layer()
         check_decode()
+    if "train" in stages:
+        bench_train(backends)
     if "layer" in stages:
         bench_layer(backends)
     if "profile" in stages:
-        bench_profile(backends[-1])
-    if "train" in stages:
-        bench_train(backends)
+        bench_profile(backends[0])
     if "long" in stages:
         bench_train(backends, long=True)
     out = os.environ.get("OUT", "/tmp")
