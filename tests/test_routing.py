@@ -163,3 +163,17 @@ def test_route_topk_and_renormalisation():
         sel = probs[n, r.topk_index[n]]
         torch.testing.assert_close(r.topk_weight[n], sel / sel.sum(), atol=1e-14, rtol=0)
     torch.testing.assert_close(r.topk_weight.sum(-1), torch.ones(10, dtype=DT), atol=1e-14, rtol=0)
+
+
+def test_router_stays_float32_under_autocast():
+    """Autocast runs linears in bf16 whatever their inputs; the router must not (spec: float32
+    softmax): bf16 logits flip near-tied top-k choices and change which memories a token updates."""
+    from megamom.model.routing import route
+    torch.manual_seed(0)
+    x, w = torch.randn(512, 64), torch.randn(8, 64)
+    ref = route(x, w, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = route(x, w, 2)
+    assert got.logits.dtype == torch.float32
+    assert torch.equal(got.topk_index, ref.topk_index)
+    assert torch.allclose(got.probs, ref.probs, rtol=0, atol=1e-6)

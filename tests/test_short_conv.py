@@ -51,3 +51,20 @@ def test_step_matches_full_conv():
     for t in range(T):
         y, state = causal_conv1d_step(x[t:t + 1], w, state)
         assert torch.allclose(y[0], ref[t], atol=1e-12)
+
+
+def test_shared_weight_fast_path_gradients_and_equivalence():
+    """The zero-separated conv1d path (shared weights, no tails) == the shifted-sum path, with
+    gradients (gradcheck), incl. empty and length-1 segments."""
+    from megamom.kernels.short_conv.conv import _conv_by_shifts
+    torch.manual_seed(3)
+    cu = torch.tensor([0, 0, 1, 5, 5, 12])
+    lens = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(5), lens)
+    pos = torch.arange(12) - cu[seg]
+    x = torch.randn(12, 3, dtype=DT, requires_grad=True)
+    w = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    fast, _ = causal_conv1d_varlen(x, w, cu)
+    slow = _conv_by_shifts(x, w, None, None, seg, pos, 4)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    torch.autograd.gradcheck(lambda x, w: causal_conv1d_varlen(x, w, cu)[0], (x, w))

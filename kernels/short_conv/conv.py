@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_conv1d_varlen(
@@ -28,6 +29,29 @@ def causal_conv1d_varlen(
     S = lens.numel()
     seg = torch.repeat_interleave(torch.arange(S, device=x.device), lens, output_size=N)
     pos = torch.arange(N, device=x.device) - cu[seg]
+    if weight.dim() == 2 and initial_state is None:
+        y = _conv_zero_separated(x, weight, seg, S, W)
+    else:
+        y = _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W)
+    final = None
+    if output_final_state:
+        final = _final_tails(x, cu, lens, W, initial_state)
+    return y, final
+
+
+def _conv_zero_separated(x, weight, seg, S: int, W: int):
+    """One depthwise conv1d over the packed rows with W-1 zero rows inserted before every segment,
+    so no output sees another segment: a scatter, a library conv and a gather (the fast path)."""
+    N, D = x.shape
+    dest = torch.arange(N, device=x.device) + (seg + 1) * (W - 1)
+    buf = x.new_zeros(N + S * (W - 1), D).index_copy(0, dest, x)
+    out = F.conv1d(buf.t().unsqueeze(0), weight.unsqueeze(1), groups=D)[0]  # [D, L - W + 1]
+    return out[:, dest - (W - 1)].t().contiguous()
+
+
+def _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W: int):
+    """Per-row weights (per-memory convs) or initial tails: the sum of W masked shifted copies."""
+    N = x.shape[0]
     w_rows = weight if weight.dim() == 2 else weight[row_weight_index]  # [D, W] or [N, D, W]
     y = torch.zeros_like(x)
     for shift in range(W):
@@ -39,10 +63,7 @@ def causal_conv1d_varlen(
             tail_idx = (W - 1 - shift + pos).clamp(min=0, max=W - 2)
             xs = torch.where(inside[:, None], xs, initial_state[seg, tail_idx])
         y = y + tap * xs
-    final = None
-    if output_final_state:
-        final = _final_tails(x, cu, lens, W, initial_state)
-    return y, final
+    return y
 
 
 def _final_tails(x, cu, lens, W, initial_state):

@@ -29,7 +29,9 @@ def route(x: torch.Tensor, weight: torch.Tensor, topk: int) -> RouterOutput:
     """x: [N, d]; weight: [E, d]. Softmax in float32 (float64 inputs stay float64, the reference
     precision of the tests), top-k, renormalise to sum 1."""
     dt = torch.promote_types(x.dtype, torch.float32)
-    logits = F.linear(x.to(dt), weight.to(dt))
+    # autocast would run this linear in bf16 whatever its inputs: near-ties then pick other memories
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.to(dt), weight.to(dt))
     probs = logits.softmax(-1)
     w, idx = probs.topk(topk, dim=-1)
     w = w / w.sum(-1, keepdim=True)
