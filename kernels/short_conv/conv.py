@@ -46,7 +46,8 @@ def _conv_zero_separated(x, weight, seg, S: int, W: int):
     dest = torch.arange(N, device=x.device) + (seg + 1) * (W - 1)
     buf = x.new_zeros(N + S * (W - 1), D).index_copy(0, dest, x)
     out = F.conv1d(buf.t().unsqueeze(0), weight.unsqueeze(1), groups=D)[0]  # [D, L - W + 1]
-    return out[:, dest - (W - 1)].t().contiguous()
+    # index_select, not advanced indexing: its backward is an index_add, not a sort-based index_put
+    return out.index_select(1, dest - (W - 1)).t().contiguous()
 
 
 def _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W: int):
