@@ -93,12 +93,13 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_token, slot_row):
         ctx.save_for_backward(slot_row)
-        return x[row_token]
+        return x.index_select(0, row_token)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
-        return grad[slot_row].sum(1), None, None
+        N, R = slot_row.shape
+        return grad.index_select(0, slot_row.reshape(-1)).view(N, R, *grad.shape[1:]).sum(1), None, None
 
 
 def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -110,7 +111,7 @@ def pack_per_memory(y: torch.Tensor, packing: Packing) -> torch.Tensor:
     """y: [N, M, P] per-memory projections of every token -> [A, P], each row the projection of
     its token by its own memory. (token, memory) pairs are unique, so the gather is injective."""
     N, M, P = y.shape
-    return y.reshape(N * M, P)[packing.row_token * M + packing.row_memory]
+    return y.reshape(N * M, P).index_select(0, packing.row_token * M + packing.row_memory)
 
 
 def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -142,7 +143,10 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def combine(rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> torch.Tensor:
     """Weighted inverse of `pack`: rows [A, ...] -> [N, ...] = sum over slots of weight * row.
     slot_weight: [N, R] (routing weights, 1 for the shared memory)."""
-    gathered = rows[packing.slot_row]  # [N, R, ...]
+    # index_select (backward: index_add) rather than rows[slot_row] (backward: a sort-based
+    # index_put that dominated the layer's backward on GPU)
+    N, R = packing.slot_row.shape
+    gathered = rows.index_select(0, packing.slot_row.reshape(-1)).view(N, R, *rows.shape[1:])
     w = slot_weight.to(gathered.dtype).view(*slot_weight.shape, *([1] * (gathered.dim() - 2)))
     return (gathered * w).sum(1)
 
