@@ -11,11 +11,12 @@ pipeline places them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from megamom.fsutil import replace_dir
 
 from .base import TokenizerError
 
@@ -143,7 +144,7 @@ def export_hf(model: str | Path | bytes, out_dir: str | Path, *, overwrite: bool
                                               "vocab_size": sp.vocab_size, "bos_id": sp.bos_id,
                                               "eos_id": sp.eos_id, "pad_id": sp.pad_id, "unk_id": sp.unk_id,
                                               **_train_meta(proto)}, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,15 +168,5 @@ def _train_meta(proto) -> dict:
             "user_defined_symbols": [p.piece for p in proto.pieces if p.type == USER_DEFINED],
             "normalization": proto.normalizer_spec.name or "identity",
             "add_dummy_prefix": bool(proto.normalizer_spec.add_dummy_prefix)}
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing an existing `dst` (only ever a complete older copy)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")

@@ -128,7 +128,9 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, spec: Optional[Train
 
     import sentencepiece as spm
 
-    from .export import _replace_dir, export_hf
+    from megamom.fsutil import replace_dir
+
+    from .export import export_hf
     from .load import MARKER, SPM_NAME
     from .spm import SentencePieceTokenizer
 
@@ -178,7 +180,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, spec: Optional[Train
         meta["hash"] = tok.hash
         meta["train"] = {**asdict(spec), **stats, "inputs": [str(i) for i in inputs]}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .cache import ModelCache
 from .layers import RMSNorm, SwiGLU
-from .memory_mixer import MemoryMixer, RouterStats
+from .memory_mixer import MemoryMixer
 
 
 @dataclass
