@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# Subprocesses of the tests (`python -m megamom.cli`, torchrun, the deepspeed launcher) must import
+# the installed megamom, not the source tree in the working directory: Python 3.11+ then does not
+# put the cwd / script directory first on sys.path.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
 
 @pytest.fixture(scope="session")
 def megamom_cache(tmp_path_factory) -> Path:
