@@ -32,19 +32,8 @@ import torch.nn.functional as F
 
 try:
     import megamom.kernels  # noqa: F401
-except ImportError:  # source tree only: map megamom.kernels -> ./kernels (megamom/__init__ is not run)
-    import importlib.util
-    import types
-
-    _root = Path(__file__).resolve().parents[1]
-    _pkg = types.ModuleType("megamom")
-    _pkg.__path__ = [str(_root / "megamom")]
-    sys.modules["megamom"] = _pkg
-    _spec = importlib.util.spec_from_file_location("megamom.kernels", _root / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(_root / "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["megamom.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
+except ImportError:  # a source checkout without an install: megamom/__init__ maps ./kernels itself
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402

@@ -24,23 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    import megamom.kernels  # noqa: F401
-except ImportError:  # source tree without an install (the GPU machine): map megamom.kernels to ./kernels
-    import importlib.util
-    import types
-
-    _root = Path(__file__).resolve().parents[1]
-    _pkg = types.ModuleType("megamom")
-    _pkg.__path__ = [str(_root / "megamom")]
-    sys.modules["megamom"] = _pkg
-    _spec = importlib.util.spec_from_file_location("megamom.kernels", _root / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(_root / "kernels")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["megamom.kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-
-from megamom.kernels.rules import get_rule, memory_scan_naive, memory_step  # noqa: E402
+from megamom.kernels.rules import get_rule, memory_scan_naive, memory_step
 
 INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "dv_local": {"BV": 16}, "bwd_dhu": {"BV": 16},
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
