@@ -395,12 +395,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg.validate()
 
 
-def config_from_dict(data: dict) -> Config:
-    cfg = Config()
-    _apply(cfg, data, "", "dict")
-    return cfg.validate()
-
-
 def model_config_from_dict(data: dict) -> ModelConfig:
     cfg = ModelConfig()
     _apply(cfg, data, "model.", "dict")

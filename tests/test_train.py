@@ -165,7 +165,7 @@ def test_bad_input_errors_before_work(tmp_path, megamom_env, megamom_exe):
     train(megamom_exe, megamom_env, good, "train.max_steps=1")
     ckpt = str(good / "checkpoints" / "step_00000001")
     err = fails("model.num_memories=8", resume=ckpt)
-    assert "different model config" in err and "model.num_memories: checkpoint 4 vs now 8" in err
+    assert "different model config" in err and "model.num_memories: checkpoint 4 vs config 8" in err
     err = fails("model.num_memories=8", "train.allow_config_change_on_resume=true", resume=ckpt)
     assert "does not fit the model" in err and "model.layers.0.attn.k_proj" in err
     incomplete = tmp_path / "good" / "checkpoints" / "step_00000001"

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..utils import num_segments
 from .chunk import chunk_gated_delta_rule_torch
 
 
@@ -29,16 +30,12 @@ def _extended(k: torch.Tensor, v: torch.Tensor, N: int):
     return v_ext, h0
 
 
-def _num_segments(k, cu_seqlens):
-    return k.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-
-
 def chunk_transition_torch(k, v, g: Optional[torch.Tensor], beta, cu_seqlens=None, chunk_size: int = 64,
                            use_qk_l2norm: bool = False):
     """k [B, T, H, K], v [B, T, H, V], g [B, T, H] or None, beta [B, T, H] (varlen: B = 1 and
     cu_seqlens). Returns (T_r [N, H, K, K], S_r [N, H, K, V]), differentiable by autograd."""
     V = v.shape[-1]
-    v_ext, h0 = _extended(k, v, _num_segments(k, cu_seqlens))
+    v_ext, h0 = _extended(k, v, num_segments(k, cu_seqlens))
     _, final = chunk_gated_delta_rule_torch(torch.zeros_like(k), k, v_ext, g, beta, None, h0, True, cu_seqlens,
                                             chunk_size, use_qk_l2norm)
     return final[..., V:], final[..., :V]
@@ -52,7 +49,7 @@ def chunk_transition(k, v, g, beta, cu_seqlens=None, chunk_size: int = 64, use_q
     from .chunk_triton import chunk_scan_triton
 
     V = v.shape[-1]
-    v_ext, h0 = _extended(k, v, _num_segments(k, cu_seqlens))
+    v_ext, h0 = _extended(k, v, num_segments(k, cu_seqlens))
     _, final = chunk_scan_triton(torch.zeros_like(k), k, v_ext, g, beta, None, h0, True, cu_seqlens, chunk_size,
                                  use_qk_l2norm, delta=True)
     return final[..., V:], final[..., :V]

@@ -122,8 +122,8 @@ def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing) 
     then a gather (extra FLOPs, but a single vectorised op with an exactly reproducible backward)."""
     N, d = x.shape
     M, P, _ = weight.shape
-    if _grouped_mm_ok(x, weight):
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    dtype = _grouped_mm_dtype(x, weight)
+    if dtype is not None:
         rows = pack(x, packing).to(dtype)
         offs = packing.cu_seqlens[packing.num_docs::packing.num_docs].to(torch.int32)  # end row of each memory
         return torch._grouped_mm(rows, weight.to(dtype).transpose(1, 2), offs=offs)
@@ -131,13 +131,15 @@ def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing) 
     return pack_per_memory(y, packing)
 
 
-def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _grouped_mm_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The compute dtype when torch's grouped GEMM applies (bf16 on sm90+, 16-byte aligned rows),
+    else None."""
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
-        return False
+        return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    # cuBLAS/CUTLASS grouped GEMM: bf16 on sm90+, 16-byte aligned rows
-    return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-            and x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0)
+    ok = (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+          and x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0)
+    return dtype if ok else None
 
 
 def combine(rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> torch.Tensor:

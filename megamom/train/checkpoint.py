@@ -152,7 +152,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(name + "\n")
         os.replace(latest_tmp, root / "latest")
-        for old_step, old in complete_checkpoints(root)[:-keep_last]:
+        for _, old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _fault("ckpt_after_commit", step)
     barrier()
@@ -188,8 +188,9 @@ def model_state_file(ckpt: Path) -> Path:
 
 
 def check_shapes(ckpt: Path, model: torch.nn.Module) -> None:
-    """Name the tensors whose shapes differ between a checkpoint and the model (before loading)."""
-    sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True)
+    """Name the tensors whose shapes differ between a checkpoint and the model (before loading).
+    Memory-mapped: only the shapes are read here, the weights are loaded once, later."""
+    sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True, mmap=True)
     shapes = sd.get("param_shapes")
     ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if isinstance(shapes, list):  # ZeRO: one dict per param group

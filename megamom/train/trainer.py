@@ -117,9 +117,9 @@ class Trainer:
     def _find_resume(self, resume: str) -> Optional[Path]:
         if resume in ("none", "", None):
             return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_root)
-        path = Path(resume)
+        path = ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
         state = ckpt.read_trainer_state(path)  # raises a clear error for missing / incomplete
         if state.get("weights_only"):
             raise ConfigError(f"{str(path)!r} holds weights only (no optimizer, schedule or data position), "
@@ -127,13 +127,16 @@ class Trainer:
         self._check_config_compatible(state, path)
         return path
 
-    def _check_config_compatible(self, state: dict, path: Path) -> None:
+    def _model_config_diff(self, state: dict) -> list[str]:
+        """Model settings that differ between a checkpoint and this run (kernel choices aside: they
+        do not change the function the model computes)."""
         saved = state.get("config", {}).get("model", {})
         ours = dataclasses.asdict(self.cfg.model)
-        # kernel choices do not change the function the model computes
-        ignore = {"kernel_backend", "attn_impl"}
-        diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}" for k in sorted(ours)
-                if k not in ignore and saved.get(k) != ours.get(k)]
+        return [f"model.{k}: checkpoint {saved.get(k)!r} vs config {ours[k]!r}" for k in sorted(ours)
+                if k not in ("kernel_backend", "attn_impl") and saved.get(k) != ours[k]]
+
+    def _check_config_compatible(self, state: dict, path: Path) -> None:
+        diff = self._model_config_diff(state)
         if diff and not self.cfg.train.allow_config_change_on_resume:
             raise ConfigError(f"checkpoint {str(path)!r} was trained with a different model config: "
                               + "; ".join(diff) + ". Pass train.allow_config_change_on_resume=true to load "
@@ -177,7 +180,11 @@ class Trainer:
         if cfg.train.init_from and self.resume_from is None:
             self._init_weights_from(model, Path(cfg.train.init_from))
         model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.param_count = count_parameters(model)
+        if self.dist.is_main and not self.quiet:
+            pc = count_parameters(model)
+            log.info("model: %s, %.1fM parameters (%.1fM activated per token), %s, ZeRO-%d, %d data-parallel ranks",
+                     cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision, cfg.train.zero_stage,
+                     self.batching.dp_size)
         ds_config = build_deepspeed_config(cfg, self.batching, self.precision)
         groups = param_groups(model, cfg.train.weight_decay)
         optimizer = None if cfg.train.offload_optimizer else build_optimizer(groups, cfg.train)
@@ -196,10 +203,7 @@ class Trainer:
     def _init_weights_from(self, model, path: Path) -> None:
         """Start a new run from a checkpoint's weights (any ZeRO stage, or `convert from-hf`)."""
         state = ckpt.read_trainer_state(path)
-        saved = state.get("config", {}).get("model", {})
-        ours = dataclasses.asdict(self.cfg.model)
-        diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {ours[k]!r}" for k in sorted(ours)
-                if k not in ("kernel_backend", "attn_impl") and saved.get(k) != ours[k]]
+        diff = self._model_config_diff(state)
         if diff:
             raise ConfigError(f"train.init_from={str(path)!r} has another model config: " + "; ".join(diff))
         want = (state.get("tokenizer") or {}).get("hash")
@@ -246,8 +250,8 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
+        """Resume from `path` (validated by _find_resume before the engine was built)."""
         state = ckpt.read_trainer_state(path)
-        self._check_config_compatible(state, path)
         ckpt.check_shapes(path, self.model)
         load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
@@ -273,8 +277,8 @@ class Trainer:
             out.pop("segment_ids", None)
         return out
 
-    def _reduce_mean(self, values: list[torch.Tensor]) -> list[float]:
-        t = torch.stack([v.detach().float() for v in values]).to(self.dist.device)
+    def _reduce_mean(self, values: torch.Tensor) -> list[float]:
+        t = values.to(self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(t)
             t /= self.dist.world_size
@@ -311,11 +315,12 @@ class Trainer:
                     out.loss = out.loss * float("nan")
                 self.engine.backward(out.loss)
                 self.engine.step()
-                parts = [out.loss.detach(), out.lm_loss.detach(),
-                         out.aux_loss.detach() if out.aux_loss is not None else torch.zeros(()),
-                         out.z_loss.detach() if out.z_loss is not None else torch.zeros(())]
-                parts = [p.float().cpu() for p in parts]
-                sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
+                # kept on the device: a host copy here would sync every micro-batch; _reduce_mean
+                # reads them only on logging steps
+                zero = out.loss.new_zeros(())
+                parts = torch.stack([out.loss, out.lm_loss, zero if out.aux_loss is None else out.aux_loss,
+                                     zero if out.z_loss is None else out.z_loss]).detach().float()
+                sums = parts if sums is None else sums + parts
                 stats = out.router_stats
             applied = self.engine.was_step_applied()
             self.step += 1
@@ -335,7 +340,7 @@ class Trainer:
                                         f"learning rate or check the data")
             dt = time.perf_counter() - t0
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                loss, lm, aux, z = self._reduce_mean([s / self.batching.accum for s in sums])
+                loss, lm, aux, z = self._reduce_mean(sums / self.batching.accum)
                 values = {"loss": loss, "lm_loss": lm, "lr": lr,
                           "grad_norm": self.engine.get_global_grad_norm(),
                           "tokens_per_s": tokens_per_step / dt, "tokens_seen": self.tokens_seen,
