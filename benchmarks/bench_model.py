@@ -249,7 +249,8 @@ def bench_profile(backend):
         for _ in range(3):
             fb()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+    table += "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
     print(table)
     out = os.environ.get("OUT", "/tmp")
     with open(os.path.join(out, f"profile_layer_{backend}.txt"), "w") as f:

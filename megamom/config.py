@@ -74,6 +74,9 @@ class ModelConfig:
     z_loss_coef: float = 0.0
     # Kernels: auto = Triton on CUDA when available, torch reference elsewhere.
     kernel_backend: str = "auto"
+    # Rows per chunk of the fused output projection + cross entropy (no [tokens, vocab] logits
+    # in training); 0 = plain logits and F.cross_entropy.
+    loss_chunk_size: int = 4096
 
     @property
     def key_dim(self) -> int:
@@ -118,6 +121,8 @@ class ModelConfig:
         _positive("model.initializer_range", self.initializer_range)
         if self.intermediate_size is not None:
             _positive("model.intermediate_size", self.intermediate_size)
+        if self.loss_chunk_size < 0:
+            raise ConfigError(f"model.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 = plain cross entropy)")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ConfigError("model.aux_loss_coef and model.z_loss_coef must be >= 0")
         if self.arch == "transformer":

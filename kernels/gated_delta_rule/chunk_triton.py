@@ -45,13 +45,14 @@ from ..triton.l2norm import l2norm_bwd, l2norm_fwd
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _chunk_coords(cu, cidx, i_c, BT: tl.constexpr):
-    """-> (t0: first token of chunk i_c (int64), nt: its number of valid tokens (int32))."""
+    """-> (t0: first token of chunk i_c (int64), nt: its number of valid tokens (int32); 0 for the
+    surplus slots past the last segment's end, see prepare_varlen: every access is then masked)."""
     i_n = tl.load(cidx + 2 * i_c).to(tl.int64)
     i_t = tl.load(cidx + 2 * i_c + 1).to(tl.int64)
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     t0 = bos + i_t * BT
-    nt = tl.minimum(eos - t0, BT).to(tl.int32)
+    nt = tl.maximum(tl.minimum(eos - t0, BT), 0).to(tl.int32)
     return t0, nt
 
 
@@ -364,7 +365,7 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dq, dk, dw, dGp, cu, cidx, sc
         b_kt = tl.load(k + s_t * K + c * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
         b_qk = tl.dot(b_q, b_kt)  # this key block's share of q k^T
         b_G = tl.load(G + s_t + o_t * H, mask=m_t, other=0.0)
-        b_gl = tl.load(G + s_t + (nt - 1) * H)
+        b_gl = tl.load(G + s_t + tl.maximum(nt - 1, 0) * H, mask=nt > 0, other=0.0)  # nt = 0: surplus slot
         b_eG = tl.where(m_t, tl.exp(b_G), 0.0)
         b_e = tl.where(m_t, tl.exp(b_gl - b_G), 0.0)
         b_ds = tl.where(r >= c, b_ds * tl.exp(tl.where((r >= c) & m_t[:, None] & m_t[None, :],

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..rules import resolve_backend
+
 
 def causal_conv1d_varlen(
     x: torch.Tensor,
@@ -18,21 +20,39 @@ def causal_conv1d_varlen(
     row_weight_index: Optional[torch.Tensor] = None,
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
+    activation: Optional[str] = None,
+    backend: str = "auto",
+    positions: Optional[torch.Tensor] = None,
 ):
     """x: [N, D] packed rows; weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
     the weight of each row (per-memory convolutions); cu_seqlens: [S+1]; initial_state [S, W-1, D].
-    Returns (y [N, D], final tails [S, W-1, D] or None). No activation is applied."""
+    activation: None or "silu" (applied to the output). positions: [N] int32 position of each row in
+    its segment, if the caller has it (saves recomputing it from cu_seqlens). Returns (y [N, D] in x's dtype, final tails
+    [S, W-1, D] of the inputs, or None).
+
+    On CUDA (backend auto/triton) without initial tails: the fused Triton kernel (conv + SiLU, fp32
+    accumulation, saves only x). Elsewhere: the PyTorch paths below, weight cast to x's dtype."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation {activation!r} is not one of None, 'silu'")
     N, D = x.shape
     W = weight.shape[-1]
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]
-    S = lens.numel()
-    seg = torch.repeat_interleave(torch.arange(S, device=x.device), lens, output_size=N)
-    pos = torch.arange(N, device=x.device) - cu[seg]
-    if weight.dim() == 2 and initial_state is None:
-        y = _conv_zero_separated(x, weight, seg, S, W)
+    if initial_state is None and x.dtype != torch.float64 and resolve_backend(backend, x.device) == "triton":
+        from .conv_triton import causal_conv1d_varlen_triton
+        y = causal_conv1d_varlen_triton(x, weight, cu_seqlens, row_weight_index, silu=activation == "silu",
+                                        pos=positions)
     else:
-        y = _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W)
+        weight = weight.to(x.dtype)  # under autocast an fp32 weight would promote the activations
+        S = lens.numel()
+        seg = torch.repeat_interleave(torch.arange(S, device=x.device), lens, output_size=N)
+        if weight.dim() == 2 and initial_state is None:
+            y = _conv_zero_separated(x, weight, seg, S, W)
+        else:
+            pos = torch.arange(N, device=x.device) - cu[seg]
+            y = _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W)
+        if activation == "silu":
+            y = F.silu(y)
     final = None
     if output_final_state:
         final = _final_tails(x, cu, lens, W, initial_state)

@@ -5,8 +5,8 @@ Importing this package raises ImportError where Triton is missing, which is what
 
 Conventions of every chunked kernel: tokens are packed [T_total, H, D] (B=1 plus cu_seqlens; a
 dense [B, T] batch is turned into B segments of length T), one program per (chunk, head) or per
-(segment, head, value block). `Varlen` holds the host-side bookkeeping: one host sync per call
-(cu_seqlens to the CPU), computed once in forward and reused by backward."""
+(segment, head, value block). `Varlen` holds the chunk bookkeeping, built on the device (no host
+sync), computed once in forward and reused by backward."""
 from __future__ import annotations
 
 import functools
@@ -56,7 +56,7 @@ class Varlen:
     chunk_indices: torch.Tensor  # [NT, 2] int32: (segment, chunk within segment)
     chunk_offsets: torch.Tensor  # [N] int32: global index of each segment's first chunk
     N: int  # segments
-    NT: int  # chunks over all segments
+    NT: int  # chunk slots: the chunk count, or (varlen) an upper bound of it; see prepare_varlen
 
 
 _LAST: list = [None, None]  # (key, Varlen) of the last varlen call: one entry, no stale reuse
@@ -64,41 +64,52 @@ _LAST: list = [None, None]  # (key, Varlen) of the last varlen call: one entry, 
 
 def prepare_varlen(cu_seqlens: Optional[torch.Tensor], B: int, T: int, chunk_size: int,
                    device: torch.device) -> Varlen:
-    """Cached: dense batches by shape; varlen by the identity (and version) of the cu_seqlens
-    tensor object, so a repeated call with the same tensor skips the host sync. A new tensor,
-    even at a reused address, is a new object and recomputes."""
+    """Chunk bookkeeping, computed on the device WITHOUT a host sync (a sync per layer would stall
+    the GPU while the CPU catches up). With cu_seqlens the chunk count is not known on the host,
+    so NT is its upper bound T // chunk_size + N; the surplus slots are empty chunks past the end
+    of the last segment (every kernel masks them out: no valid row).
+
+    Cached: dense batches by shape; varlen by the identity (and version) of the cu_seqlens
+    tensor object, so a repeated call with the same tensor reuses it. A new tensor, even at a
+    reused address, is a new object and recomputes. cu_seqlens must be non-decreasing with
+    cu[-1] <= T (checked when it lives on the CPU)."""
     if cu_seqlens is None:
         return _prepare_dense(B, T, chunk_size, torch.device(device))
-    key = (weakref.ref(cu_seqlens), cu_seqlens._version, chunk_size, torch.device(device))
+    key = (weakref.ref(cu_seqlens), cu_seqlens._version, chunk_size, T, torch.device(device))
     last_key, last = _LAST
     if last_key is not None and last_key[0]() is cu_seqlens and last_key[1:] == key[1:]:
         return last
-    vl = _prepare(cu_seqlens, B, T, chunk_size, device)
+    vl = _prepare_varlen(cu_seqlens, B * T, chunk_size, torch.device(device))
     _LAST[0], _LAST[1] = key, vl
     return vl
 
 
 @functools.lru_cache(maxsize=64)
 def _prepare_dense(B: int, T: int, chunk_size: int, device: torch.device) -> Varlen:
-    return _prepare(None, B, T, chunk_size, device)
+    n_chunks = (T + chunk_size - 1) // chunk_size
+    seg = torch.arange(B).repeat_interleave(n_chunks)
+    within = torch.arange(n_chunks).repeat(B)
+    cu = torch.arange(0, B * T + 1, T) if T > 0 else torch.zeros(B + 1, dtype=torch.int64)
+    return Varlen(cu.to(device=device, dtype=torch.int32), torch.stack([seg, within], 1).to(device, torch.int32),
+                  (torch.arange(B) * n_chunks).to(device=device, dtype=torch.int32), B, B * n_chunks)
 
 
-def _prepare(cu_seqlens, B, T, chunk_size, device) -> Varlen:
-    if cu_seqlens is None:
-        cu_cpu = torch.arange(0, B * T + 1, T, dtype=torch.int64) if T > 0 else torch.zeros(B + 1, dtype=torch.int64)
-    else:
-        cu_cpu = cu_seqlens.detach().to("cpu", torch.int64)  # the one host sync
-    lens = cu_cpu[1:] - cu_cpu[:-1]
-    if (lens < 0).any():
-        raise ValueError("cu_seqlens must be non-decreasing")
+def _prepare_varlen(cu_seqlens: torch.Tensor, total: int, chunk_size: int, device: torch.device) -> Varlen:
+    cu = cu_seqlens.detach().to(device=device, dtype=torch.int64)
+    N = cu.numel() - 1
+    if cu_seqlens.device.type == "cpu":  # free to check here; on the GPU it would cost a sync
+        lens_cpu = cu_seqlens[1:] - cu_seqlens[:-1]
+        if (lens_cpu < 0).any() or (N > 0 and int(cu_seqlens[-1]) > total):
+            raise ValueError(f"cu_seqlens must be non-decreasing and end at most at {total} rows")
+    lens = cu[1:] - cu[:-1]
     n_chunks = (lens + chunk_size - 1) // chunk_size
-    offsets = torch.cumsum(n_chunks, 0) - n_chunks
-    NT = int(n_chunks.sum())
-    seg = torch.repeat_interleave(torch.arange(lens.numel()), n_chunks)
-    within = torch.arange(NT) - offsets[seg]
-    idx = torch.stack([seg, within], 1).to(torch.int32)
-    return Varlen(cu_cpu.to(device=device, dtype=torch.int32), idx.to(device),
-                  offsets.to(device=device, dtype=torch.int32), lens.numel(), NT)
+    ends = n_chunks.cumsum(0)
+    offsets = ends - n_chunks
+    NT = total // chunk_size + N if (N > 0 and total > 0) else 0
+    slot = torch.arange(NT, device=device)
+    seg = torch.searchsorted(ends, slot, right=True).clamp_(max=max(N - 1, 0))
+    idx = torch.stack([seg, slot - offsets[seg]], 1).to(torch.int32)
+    return Varlen(cu.to(torch.int32), idx, offsets.to(torch.int32), N, NT)
 
 
 # Launch parameters per kernel: chosen so that ptxas reports (almost) no spills and at most 227 KB of
@@ -115,6 +126,10 @@ _DEFAULT_CFG = {
     "bwd_wy": dict(BK=64, BV=64, num_warps=8, num_stages=1),
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),
+    "conv_fwd": dict(BR=64, BD=128, num_warps=8, num_stages=1),  # no spills at G=5 (ptxas, sm_90)
+    "conv_bwd": dict(BR=32, BD=64, num_warps=4, num_stages=1),  # dz and partial dW
+    "conv_bwd_dx": dict(BR=16, BD=128, num_warps=4, num_stages=1),
+    "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
 }
 _ENV_CFG = json.loads(os.environ.get("MEGAMOM_TRITON_CFG", "{}") or "{}")
 

@@ -35,6 +35,7 @@ EXCLUDED_PREFIXES = (
     "megamom.kernels.gated_delta_rule.chunk_triton",
     "megamom.kernels.gated_delta_rule.fused_recurrent",
     "megamom.kernels.gated_delta_rule.transition",
+    "megamom.kernels.short_conv.conv_triton",
 )
 
 

@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .cache import ModelCache
 from .layers import RMSNorm, SwiGLU
+from .loss import linear_cross_entropy
 from .memory_mixer import MemoryMixer
 
 
@@ -154,13 +155,17 @@ class CausalLM(nn.Module):
             out.cache = ModelCache(new_caches, offset + T)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        if labels is not None or return_logits:
-            logits = F.linear(x, self.output_weight)
-            out.logits = logits if return_logits else None
+        if return_logits:
+            out.logits = F.linear(x, self.output_weight)
         if labels is not None:
-            ce_dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
-            out.lm_loss = F.cross_entropy(logits.to(ce_dtype).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                          ignore_index=-100)
+            if out.logits is not None:
+                logits = out.logits
+                ce_dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
+                out.lm_loss = F.cross_entropy(logits.to(ce_dtype).reshape(-1, logits.shape[-1]),
+                                              labels.reshape(-1), ignore_index=-100)
+            else:  # training: no [tokens, vocab] logits (megamom.model.loss)
+                out.lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight,
+                                                   labels.reshape(-1), cfg.loss_chunk_size)
             loss = out.lm_loss
             if stats:
                 out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamom.kernels import causal_conv1d_step, causal_conv1d_varlen, get_rule, memory_scan, memory_step
+from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, get_rule, memory_scan, memory_step,
+                             resolve_backend)
 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
@@ -181,12 +182,22 @@ class MemoryMixer(nn.Module):
             use_qk_l2norm=self.cfg.qk_norm == "l2", backend=self.cfg.kernel_backend,
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
-        o = combine(o_rows[0], packing, slot_w)  # [N, H, Vh]
-        o = self._output(o, xf)
+        o = self._combine_output(o_rows[0], packing, slot_w, xf)
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
         return o.view(B, T, d), self._router_stats(r), new_cache
+
+    def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor):
+        """Steps 6-7: weighted sum of each token's rows, gated per-head RMSNorm, W_o. On the GPU
+        fast path one Triton kernel each way does the sum, the norm and the gate."""
+        if o_rows.dtype != torch.float64 and resolve_backend(self.cfg.kernel_backend, o_rows.device) == "triton":
+            from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
+            gate = self.g_proj(xf) if self.g_proj is not None else None
+            o = combine_gated_rmsnorm(o_rows.reshape(o_rows.shape[0], -1), packing.slot_row, slot_w, gate,
+                                      self.o_norm.weight, self.o_norm.eps, self.num_heads)
+            return self.o_proj(o)
+        return self._output(combine(o_rows, packing, slot_w), xf)
 
     def _output(self, o: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
         gate = self.g_proj(xf).view(*o.shape) if self.g_proj is not None else None
@@ -198,12 +209,12 @@ class MemoryMixer(nn.Module):
         per_mem = self.cfg.per_memory_conv
         out, state = [], {}
         for name, x, w in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
-            # in the activations' dtype: under autocast an fp32 weight would promote the scan inputs
-            weight = (w if per_mem else w[0]).to(x.dtype)
             tails = init[name].reshape(-1, *init[name].shape[2:]).to(x.dtype) if init is not None else None
-            y, final = causal_conv1d_varlen(x, weight, packing.cu_seqlens,
-                                            packing.row_memory if per_mem else None, tails, want_state)
-            out.append(F.silu(y))
+            y, final = causal_conv1d_varlen(x, w if per_mem else w[0], packing.cu_seqlens,
+                                            packing.row_memory if per_mem else None, tails, want_state,
+                                            activation="silu", backend=self.cfg.kernel_backend,
+                                            positions=packing.row_position)
+            out.append(y)
             if want_state:
                 state[name] = final.view(M, -1, *final.shape[1:])
         return (*out, state if want_state else None)

@@ -5,8 +5,8 @@ once per selected memory (top-k) and once more for the shared memory, which is m
 A segment is one (memory, document) pair; all segments of a layer go to ONE scan call through
 `cu_seqlens` (empty segments included, so segment m * D + d is always memory m, document d).
 
-Everything is vectorised: one sort, one bincount, gathers. The only host sync is the one the
-scan needs to size its chunks. The exchange of rows between expert-parallel ranks plugs in
+Everything is vectorised: one sort, one count, gathers, and nothing reads back to the host (the
+scan bounds its chunk count on the device). The exchange of rows between expert-parallel ranks plugs in
 between `pack` and `combine` (see megamom.parallel)."""
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ class Packing:
     row_memory: torch.Tensor  # [A] memory of each packed row (E = shared)
     row_segment: torch.Tensor  # [A] segment index (memory * num_docs + doc)
     slot_row: torch.Tensor  # [N, R] packed row of (token, slot); slots = top-k choices (+ shared)
+    row_slot: torch.Tensor  # [A] inverse of slot_row: row a is slot_row.view(-1)[row_slot[a]]
+    row_position: torch.Tensor  # [A] int32 position of each row in its segment
     cu_seqlens: torch.Tensor  # [M * num_docs + 1]
     num_memories: int  # M = routed + shared
     num_docs: int
@@ -72,7 +74,7 @@ def build_packing(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num
     order = torch.argsort(slot_mem * N + slot_tok)
     row_token, row_memory = slot_tok[order], slot_mem[order]
     row_segment = row_memory * num_docs + doc_ids[row_token]
-    counts = torch.bincount(row_segment, minlength=M * num_docs)
+    counts = count_indices(row_segment, M * num_docs)
     cu = F.pad(counts.cumsum(0), (1, 0))
     slot_row = torch.empty_like(order)
     slot_row[order] = torch.arange(order.numel(), device=device)
@@ -83,7 +85,17 @@ def build_packing(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num
         slot_row = torch.cat([routed, slot_row[N * k:].view(-1, N).t()], 1) if shared else routed
     else:
         slot_row = slot_row.view(1, N).t()
-    return Packing(row_token, row_memory, row_segment, slot_row.contiguous(), cu, M, num_docs, N)
+    slot_row = slot_row.contiguous()
+    row_slot = torch.empty_like(order)
+    row_slot[slot_row.view(-1)] = torch.arange(order.numel(), device=device)
+    row_position = (torch.arange(order.numel(), device=device) - cu[row_segment]).to(torch.int32)
+    return Packing(row_token, row_memory, row_segment, slot_row, row_slot, row_position, cu, M, num_docs, N)
+
+
+def count_indices(index: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount with a known size. torch.bincount on CUDA reads the maximum back to the host (a
+    sync that stalls the GPU once per layer); an integer scatter-add does not, and is exact."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -142,13 +154,27 @@ def _grouped_mm_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.d
     return dtype if ok else None
 
 
+class _Permute(torch.autograd.Function):
+    """x[index] for a permutation `index` of the rows; the backward is the gather by the inverse
+    permutation (no atomics as in index_add, no sort as in advanced indexing's index_put: that one
+    once took 59% of the layer's GPU time)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 def combine(rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> torch.Tensor:
     """Weighted inverse of `pack`: rows [A, ...] -> [N, ...] = sum over slots of weight * row.
     slot_weight: [N, R] (routing weights, 1 for the shared memory)."""
-    # index_select (backward: index_add) rather than rows[slot_row] (backward: a sort-based
-    # index_put that dominated the layer's backward on GPU)
     N, R = packing.slot_row.shape
-    gathered = rows.index_select(0, packing.slot_row.reshape(-1)).view(N, R, *rows.shape[1:])
+    gathered = _Permute.apply(rows, packing.slot_row.view(-1), packing.row_slot).view(N, R, *rows.shape[1:])
     w = slot_weight.to(gathered.dtype).view(*slot_weight.shape, *([1] * (gathered.dim() - 2)))
     return (gathered * w).sum(1)
 
@@ -159,9 +185,9 @@ def load_balancing_loss(probs: torch.Tensor, topk_index: torch.Tensor, num_memor
     Equals 1 at perfect balance. `counts_reduce` (optional) all-reduces the counts and token
     totals over the ranks that share a sequence. Returns (loss, f)."""
     N, k = topk_index.shape
-    counts = torch.bincount(topk_index.reshape(-1), minlength=num_memories).to(probs.dtype)
+    counts = count_indices(topk_index.reshape(-1), num_memories).to(probs.dtype)
     prob_sum = probs.sum(0)
-    total = torch.tensor(float(N), dtype=probs.dtype, device=probs.device)
+    total = probs.new_full((), float(N))  # a fill kernel; torch.tensor(..., device) would copy from the host
     if counts_reduce is not None:
         counts, total = counts_reduce(counts, total)
     f = counts / (k * total)

@@ -1,0 +1,186 @@
+"""Causal depthwise short convolution (+ optional SiLU) over varlen packed rows, in Triton.
+
+Same contract as `conv.causal_conv1d_varlen` without initial tails: rows are packed [N, D], a
+segment never sees the rows of another (the row's position in its segment, `pos`, masks the taps),
+and the per-row weight index picks one of G weights (per-memory convolutions).
+
+  forward   z_t = sum_s W[W-1-s] x_{t-s} (s <= pos_t);  y_t = silu(z_t) or z_t
+  backward  dz_t = dy_t silu'(z_t)  (z recomputed from x: nothing but x is saved), and
+            dW[W-1-s] = sum_t dz_t x_{t-s}   (per block of rows, summed in torch: deterministic)
+            dx_t = sum_s W[W-1-s] dz_{t+s}  over rows t+s of t's segment      (a second kernel)
+
+One program per (block of BR rows, block of BD channels); the kernels are memory-bound, the
+shifted loads of a tile hit the cache."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without Triton)
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+                     BD: tl.constexpr, PER_ROW_W: tl.constexpr, SILU: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_r = rows < N
+    m_d = cols < D
+    p = tl.load(pos + rows, mask=m_r, other=0)
+    if PER_ROW_W:
+        w_row = w + tl.load(widx + rows, mask=m_r, other=0).to(tl.int64)[:, None] * (D * W) + cols[None, :] * W
+    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    for s in tl.static_range(W):
+        m = (m_r & (p >= s))[:, None] & m_d[None, :]
+        xs = tl.load(x + tl.maximum(rows - s, 0)[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        if PER_ROW_W:
+            ws = tl.load(w_row + (W - 1 - s), mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        else:
+            ws = tl.load(w + cols * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[None, :]
+        acc += xs.to(tl.float32) * ws
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y + rows[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constexpr, W: tl.constexpr,
+                        G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, PER_ROW_W: tl.constexpr,
+                        SILU: tl.constexpr):
+    """dz = dy * silu'(z) (z recomputed; stored in dy's dtype), and this block's partial
+    dW = sum_t dz_t x_{t-s} from the float32 dz."""
+    i_r = tl.program_id(0)
+    rows = i_r.to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_r = rows < N
+    m_d = cols < D
+    m_rd = m_r[:, None] & m_d[None, :]
+    p = tl.load(pos + rows, mask=m_r, other=0)
+    if PER_ROW_W:
+        gi = tl.load(widx + rows, mask=m_r, other=0).to(tl.int64)
+        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
+    else:
+        w_row = w + cols[None, :] * W
+    b_dz = tl.load(dy + rows[:, None] * D + cols[None, :], mask=m_rd, other=0.0).to(tl.float32)
+    if SILU:
+        z = tl.zeros([BR, BD], dtype=tl.float32)
+        for s in tl.static_range(W):
+            xs = tl.load(x + tl.maximum(rows - s, 0)[:, None] * stride_x + cols[None, :],
+                         mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            z += xs * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        b_dz = b_dz * sig * (1.0 + z * (1.0 - sig))
+    tl.store(dz + rows[:, None] * D + cols[None, :], b_dz.to(dz.dtype.element_ty), mask=m_rd)
+    for s in tl.static_range(W):
+        xs = tl.load(x + tl.maximum(rows - s, 0)[:, None] * stride_x + cols[None, :],
+                     mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        prod = b_dz * xs
+        for g in tl.static_range(G):
+            if PER_ROW_W:
+                part = tl.sum(tl.where((gi == g)[:, None], prod, 0.0), 0)
+            else:
+                part = tl.sum(prod, 0)
+            tl.store(dwp + ((i_r * G + g) * D + cols) * W + (W - 1 - s), part, mask=m_d)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+                        BD: tl.constexpr, PER_ROW_W: tl.constexpr):
+    """dx_t = sum_s W[W-1-s] dz_{t+s} over the rows t+s of t's segment (which share t's weight)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_r = rows < N
+    m_d = cols < D
+    m_rd = m_r[:, None] & m_d[None, :]
+    p = tl.load(pos + rows, mask=m_r, other=0)
+    if PER_ROW_W:
+        w_row = w + tl.load(widx + rows, mask=m_r, other=0).to(tl.int64)[:, None] * (D * W) + cols[None, :] * W
+    else:
+        w_row = w + cols[None, :] * W
+    b_dx = tl.zeros([BR, BD], dtype=tl.float32)
+    for s in tl.static_range(W):
+        r2 = tl.minimum(rows + s, N - 1)
+        same = m_r & (rows + s < N) & (tl.load(pos + r2, mask=m_r, other=-1) == p + s)
+        b_dz = tl.load(dz + r2[:, None] * D + cols[None, :], mask=same[:, None] & m_d[None, :], other=0.0)
+        b_dz = b_dz.to(tl.float32)
+        b_dx += b_dz * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
+    tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
+
+
+def _launch_fwd(x, weight, widx, pos, silu: bool):
+    N, D = x.shape
+    W = weight.shape[-1]
+    y = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    if N == 0 or D == 0:
+        return y
+    cfg = launch_cfg("conv_fwd")
+    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+    _conv_fwd_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](
+        x, weight, widx if widx is not None else pos, pos, y, N, x.stride(0), D=D, W=W, BR=BR, BD=BD,
+        PER_ROW_W=weight.dim() == 3, SILU=silu, **cfg)
+    return y
+
+
+def _launch_bwd(x, weight, widx, pos, dy, silu: bool):
+    N, D = x.shape
+    W = weight.shape[-1]
+    G = weight.shape[0] if weight.dim() == 3 else 1
+    dx = torch.empty(N, D, dtype=x.dtype, device=x.device)
+    if N == 0 or D == 0:
+        return dx, torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    cfg = launch_cfg("conv_bwd")
+    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+    nb = triton.cdiv(N, BR)
+    dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
+    dz = torch.empty(N, D, dtype=dy.dtype, device=x.device)  # dW is summed from float32 dz in-kernel
+    widx = widx if widx is not None else pos
+    _conv_bwd_dz_kernel[(nb, triton.cdiv(D, BD))](
+        x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), D=D, W=W, G=G, BR=BR, BD=BD,
+        PER_ROW_W=weight.dim() == 3, SILU=silu, **cfg)
+    cfg = launch_cfg("conv_bwd_dx")
+    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+    _conv_bwd_dx_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](
+        weight, widx, pos, dz, dx, N, D=D, W=W, BR=BR, BD=BD, PER_ROW_W=weight.dim() == 3, **cfg)
+    dw = dwp.sum(0)
+    return dx, dw.view(weight.shape)
+
+
+class ShortConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, pos, row_weight_index, silu):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        weight = weight.contiguous()
+        y = _launch_fwd(x, weight, row_weight_index, pos, silu)
+        ctx.save_for_backward(x, weight, pos, row_weight_index)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, pos, widx = ctx.saved_tensors
+        dx, dw = _launch_bwd(x, weight, widx, pos, dy.contiguous(), ctx.silu)
+        return dx, dw.to(weight.dtype), None, None, None
+
+
+def row_positions(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
+    """Position of each packed row in its segment (int32), without a host sync."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=N)
+    return (torch.arange(N, device=cu.device) - cu[seg]).to(torch.int32)
+
+
+def causal_conv1d_varlen_triton(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
+                                row_weight_index: Optional[torch.Tensor] = None, silu: bool = False,
+                                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [N, D] (rows may be strided, channels contiguous); weight [D, W] or [G, D, W] with
+    row_weight_index [N]. Output in x's dtype; float32 accumulation whatever the weight dtype."""
+    if (weight.dim() == 3) != (row_weight_index is not None):
+        raise ValueError("a [G, D, W] weight needs row_weight_index (and a [D, W] weight none)")
+    pos = row_positions(cu_seqlens, x.shape[0]) if pos is None else pos
+    widx = row_weight_index.to(torch.int32).contiguous() if row_weight_index is not None else None
+    return ShortConvFunction.apply(x, weight, pos, widx, silu)

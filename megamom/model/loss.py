@@ -1,0 +1,79 @@
+"""Language-model loss without the [tokens, vocab] logits: the output projection and the cross
+entropy chunk by chunk of rows, gradients computed in the same pass.
+
+The plain path holds bf16 logits, their float32 copy and the float32 softmax gradient for all
+tokens at once (B8 T2048, vocab 32000: ~5 GiB). Here one chunk of rows is live at a time; the
+gradients of the hidden states and of the output weight are computed in the forward pass (the
+softmax is at hand there) and scaled by the incoming gradient in backward. Same GEMMs, same
+rounding points as autocast (bf16 matmuls, float32 softmax), float32 accumulation of dW."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _chunk_logits(xc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    logits = xc @ w.t()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, labels, chunk_rows, dtype):
+        xd, wd = x.to(dtype), weight.to(dtype)
+        valid_all = labels != IGNORE_INDEX
+        n_valid = valid_all.sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+        dx = torch.empty_like(x)
+        dw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
+        for s in range(0, x.shape[0], chunk_rows):
+            xc, lab, valid = xd[s:s + chunk_rows], labels[s:s + chunk_rows], valid_all[s:s + chunk_rows]
+            logits = _chunk_logits(xc, wd)
+            lse = logits.logsumexp(-1)
+            tgt = lab.clamp(min=0)
+            loss += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+            # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows
+            grad = (logits - lse[:, None]).exp_()
+            grad.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -1.0))
+            grad.mul_(valid[:, None])
+            grad = grad.to(dtype)
+            dx[s:s + chunk_rows] = grad @ wd
+            dw += (grad.t() @ xc).to(dw.dtype)
+        ctx.save_for_backward(dx, dw, n_valid)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw, n_valid = ctx.saved_tensors
+        scale = grad_loss / n_valid
+        return (dx * scale).to(dx.dtype), (dw * scale).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """mean over non-ignored rows of CE(x @ weight^T, labels). x [N, d]; weight [V, d]; labels [N]
+    (-100 = ignore). chunk_rows <= 0: the plain path (all logits at once)."""
+    dtype = _compute_dtype(x)
+    if chunk_rows <= 0:
+        logits = F.linear(x, weight)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                               ignore_index=IGNORE_INDEX)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        with torch.autocast(x.device.type, enabled=False):
+            return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_rows, dtype)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # evaluation: the loss only
+        xd, wd = x.to(dtype), weight.to(dtype)
+        valid = labels != IGNORE_INDEX
+        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+        for s in range(0, x.shape[0], chunk_rows):
+            logits = _chunk_logits(xd[s:s + chunk_rows], wd)
+            total += F.cross_entropy(logits, labels[s:s + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / valid.sum().clamp(min=1)
