@@ -50,14 +50,30 @@ def main():
     for k, (f, fb) in rows.items():
         print(f"| {k} | {f:.3f} | {fb:.3f} | {gb / f * 1e3:.0f} |")
     print(f"triton / torch fwd+bwd: {rows['triton'][1] / rows['torch'][1]:.2f}x time")
-    if a.sweep:
-        for bwd in ({"BR": 16, "BD": 64}, {"BR": 32, "BD": 64}, {"BR": 16, "BD": 128}, {"BR": 32, "BD": 128},
-                    {"BR": 64, "BD": 64, "num_warps": 8}):
-            for dxc in ({"BR": 16, "BD": 128}, {"BR": 32, "BD": 64}, {"BR": 16, "BD": 64}):
+    if a.sweep:  # one kernel at a time, the others at their defaults
+        import itertools
+        grids = {
+            "conv_fwd": (False, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
+                                 itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]),
+            "conv_bwd": (True, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
+                                itertools.product((16, 32, 64), (64, 128), (4, 8))]),
+            "conv_bwd_dx": (True, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
+                                   itertools.product((16, 32, 64), (64, 128, 256), (4,))]),
+        }
+        for name, (bwd, cfgs) in grids.items():
+            best = None
+            for c in cfgs:
                 mt._ENV_CFG.clear()
-                mt._ENV_CFG.update({"conv_bwd": bwd, "conv_bwd_dx": dxc})
-                print("sweep", json.dumps(mt._ENV_CFG), f"{run('triton', True):.3f} ms", flush=True)
-
+                mt._ENV_CFG[name] = c
+                try:
+                    t = run("triton", bwd)
+                except Exception as e:  # e.g. out of registers / shared memory
+                    print("sweep", name, c, "failed:", str(e)[:100])
+                    continue
+                print("sweep", name, json.dumps(c), f"{t:.3f} ms", flush=True)
+                best = min(best or (t, c), (t, c), key=lambda tc: tc[0])
+            print("best", name, json.dumps(best[1]), f"{best[0]:.3f} ms", flush=True)
+        mt._ENV_CFG.clear()
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 
 Usage on the device machine (see benchmarks/README.md for the install lines):
     python benchmarks/bench_model.py [stages] [--backends torch,triton]
-stages (comma-separated): check, layer, train, long, profile   (default: layer,train)
+stages (comma-separated): check, layer, train, long, profile, profile_train   (default: layer,train)
 Prints a table last; writes JSON to $OUT (or /tmp).
 """
 from __future__ import annotations
@@ -257,6 +257,35 @@ def bench_profile(backend):
         f.write(table)
 
 
+def bench_profile_train(backend):
+    """Where a whole mom-340m training step (B8 T2048) spends its GPU time, by op."""
+    from torch.profiler import ProfilerActivity, profile
+    cfg = cfg_of("mom-340m", kernel_backend=backend)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    ids = torch.randint(0, 32000, (8, 2049), device=DEV)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+    print(table)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), f"profile_train_{backend}.txt"), "w") as f:
+        f.write(table)
+    del model, opt
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("stages", nargs="?", default="layer,train")
@@ -286,6 +315,8 @@ def main():
         bench_layer(backends)
     if "profile" in stages:
         bench_profile(backends[0])
+    if "profile_train" in stages:
+        bench_profile_train(backends[0])
     if "long" in stages:
         bench_train(backends, long=True)
     out = os.environ.get("OUT", "/tmp")

@@ -22,20 +22,25 @@ import triton.language as tl
 from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without Triton)
 
 
+# Addressing: each program forms int64 scalar base pointers for its first row once; tile offsets
+# relative to them are int32 (int64 offset tiles cost registers and integer throughput).
 @triton.jit
 def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
                      BD: tl.constexpr, PER_ROW_W: tl.constexpr, SILU: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    r0 = tl.program_id(0).to(tl.int64) * BR
+    o_r = tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_r = rows < N
+    m_r = o_r < N - r0
     m_d = cols < D
-    p = tl.load(pos + rows, mask=m_r, other=0)
+    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
+    xb = x + r0 * stride_x
     if PER_ROW_W:
-        w_row = w + tl.load(widx + rows, mask=m_r, other=0).to(tl.int64)[:, None] * (D * W) + cols[None, :] * W
+        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
+        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
     acc = tl.zeros([BR, BD], dtype=tl.float32)
     for s in tl.static_range(W):
         m = (m_r & (p >= s))[:, None] & m_d[None, :]
-        xs = tl.load(x + tl.maximum(rows - s, 0)[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
         if PER_ROW_W:
             ws = tl.load(w_row + (W - 1 - s), mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         else:
@@ -43,7 +48,8 @@ def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.con
         acc += xs.to(tl.float32) * ws
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(y + rows[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+    tl.store(y + r0 * D + o_r[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty),
+             mask=m_r[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -53,29 +59,32 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constex
     """dz = dy * silu'(z) (z recomputed; stored in dy's dtype), and this block's partial
     dW = sum_t dz_t x_{t-s} from the float32 dz."""
     i_r = tl.program_id(0)
-    rows = i_r.to(tl.int64) * BR + tl.arange(0, BR)
+    r0 = i_r.to(tl.int64) * BR
+    o_r = tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_r = rows < N
+    m_r = o_r < N - r0
     m_d = cols < D
     m_rd = m_r[:, None] & m_d[None, :]
-    p = tl.load(pos + rows, mask=m_r, other=0)
+    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
+    xb = x + r0 * stride_x
+    p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
     if PER_ROW_W:
-        gi = tl.load(widx + rows, mask=m_r, other=0).to(tl.int64)
+        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
         w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
     else:
         w_row = w + cols[None, :] * W
-    b_dz = tl.load(dy + rows[:, None] * D + cols[None, :], mask=m_rd, other=0.0).to(tl.float32)
+    b_dz = tl.load(dy + p_rd, mask=m_rd, other=0.0).to(tl.float32)
     if SILU:
         z = tl.zeros([BR, BD], dtype=tl.float32)
         for s in tl.static_range(W):
-            xs = tl.load(x + tl.maximum(rows - s, 0)[:, None] * stride_x + cols[None, :],
+            xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
                          mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             z += xs * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         b_dz = b_dz * sig * (1.0 + z * (1.0 - sig))
-    tl.store(dz + rows[:, None] * D + cols[None, :], b_dz.to(dz.dtype.element_ty), mask=m_rd)
+    tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
     for s in tl.static_range(W):
-        xs = tl.load(x + tl.maximum(rows - s, 0)[:, None] * stride_x + cols[None, :],
+        xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
                      mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         prod = b_dz * xs
         for g in tl.static_range(G):
@@ -90,24 +99,26 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constex
 def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
                         BD: tl.constexpr, PER_ROW_W: tl.constexpr):
     """dx_t = sum_s W[W-1-s] dz_{t+s} over the rows t+s of t's segment (which share t's weight)."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    r0 = tl.program_id(0).to(tl.int64) * BR
+    o_r = tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_r = rows < N
+    m_r = o_r < N - r0
     m_d = cols < D
     m_rd = m_r[:, None] & m_d[None, :]
-    p = tl.load(pos + rows, mask=m_r, other=0)
+    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
     if PER_ROW_W:
-        w_row = w + tl.load(widx + rows, mask=m_r, other=0).to(tl.int64)[:, None] * (D * W) + cols[None, :] * W
+        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
+        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
     else:
         w_row = w + cols[None, :] * W
+    zb = dz + r0 * D
     b_dx = tl.zeros([BR, BD], dtype=tl.float32)
     for s in tl.static_range(W):
-        r2 = tl.minimum(rows + s, N - 1)
-        same = m_r & (rows + s < N) & (tl.load(pos + r2, mask=m_r, other=-1) == p + s)
-        b_dz = tl.load(dz + r2[:, None] * D + cols[None, :], mask=same[:, None] & m_d[None, :], other=0.0)
-        b_dz = b_dz.to(tl.float32)
-        b_dx += b_dz * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
-    tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
+        inside = o_r + s < N - r0
+        same = m_r & inside & (tl.load(pos + r0 + o_r + s, mask=m_r & inside, other=-1) == p + s)
+        b_dz = tl.load(zb + (o_r + s)[:, None] * D + cols[None, :], mask=same[:, None] & m_d[None, :], other=0.0)
+        b_dx += b_dz.to(tl.float32) * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
+    tl.store(dx + r0 * D + o_r[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
 
 
 def _launch_fwd(x, weight, widx, pos, silu: bool):

@@ -126,9 +126,9 @@ _DEFAULT_CFG = {
     "bwd_wy": dict(BK=64, BV=64, num_warps=8, num_stages=1),
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),
-    "conv_fwd": dict(BR=64, BD=128, num_warps=8, num_stages=1),  # no spills at G=5 (ptxas, sm_90)
-    "conv_bwd": dict(BR=32, BD=64, num_warps=4, num_stages=1),  # dz and partial dW
-    "conv_bwd_dx": dict(BR=16, BD=128, num_warps=4, num_stages=1),
+    "conv_fwd": dict(BR=32, BD=128, num_warps=4, num_stages=1),  # H200 sweep 2026-11-26 (bench_conv.py --sweep)
+    "conv_bwd": dict(BR=64, BD=64, num_warps=4, num_stages=1),  # dz and partial dW
+    "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
 }
 _ENV_CFG = json.loads(os.environ.get("MEGAMOM_TRITON_CFG", "{}") or "{}")

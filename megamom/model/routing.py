@@ -111,7 +111,8 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
         N, R = slot_row.shape
-        return grad.index_select(0, slot_row.reshape(-1)).view(N, R, *grad.shape[1:]).sum(1), None, None
+        rows = grad.index_select(0, slot_row.reshape(-1)).view(N, R, *grad.shape[1:])
+        return rows.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32)).to(grad.dtype), None, None
 
 
 def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -136,7 +137,7 @@ def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing) 
     M, P, _ = weight.shape
     dtype = _grouped_mm_dtype(x, weight)
     if dtype is not None:
-        rows = pack(x, packing).to(dtype)
+        rows = pack(x.to(dtype), packing)  # cast, then gather: half the bytes moved under autocast
         offs = packing.cu_seqlens[packing.num_docs::packing.num_docs].to(torch.int32)  # end row of each memory
         return torch._grouped_mm(rows, weight.to(dtype).transpose(1, 2), offs=offs)
     y = F.linear(x, weight.reshape(M * P, d)).view(N, M, P)
