@@ -55,8 +55,8 @@ def main():
         grids = {
             "conv_fwd": (False, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
                                  itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]),
-            "conv_bwd": (True, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
-                                itertools.product((16, 32, 64), (64, 128), (4, 8))]),
+            "conv_bwd_shared": (True, [dict(BR=br, BD=bd, RB=rb, num_warps=nw) for br, bd, rb, nw in
+                                       itertools.product((16, 32), (64, 128), (8, 16, 32), (4, 8))]),
             "conv_bwd_dx": (True, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
                                    itertools.product((16, 32, 64), (64, 128, 256), (4,))]),
         }

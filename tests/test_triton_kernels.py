@@ -29,7 +29,8 @@ from megamom.kernels.rules import get_rule, memory_scan_naive, memory_step
 INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "dv_local": {"BV": 16}, "bwd_dhu": {"BV": 16},
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
                  "step": {"BV": 16}, "conv_fwd": {"BR": 16, "BD": 16}, "conv_bwd": {"BR": 16, "BD": 16},
-                 "conv_bwd_dx": {"BR": 16, "BD": 16}, "combine_norm": {"BN": 4}}
+                 "conv_bwd_dx": {"BR": 16, "BD": 16}, "conv_bwd_shared": {"BR": 16, "BD": 16, "RB": 2},
+                 "combine_norm": {"BN": 4}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -302,6 +303,9 @@ def run_interp_suite() -> dict:
         for silu in (False, True):
             out[f"conv_{'per_memory' if per_memory else 'shared'}{'_silu' if silu else ''}"] = check_conv(
                 [0, 1, 2, 5, 37, 0, 3, 20], 40, 4, "cpu", torch.float32, per_memory, silu)
+    for W in (2, 3, 5):  # the shared-weight backward kernel covers W <= 4; W = 5 takes the general one
+        out[f"conv_shared_silu_w{W}"] = check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, W, "cpu", torch.float32,
+                                                   False, True)
     out["combine_norm_gate"] = check_combine_norm(19, 3, 2, 24, "cpu", torch.float32)
     out["combine_norm_nogate"] = check_combine_norm(19, 2, 2, 24, "cpu", torch.float32, gate=False)
     # one slot (arch linear): the norm makes y independent of the slot weight (true dslot_w = 0)
@@ -323,7 +327,8 @@ def interp_results():
 @pytest.mark.parametrize("case", list(INTERP_CASES) + ["step_" + r for r in
                                                        ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")]
                          + ["transition", "stages", "conv_shared", "conv_shared_silu", "conv_per_memory",
-                            "conv_per_memory_silu", "combine_norm_gate", "combine_norm_nogate",
+                            "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
+                            "conv_shared_silu_w5", "combine_norm_gate", "combine_norm_nogate",
                             "combine_norm_r1"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]

@@ -96,6 +96,58 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constex
 
 
 @triton.jit
+def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, D: tl.constexpr, W: tl.constexpr,
+                               BR: tl.constexpr, BD: tl.constexpr, RB: tl.constexpr, SILU: tl.constexpr):
+    """_conv_bwd_dz_kernel for one weight shared by all rows and W <= 4: each program walks RB row
+    tiles, keeps the shifted x tiles of a tile for dW, and accumulates dz * x per tap elementwise,
+    reducing over rows once at the end (a reduction per tile made this kernel 4x slower than its
+    memory traffic)."""
+    i_r = tl.program_id(0)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_d = cols < D
+    o_r = tl.arange(0, BR)
+    w0 = tl.load(w + cols * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(w + cols * W + (W - 2), mask=m_d & (W > 1), other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w + cols * W + (W - 3), mask=m_d & (W > 2), other=0.0).to(tl.float32)[None, :]
+    w3 = tl.load(w + cols * W + (W - 4), mask=m_d & (W > 3), other=0.0).to(tl.float32)[None, :]
+    acc0 = tl.zeros([BR, BD], dtype=tl.float32)
+    acc1 = tl.zeros([BR, BD], dtype=tl.float32)
+    acc2 = tl.zeros([BR, BD], dtype=tl.float32)
+    acc3 = tl.zeros([BR, BD], dtype=tl.float32)
+    for i in range(RB):
+        r0 = (i_r.to(tl.int64) * RB + i) * BR
+        m_r = o_r < N - r0
+        m_rd = m_r[:, None] & m_d[None, :]
+        p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
+        p_x = x + r0 * stride_x + o_r[:, None] * stride_x + cols[None, :]
+        x0 = tl.load(p_x, mask=m_rd, other=0.0).to(tl.float32)
+        x1 = tl.load(p_x - stride_x, mask=(m_r & (p >= 1) & (W > 1))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        x2 = tl.load(p_x - 2 * stride_x, mask=(m_r & (p >= 2) & (W > 2))[:, None] & m_d[None, :],
+                     other=0.0).to(tl.float32)
+        x3 = tl.load(p_x - 3 * stride_x, mask=(m_r & (p >= 3) & (W > 3))[:, None] & m_d[None, :],
+                     other=0.0).to(tl.float32)
+        p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
+        b_dz = tl.load(dy + p_rd, mask=m_rd, other=0.0).to(tl.float32)
+        if SILU:
+            z = x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3
+            sig = tl.sigmoid(z)
+            b_dz = b_dz * sig * (1.0 + z * (1.0 - sig))
+        tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
+        acc0 += b_dz * x0
+        acc1 += b_dz * x1
+        acc2 += b_dz * x2
+        acc3 += b_dz * x3
+    p_w = dwp + (i_r * D + cols) * W
+    tl.store(p_w + (W - 1), tl.sum(acc0, 0), mask=m_d)
+    if W > 1:
+        tl.store(p_w + (W - 2), tl.sum(acc1, 0), mask=m_d)
+    if W > 2:
+        tl.store(p_w + (W - 3), tl.sum(acc2, 0), mask=m_d)
+    if W > 3:
+        tl.store(p_w + (W - 4), tl.sum(acc3, 0), mask=m_d)
+
+
+@triton.jit
 def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
                         BD: tl.constexpr, PER_ROW_W: tl.constexpr):
     """dx_t = sum_s W[W-1-s] dz_{t+s} over the rows t+s of t's segment (which share t's weight)."""
@@ -142,15 +194,23 @@ def _launch_bwd(x, weight, widx, pos, dy, silu: bool):
     dx = torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N == 0 or D == 0:
         return dx, torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-    cfg = launch_cfg("conv_bwd")
-    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
-    nb = triton.cdiv(N, BR)
-    dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
     dz = torch.empty(N, D, dtype=dy.dtype, device=x.device)  # dW is summed from float32 dz in-kernel
     widx = widx if widx is not None else pos
-    _conv_bwd_dz_kernel[(nb, triton.cdiv(D, BD))](
-        x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), D=D, W=W, G=G, BR=BR, BD=BD,
-        PER_ROW_W=weight.dim() == 3, SILU=silu, **cfg)
+    if weight.dim() == 2 and W <= 4:
+        cfg = launch_cfg("conv_bwd_shared")
+        BR, BD, RB = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D)), cfg.pop("RB")
+        nb = triton.cdiv(N, BR * RB)
+        dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
+        _conv_bwd_dz_shared_kernel[(nb, triton.cdiv(D, BD))](
+            x, weight, pos, dy, dz, dwp, N, x.stride(0), D=D, W=W, BR=BR, BD=BD, RB=RB, SILU=silu, **cfg)
+    else:
+        cfg = launch_cfg("conv_bwd")
+        BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+        nb = triton.cdiv(N, BR)
+        dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
+        _conv_bwd_dz_kernel[(nb, triton.cdiv(D, BD))](
+            x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), D=D, W=W, G=G, BR=BR, BD=BD,
+            PER_ROW_W=weight.dim() == 3, SILU=silu, **cfg)
     cfg = launch_cfg("conv_bwd_dx")
     BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
     _conv_bwd_dx_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](

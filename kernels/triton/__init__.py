@@ -127,7 +127,8 @@ _DEFAULT_CFG = {
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),
     "conv_fwd": dict(BR=32, BD=128, num_warps=4, num_stages=1),  # H200 sweep 2026-11-26 (bench_conv.py --sweep)
-    "conv_bwd": dict(BR=64, BD=64, num_warps=4, num_stages=1),  # dz and partial dW
+    "conv_bwd": dict(BR=32, BD=64, num_warps=4, num_stages=1),  # dz + partial dW, per-row weights (or W > 4)
+    "conv_bwd_shared": dict(BR=16, BD=64, RB=16, num_warps=4, num_stages=1),  # dz + dW, one weight, W <= 4
     "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
 }
