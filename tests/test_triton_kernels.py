@@ -30,7 +30,7 @@ INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "dv_local": {"BV": 16
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
                  "step": {"BV": 16}, "conv_fwd": {"BR": 16, "BD": 16}, "conv_bwd": {"BR": 16, "BD": 16},
                  "conv_bwd_dx": {"BR": 16, "BD": 16}, "conv_bwd_shared": {"BR": 16, "BD": 16, "RB": 2},
-                 "combine_norm": {"BN": 4}}
+                 "combine_norm": {"BN": 4}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -200,6 +200,25 @@ def check_combine_norm(N, R, H, V, device, dtype, gate=True, seed=6):
     return err
 
 
+def check_rmsnorm(M, D, device, dtype, seed=7):
+    """Triton RMSNorm vs the torch RMSNorm in float64: y, dx, dweight (x in `dtype`, weight fp32)."""
+    from megamom.kernels.triton.rmsnorm import rms_norm
+    from megamom.model.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(M, D, generator=gen)).to(device, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(D, generator=gen)).to(device).requires_grad_()
+    dy = torch.randn(M, D, generator=gen).to(device)
+    y = rms_norm(x, w, 1e-6)
+    (y.float() * dy).sum().backward()
+    ref = RMSNorm(D, eps=1e-6).double().to(device)
+    ref.weight = torch.nn.Parameter(w.detach().double())
+    xr = x.detach().double().requires_grad_()
+    yr = ref(xr)
+    (yr * dy.double()).sum().backward()
+    return {"y": rel(y, yr), "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, ref.weight.grad)}
+
+
 def check_stages(ins, cu, chunk_size=64, seed=4):
     """Backward kernel by kernel: recompute the outputs of _bwd_dqkwg_kernel and _bwd_wy_kernel in
     float64 from the kernels' OWN inputs (the intermediates of one backward), chunk by chunk. Tells
@@ -306,6 +325,7 @@ def run_interp_suite() -> dict:
     for W in (2, 3, 5):  # the shared-weight backward kernel covers W <= 4; W = 5 takes the general one
         out[f"conv_shared_silu_w{W}"] = check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, W, "cpu", torch.float32,
                                                    False, True)
+    out["rmsnorm"] = check_rmsnorm(37, 40, "cpu", torch.float32)
     out["combine_norm_gate"] = check_combine_norm(19, 3, 2, 24, "cpu", torch.float32)
     out["combine_norm_nogate"] = check_combine_norm(19, 2, 2, 24, "cpu", torch.float32, gate=False)
     # one slot (arch linear): the norm makes y independent of the slot weight (true dslot_w = 0)
@@ -328,7 +348,7 @@ def interp_results():
                                                        ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")]
                          + ["transition", "stages", "conv_shared", "conv_shared_silu", "conv_per_memory",
                             "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
-                            "conv_shared_silu_w5", "combine_norm_gate", "combine_norm_nogate",
+                            "conv_shared_silu_w5", "rmsnorm", "combine_norm_gate", "combine_norm_nogate",
                             "combine_norm_r1"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
@@ -408,6 +428,9 @@ with compile_only(ptxas_report=False) as recs:
         gate = torch.randn(10, 2 * V, dtype=dt, requires_grad=True)
         combine_gated_rmsnorm(rows, torch.randperm(30).view(10, 3), torch.rand(10, 3, requires_grad=True), gate,
                               torch.ones(V, requires_grad=True), 1e-6, 2).float().sum().backward()
+        from megamom.kernels.triton.rmsnorm import rms_norm
+        rms_norm(torch.randn(10, 1024, dtype=dt, requires_grad=True), torch.ones(1024, requires_grad=True),
+                 1e-6).float().sum().backward()
 big = [(r.name, r.shared) for r in recs if r.shared > 232448]  # H100/H200 limit per block
 assert not big, big
 print(len(recs))
@@ -524,3 +547,13 @@ def test_gpu_combine_norm(dtype):
     errs = check_combine_norm(1000, 3, 4, 256, "cuda", dtype)
     _log("combine_norm", "R3_gate", dtype, errs)
     _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "combine + norm")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_rmsnorm(dtype):
+    """RMSNorm kernel at the model width (rows not a multiple of the block) vs float64."""
+    errs = check_rmsnorm(1001, 1024, "cuda", dtype)
+    _log("rmsnorm", "D1024", dtype, errs)
+    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "rmsnorm")

@@ -131,6 +131,8 @@ _DEFAULT_CFG = {
     "conv_bwd_shared": dict(BR=16, BD=64, RB=16, num_warps=4, num_stages=1),  # dz + dW, one weight, W <= 4
     "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
+    "rmsnorm_fwd": dict(BM=4, num_warps=4, num_stages=1),
+    "rmsnorm_bwd": dict(BM=4, RB=16, num_warps=8, num_stages=1),
 }
 _ENV_CFG = json.loads(os.environ.get("MEGAMOM_TRITON_CFG", "{}") or "{}")
 
