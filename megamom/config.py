@@ -34,6 +34,11 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
 
 
+# Model settings that choose an implementation, not the function computed: a checkpoint resumes
+# and converts across them.
+IMPLEMENTATION_ONLY_KEYS = ("kernel_backend", "attn_impl", "loss_chunk_size")
+
+
 @dataclass
 class ModelConfig:
     """The network. `arch`: mom (mixture of memories), linear (one memory: Gated DeltaNet, GLA, ...)

@@ -240,3 +240,22 @@ def test_init_from_starts_a_new_run_from_weights(tmp_path, megamom_env, megamom_
     r = subprocess.run([megamom_exe, "train", *TINY, f"train.out_dir={tmp_path / 'y'}", "--resume", str(back)],
                        env=megamom_env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "cannot be resumed" in r.stderr and "train.init_from" in r.stderr
+
+
+def test_resume_ignores_implementation_only_model_keys():
+    """A checkpoint written before a model setting that only picks an implementation existed (or
+    with another kernel choice) still resumes; a real architecture change is named."""
+    import dataclasses
+
+    from megamom.config import Config
+    from megamom.train.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)  # only the config is needed for the comparison
+    t.cfg = Config()
+    saved = dataclasses.asdict(t.cfg.model)
+    del saved["loss_chunk_size"]
+    saved.update(kernel_backend="torch", attn_impl="sdpa")
+    assert t._model_config_diff({"config": {"model": saved}}) == []
+    saved["num_memories"] = 8
+    assert t._model_config_diff({"config": {"model": saved}}) == [
+        f"model.num_memories: checkpoint 8 vs config {t.cfg.model.num_memories}"]

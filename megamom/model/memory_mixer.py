@@ -15,6 +15,7 @@ conv channels) without touching this code.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -30,6 +31,24 @@ from ..config import ModelConfig
 from .cache import MemoryLayerCache
 from .layers import GatedRMSNorm
 from .routing import build_packing, combine, grouped_projection, load_balancing_loss, pack, route, router_z_loss
+
+
+log = logging.getLogger(__name__)
+_announced: set = set()
+
+
+def _announce_kernels(rule, backend: str) -> None:
+    """Say once per (rule, backend) which implementation the memory layers run on."""
+    if (rule.name, backend) in _announced:
+        return
+    _announced.add((rule.name, backend))
+    if backend == "triton":
+        scan = "Triton" if rule.decay != "vector" else "PyTorch reference (no Triton GLA chunk kernel yet)"
+        log.info("memory layers (%s): scan %s; short conv, combine + norm: Triton; per-memory projections: "
+                 "grouped GEMM under bf16 on sm90+", rule.name, scan)
+    else:
+        log.info("memory layers (%s): PyTorch reference kernels (CPU, or kernel_backend / MEGAMOM_KERNELS=torch)",
+                 rule.name)
 
 
 @dataclass
@@ -153,6 +172,7 @@ class MemoryMixer(nn.Module):
         H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
         N = B * T
         xf = x.reshape(N, d)
+        _announce_kernels(self.rule, resolve_backend(self.cfg.kernel_backend, x.device))
 
         r = route(xf, self.router.weight, self.topk) if self.router is not None else None
         packing = build_packing(r.topk_index if r is not None else None, doc_ids, num_docs,

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, dump_config
+from ..config import IMPLEMENTATION_ONLY_KEYS, Config, ConfigError, dump_config
 from ..model import build_model
 from ..model.counting import count_parameters, flops_per_token
 from . import checkpoint as ckpt
@@ -133,7 +133,7 @@ class Trainer:
         saved = state.get("config", {}).get("model", {})
         ours = dataclasses.asdict(self.cfg.model)
         return [f"model.{k}: checkpoint {saved.get(k)!r} vs config {ours[k]!r}" for k in sorted(ours)
-                if k not in ("kernel_backend", "attn_impl") and saved.get(k) != ours[k]]
+                if k not in IMPLEMENTATION_ONLY_KEYS and saved.get(k) != ours[k]]
 
     def _check_config_compatible(self, state: dict, path: Path) -> None:
         diff = self._model_config_diff(state)
