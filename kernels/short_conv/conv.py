@@ -26,9 +26,9 @@ def causal_conv1d_varlen(
 ):
     """x: [N, D] packed rows; weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
     the weight of each row (per-memory convolutions); cu_seqlens: [S+1]; initial_state [S, W-1, D].
-    activation: None or "silu" (applied to the output). positions: [N] int32 position of each row in
-    its segment, if the caller has it (saves recomputing it from cu_seqlens). Returns (y [N, D] in x's dtype, final tails
-    [S, W-1, D] of the inputs, or None).
+    activation: None or "silu" (applied to the output). positions: [N] int32 position of each row
+    in its segment, if the caller has it (saves recomputing it from cu_seqlens). Returns
+    (y [N, D] in x's dtype, final tails [S, W-1, D] of the inputs, or None).
 
     On CUDA (backend auto/triton) without initial tails: the fused Triton kernel (conv + SiLU, fp32
     accumulation, saves only x). Elsewhere: the PyTorch paths below, weight cast to x's dtype."""

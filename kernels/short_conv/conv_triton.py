@@ -25,14 +25,20 @@ from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without T
 # Addressing: each program forms int64 scalar base pointers for its first row once; tile offsets
 # relative to them are int32 (int64 offset tiles cost registers and integer throughput).
 @triton.jit
-def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-                     BD: tl.constexpr, PER_ROW_W: tl.constexpr, SILU: tl.constexpr):
-    r0 = tl.program_id(0).to(tl.int64) * BR
+def _row_tile(pos, N, i_r, BR: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+    """-> (r0: first row (int64), o_r: row offsets, cols, row mask, column mask, segment positions)."""
+    r0 = i_r.to(tl.int64) * BR
     o_r = tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     m_r = o_r < N - r0
-    m_d = cols < D
     p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
+    return r0, o_r, cols, m_r, cols < D, p
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+                     BD: tl.constexpr, PER_ROW_W: tl.constexpr, SILU: tl.constexpr):
+    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, D)
     xb = x + r0 * stride_x
     if PER_ROW_W:
         gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
@@ -59,13 +65,8 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constex
     """dz = dy * silu'(z) (z recomputed; stored in dy's dtype), and this block's partial
     dW = sum_t dz_t x_{t-s} from the float32 dz."""
     i_r = tl.program_id(0)
-    r0 = i_r.to(tl.int64) * BR
-    o_r = tl.arange(0, BR)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_r = o_r < N - r0
-    m_d = cols < D
+    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, i_r, BR, BD, D)
     m_rd = m_r[:, None] & m_d[None, :]
-    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
     xb = x + r0 * stride_x
     p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
     if PER_ROW_W:
@@ -151,13 +152,8 @@ def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, D: tl.conste
 def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
                         BD: tl.constexpr, PER_ROW_W: tl.constexpr):
     """dx_t = sum_s W[W-1-s] dz_{t+s} over the rows t+s of t's segment (which share t's weight)."""
-    r0 = tl.program_id(0).to(tl.int64) * BR
-    o_r = tl.arange(0, BR)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_r = o_r < N - r0
-    m_d = cols < D
+    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, D)
     m_rd = m_r[:, None] & m_d[None, :]
-    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
     if PER_ROW_W:
         gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
         w_row = w + gi[:, None] * (D * W) + cols[None, :] * W

@@ -23,10 +23,10 @@ from . import launch_cfg
 
 
 @triton.jit
-def _combine_norm_fwd_kernel(rows, slot_row, slot_w, gate, weight, y, rstd, N, eps,
-                             H: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BN: tl.constexpr,
-                             BV: tl.constexpr, HAS_GATE: tl.constexpr):
-    i_n, i_h = tl.program_id(0), tl.program_id(1)
+def _combined(rows, slot_row, slot_w, N, i_n, i_h, H: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
+              BN: tl.constexpr, BV: tl.constexpr):
+    """The tile of tokens [i_n * BN, +BN) x head i_h: (tokens, value offsets, token mask, tile mask,
+    columns, o = sum_r w[n, r] rows[slot_row[n, r]] in float32 [BN, BV])."""
     toks = i_n.to(tl.int64) * BN + tl.arange(0, BN)
     o_v = tl.arange(0, BV)
     m_n = toks < N
@@ -37,6 +37,15 @@ def _combine_norm_fwd_kernel(rows, slot_row, slot_w, gate, weight, y, rstd, N, e
         src = tl.load(slot_row + toks * R + r, mask=m_n, other=0).to(tl.int64)
         wr = tl.load(slot_w + toks * R + r, mask=m_n, other=0.0).to(tl.float32)
         b_o += wr[:, None] * tl.load(rows + src[:, None] * (H * V) + col, mask=m, other=0.0).to(tl.float32)
+    return toks, o_v, m_n, m, col, b_o
+
+
+@triton.jit
+def _combine_norm_fwd_kernel(rows, slot_row, slot_w, gate, weight, y, rstd, N, eps,
+                             H: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BN: tl.constexpr,
+                             BV: tl.constexpr, HAS_GATE: tl.constexpr):
+    i_n, i_h = tl.program_id(0), tl.program_id(1)
+    toks, o_v, m_n, m, col, b_o = _combined(rows, slot_row, slot_w, N, i_n, i_h, H, V, R, BN, BV)
     b_r = 1.0 / tl.sqrt(tl.sum(b_o * b_o, 1) / V + eps)
     b_y = b_o * b_r[:, None] * tl.load(weight + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
@@ -51,16 +60,7 @@ def _combine_norm_bwd_kernel(rows, slot_row, slot_w, gate, weight, rstd, dy, dro
                              N, H: tl.constexpr, V: tl.constexpr, R: tl.constexpr, BN: tl.constexpr,
                              BV: tl.constexpr, HAS_GATE: tl.constexpr):
     i_n, i_h = tl.program_id(0), tl.program_id(1)
-    toks = i_n.to(tl.int64) * BN + tl.arange(0, BN)
-    o_v = tl.arange(0, BV)
-    m_n = toks < N
-    m = m_n[:, None] & (o_v < V)[None, :]
-    col = i_h * V + o_v[None, :]
-    b_o = tl.zeros([BN, BV], dtype=tl.float32)
-    for r in tl.static_range(R):
-        src = tl.load(slot_row + toks * R + r, mask=m_n, other=0).to(tl.int64)
-        wr = tl.load(slot_w + toks * R + r, mask=m_n, other=0.0).to(tl.float32)
-        b_o += wr[:, None] * tl.load(rows + src[:, None] * (H * V) + col, mask=m, other=0.0).to(tl.float32)
+    toks, o_v, m_n, m, col, b_o = _combined(rows, slot_row, slot_w, N, i_n, i_h, H, V, R, BN, BV)
     b_r = tl.load(rstd + toks * H + i_h, mask=m_n, other=0.0)
     b_xh = b_o * b_r[:, None]
     b_wt = tl.load(weight + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
