@@ -129,13 +129,10 @@ def _prep_kernel(k, v, beta, g, G, Ainv, w, u, cu, cidx,
 
 
 @triton.jit
-def _fwd_h_kernel(k, u, w, G, h, vnew, h0, ht, cu, coff,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-                  SAVE_VNEW: tl.constexpr, DELTA: tl.constexpr):
-    """One program per (value block, segment, head): the sequential recurrence over the segment's
-    chunks. Stores h[c] = state at the start of chunk c (dtype of k) and vn = u - w h (DELTA) or v."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+def _segment_layout(cu, coff, i_n, i_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr):
+    """Per-segment recurrences: the segment's rows [bos, eos), its chunk count NT and first chunk
+    boh, and the tile offsets / masks of a [BK, BV] state block and [BT, *] token tiles."""
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     NT = tl.cdiv(eos - bos, BT)
@@ -150,16 +147,34 @@ def _fwd_h_kernel(k, u, w, G, h, vnew, h0, ht, cu, coff,
     p_tk = o_t[:, None] * (H * K) + o_k[None, :]
     p_kt = o_t[None, :] * (H * K) + o_k[:, None]
     p_tv = o_t[:, None] * (H * V) + o_v[None, :]
+    return bos, eos, NT, boh, o_t, m_k, m_v, m_kv, p_kv, p_tk, p_kt, p_tv
+
+
+@triton.jit
+def _segment_chunk(bos, eos, i_t, i_h, o_t, m_v, H: tl.constexpr, BT: tl.constexpr):
+    """Chunk i_t of a segment: (valid rows nt, row mask, row x value mask, base offset of head i_h)."""
+    t0 = bos + i_t * BT
+    nt = tl.minimum(eos - t0, BT).to(tl.int32)
+    m_t = o_t < nt
+    return nt, m_t, m_t[:, None] & m_v[None, :], t0 * H + i_h
+
+
+@triton.jit
+def _fwd_h_kernel(k, u, w, G, h, vnew, h0, ht, cu, coff,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                  SAVE_VNEW: tl.constexpr, DELTA: tl.constexpr):
+    """One program per (value block, segment, head): the sequential recurrence over the segment's
+    chunks. Stores h[c] = state at the start of chunk c (dtype of k) and vn = u - w h (DELTA) or v."""
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    bos, eos, NT, boh, o_t, m_k, m_v, m_kv, p_kv, p_tk, p_kt, p_tv = _segment_layout(
+        cu, coff, i_n, i_v, H, K, V, BT, BK, BV)
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_h += tl.load(h0 + (i_n * H + i_h) * (K * V) + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     for i_t in range(NT):
-        t0 = bos + i_t * BT
-        nt = tl.minimum(eos - t0, BT).to(tl.int32)
-        m_t = o_t < nt
-        m_tv = m_t[:, None] & m_v[None, :]
-        s_t = t0 * H + i_h
+        nt, m_t, m_tv, s_t = _segment_chunk(bos, eos, i_t, i_h, o_t, m_v, H, BT)
         tl.store(h + ((boh + i_t) * H + i_h) * (K * V) + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         b_vn = tl.load(u + s_t * V + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         if DELTA:
@@ -258,31 +273,15 @@ def _bwd_dhu_kernel(q, k, w, G, do, dv, dh, dv2, dht, dh0, cu, coff, scale,
     chunk c; dv2 = dv_local + exp(gl - G) K dh[c] (the full gradient of vn); dh0 = gradient of the
     initial state."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
-    boh = tl.load(coff + i_n).to(tl.int64)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kv = o_k[:, None] * V + o_v[None, :]
-    p_tk = o_t[:, None] * (H * K) + o_k[None, :]
-    p_kt = o_t[None, :] * (H * K) + o_k[:, None]
-    p_tv = o_t[:, None] * (H * V) + o_v[None, :]
+    bos, eos, NT, boh, o_t, m_k, m_v, m_kv, p_kv, p_tk, p_kt, p_tv = _segment_layout(
+        cu, coff, i_n, i_v, H, K, V, BT, BK, BV)
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + (i_n * H + i_h) * (K * V) + p_kv, mask=m_kv, other=0.0).to(tl.float32)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        t0 = bos + i_t * BT
-        nt = tl.minimum(eos - t0, BT).to(tl.int32)
-        m_t = o_t < nt
-        m_tv = m_t[:, None] & m_v[None, :]
-        s_t = t0 * H + i_h
+        nt, m_t, m_tv, s_t = _segment_chunk(bos, eos, i_t, i_h, o_t, m_v, H, BT)
         tl.store(dh + ((boh + i_t) * H + i_h) * (K * V) + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         b_k = tl.load(k + s_t * K + p_tk, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_kdh = tl.dot(b_k, b_dh.to(b_k.dtype))
