@@ -13,7 +13,13 @@ EXTRAS=${1:-}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-pip_q() { "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+# pip's own exit status (a failed install stops the script); only a known harmless notice is filtered
+pip_q() {
+  local out rc=0
+  out=$("$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | grep -v -e "is ignored: it is neither" -e '^$' || true
+  return $rc
+}
 
 "$PY" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=23" "setuptools>=68" wheel 2>&1 | grep -v "is ignored" || true
 
@@ -23,7 +29,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     pip_q "torch==$TORCH_VERSION"
   else
     echo "bootstrap: no GPU, installing torch==$TORCH_VERSION+cpu"
-    pip_q "torch==$TORCH_VERSION+cpu" || pip_q --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu"
+    # +cpu builds live on PyTorch's index (a local wheel cache, if configured, is tried first)
+    "$PY" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1 \
+      || pip_q --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu"
   fi
   "$PY" -c "import torch" || { echo "bootstrap: torch did not install" >&2; exit 1; }
 fi

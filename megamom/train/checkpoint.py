@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..fsutil import replace_dir
 from .distributed import barrier
 
 MARKER = "COMPLETE.json"
@@ -133,8 +134,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
     final, tmp = root / name, root / f".tmp-{name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier save of the same step
-            shutil.rmtree(tmp)
+        for stale in root.glob(f".tmp-{PREFIX}*"):  # left by saves that crashed (any step)
+            shutil.rmtree(stale)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
     _write_json_atomic(tmp / f"rank_{rank:05d}.json", rank_state)
@@ -145,14 +146,13 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
         _write_json_atomic(tmp / MARKER, {"step": step, "time": time.time(),
                                           "world_size": trainer_state.get("world_size")})
         _fsync_dir(tmp)
-        if final.exists():  # an older save of the same step (e.g. a rerun): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        replace_dir(tmp, final)  # an older save of the same step (e.g. a rerun) is replaced whole
         _fsync_dir(root)
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(name + "\n")
         os.replace(latest_tmp, root / "latest")
         for _, old in complete_checkpoints(root)[:-keep_last]:
+            (old / MARKER).unlink()  # first: a half-deleted directory must never look complete
             shutil.rmtree(old, ignore_errors=True)
     _fault("ckpt_after_commit", step)
     barrier()
@@ -192,7 +192,8 @@ def check_shapes(ckpt: Path, model: torch.nn.Module) -> None:
     Memory-mapped: only the shapes are read here, the weights are loaded once, later."""
     sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True, mmap=True)
     shapes = sd.get("param_shapes")
-    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # under ZeRO-3 a parameter is a partitioned (0,)-shaped placeholder; ds_shape is its real shape
+    ours = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     if isinstance(shapes, list):  # ZeRO: one dict per param group
         saved = {n: tuple(s) for group in shapes for n, s in group.items()}
     elif sd.get("module") is not None:
