@@ -8,6 +8,7 @@ Every rule is one of two families:
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -59,6 +60,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         from . import triton_ops  # noqa: F401
@@ -91,6 +93,13 @@ def memory_scan(rule: str | UpdateRule, q, k, v, g=None, beta=None, scale=None, 
         from . import triton_ops
         return triton_ops.memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state,
                                       cu_seqlens, chunk_size, use_qk_l2norm)
+    return torch_memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                             chunk_size, use_qk_l2norm)
+
+
+def torch_memory_scan(rule: UpdateRule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                      chunk_size, use_qk_l2norm):
+    """The PyTorch chunked scan (any device; also where the Triton kernels fall back)."""
     if rule.delta:
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
                                             cu_seqlens, chunk_size, use_qk_l2norm)

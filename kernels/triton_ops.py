@@ -12,15 +12,15 @@ reference (logged once per reason):
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
 from .triton import INTERPRET  # noqa: F401  (raises ImportError without Triton)
-from .gated_delta_rule.chunk import chunk_gated_delta_rule_torch
 from .gated_delta_rule.chunk_triton import chunk_scan_triton
 from .gated_delta_rule.fused_recurrent import fused_recurrent_step
 from .gated_delta_rule.transition import chunk_transition
-from .gla import chunk_gla_torch
+from .rules import torch_memory_scan
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -33,37 +33,31 @@ def _fallback(reason: str) -> None:
         log.warning("megamom triton_ops: %s; using the PyTorch reference kernel", reason)
 
 
-def _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                use_qk_l2norm):
-    if rule.delta:
-        return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                            cu_seqlens, chunk_size, use_qk_l2norm)
-    return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                           use_qk_l2norm)
+def fallback_reason(rule, q: torch.Tensor) -> Optional[str]:
+    """Why the Triton scan kernels cannot take these inputs (None: they can). The one place that
+    decides it: the scan and the SP transition summary both ask here."""
+    if rule.decay == "vector":
+        return f"rule {rule.name!r} (per-key decay) has no Triton kernel yet"
+    if q.dtype == torch.float64:
+        return "float64 inputs"
+    if q.dtype == torch.float32 and q.is_cuda:
+        # Seen on H100/H200 with Triton 3.6 (2026-11-26): fp32 dots whose second operand is a
+        # transposed (column-major) fp32 tile, as in dk / dw of the backward, come out wrong by
+        # ~1e-2 (tf32 wgmma takes K-major operands only). bf16 (the training path) is unaffected.
+        return "float32 inputs on CUDA (a Triton 3.6 tf32 miscompile; cast to bf16 for the fast path)"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    return None
 
 
 def memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                 use_qk_l2norm):
     """Chunked scan of `rule` (a rules.UpdateRule). Returns (o [B, T, H, V], final state or None)."""
-    if rule.decay == "vector":
-        _fallback(f"rule {rule.name!r} (per-key decay) has no Triton kernel yet")
-        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                           chunk_size, use_qk_l2norm)
-    if q.dtype == torch.float64:
-        _fallback("float64 inputs")
-        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                           chunk_size, use_qk_l2norm)
-    if q.dtype == torch.float32 and q.is_cuda:
-        # Seen on H100/H200 with Triton 3.6 (2026-11-26): fp32 dots whose second operand is a
-        # transposed (column-major) fp32 tile, as in dk / dw of the backward, come out wrong by
-        # ~1e-2 (tf32 wgmma takes K-major operands only). bf16 (the training path) is unaffected.
-        _fallback("float32 inputs on CUDA (a Triton 3.6 tf32 miscompile; cast to bf16 for the fast path)")
-        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                           chunk_size, use_qk_l2norm)
-    if q.shape[-1] > 256:
-        _fallback(f"head dim {q.shape[-1]} > 256")
-        return _torch_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                           chunk_size, use_qk_l2norm)
+    reason = fallback_reason(rule, q)
+    if reason is not None:
+        _fallback(reason)
+        return torch_memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                 chunk_size, use_qk_l2norm)
     if chunk_size not in SUPPORTED_CHUNKS:
         _fallback(f"chunk size {chunk_size} (Triton kernels use 16/32/64; the result does not depend on it)")
         chunk_size = 64

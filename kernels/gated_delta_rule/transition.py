@@ -43,8 +43,9 @@ def chunk_transition_torch(k, v, g: Optional[torch.Tensor], beta, cu_seqlens=Non
 
 def chunk_transition(k, v, g, beta, cu_seqlens=None, chunk_size: int = 64, use_qk_l2norm: bool = False):
     """Same contract as `chunk_transition_torch`, with the Triton kernels where they run."""
-    from ..triton_ops import INTERPRET  # noqa: F401  (ImportError: no Triton)
-    if not (k.is_cuda or INTERPRET) or k.dtype == torch.float64:
+    from ..rules import get_rule
+    from ..triton_ops import INTERPRET, fallback_reason  # ImportError: no Triton
+    if not (k.is_cuda or INTERPRET) or fallback_reason(get_rule("gated_delta"), k) is not None:
         return chunk_transition_torch(k, v, g, beta, cu_seqlens, chunk_size, use_qk_l2norm)
     from .chunk_triton import chunk_scan_triton
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..gated_delta_rule.chunk import cumulative_decay
 from ..utils import ChunkLayout, check_varlen, compute_dtype, l2norm
 
 
@@ -36,30 +37,27 @@ def chunk_gla_torch(
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     layout = ChunkLayout(q, cu_seqlens, chunk_size)
-    C = chunk_size
     qc, kc, vc = (layout.to_chunks(x).permute(0, 3, 1, 2, 4) for x in (q * scale, k, v))  # [S,H,NC,C,D]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
 
+    per_key = g is not None and g.dim() == 4
     if g is None:
-        per_key = False
-        G = torch.zeros(qc.shape[:-1], dtype=dt, device=q.device)
+        gc = torch.zeros(qc.shape[:-1], dtype=dt, device=q.device)
     else:
-        per_key = g.dim() == 4
         gc = layout.to_chunks(g.to(dt))
         gc = gc.permute(0, 3, 1, 2, 4) if per_key else gc.permute(0, 3, 1, 2)
-        G = gc.cumsum(3)  # cumulative over the chunk positions
 
     if per_key:  # G: [S, H, NC, C, K]
+        G = gc.cumsum(3)  # cumulative over the chunk positions
         attn = _per_key_intra_chunk(qc, kc, G)
         q_decayed = qc * G.exp()
         k_to_end = kc * (G[..., -1:, :] - G).exp()
         chunk_decay = G[..., -1, :].exp()[..., None]  # [S, H, NC, K, 1]
-    else:  # G: [S, H, NC, C]
-        diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
-        attn = (qc @ kc.transpose(-1, -2)) * diff.exp()
-        q_decayed = qc * G.exp()[..., None]
-        k_to_end = kc * (G[..., -1:] - G).exp()[..., None]
-        chunk_decay = G[..., -1].exp()[..., None, None]  # [S, H, NC, 1, 1]
+    else:  # G: [S, H, NC, C], float64 (see cumulative_decay)
+        G, Gamma = cumulative_decay(gc, dt)
+        attn = (qc @ kc.transpose(-1, -2)) * Gamma
+        q_decayed = qc * G.exp().to(dt)[..., None]
+        k_to_end = kc * (G[..., -1:] - G).exp().to(dt)[..., None]
+        chunk_decay = G[..., -1].exp().to(dt)[..., None, None]  # [S, H, NC, 1, 1]
 
     intra = attn @ vc
     state = (initial_state.to(dt) if initial_state is not None

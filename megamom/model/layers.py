@@ -9,13 +9,14 @@ from megamom.kernels import resolve_backend
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.backend = backend  # model.kernel_backend: auto = Triton on CUDA
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype != torch.float64 and resolve_backend("auto", x.device) == "triton":
+        if x.dtype != torch.float64 and resolve_backend(self.backend, x.device) == "triton":
             from megamom.kernels.triton.rmsnorm import rms_norm  # one kernel each way
             return rms_norm(x, self.weight, self.eps)
         # Normalise in float32 at least (bf16 variance loses too much).

@@ -35,9 +35,9 @@ class LMOutput:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernel_backend)
         self.attn = Attention(cfg, layer_idx) if cfg.arch == "transformer" else MemoryMixer(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernel_backend)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size)
 
     def forward(self, x, ctx: dict, cache=None, use_cache: bool = False):
@@ -55,7 +55,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernel_backend)
 
 
 def document_index(segment_ids: Optional[torch.Tensor], B: int, T: int, device) -> tuple[torch.Tensor, int]:

@@ -94,7 +94,7 @@ class MemoryMixer(nn.Module):
             self.k_conv = nn.Parameter(torch.empty(Mc, Kd, self.conv_size))
             self.v_conv = nn.Parameter(torch.empty(Mc, Vd, self.conv_size))
         self.g_proj = nn.Linear(d, Vd, bias=False) if cfg.use_output_gate else None
-        self.o_norm = GatedRMSNorm(Vh, eps=cfg.norm_eps)
+        self.o_norm = GatedRMSNorm(Vh, eps=cfg.norm_eps, backend=cfg.kernel_backend)
         self.o_proj = nn.Linear(Vd, d, bias=False)
         self.reset_parameters()
 
@@ -172,7 +172,8 @@ class MemoryMixer(nn.Module):
         H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
         N = B * T
         xf = x.reshape(N, d)
-        _announce_kernels(self.rule, resolve_backend(self.cfg.kernel_backend, x.device))
+        backend = resolve_backend(self.cfg.kernel_backend, x.device)  # once per forward
+        _announce_kernels(self.rule, backend)
 
         r = route(xf, self.router.weight, self.topk) if self.router is not None else None
         packing = build_packing(r.topk_index if r is not None else None, doc_ids, num_docs,
@@ -187,7 +188,7 @@ class MemoryMixer(nn.Module):
         if self.conv_size:
             init = cache.conv if cache is not None else None
             q_rows, k_rows, v_rows, conv_state = self._conv(q_rows, k_rows, v_rows, packing, init,
-                                                            use_cache or cache is not None)
+                                                            use_cache or cache is not None, backend)
         else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
             q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
         g, beta = self._gates(b_rows, a_rows)
@@ -199,19 +200,19 @@ class MemoryMixer(nn.Module):
             None if beta is None else beta.view(1, A, H),
             scale=K ** -0.5, initial_state=initial_state, output_final_state=use_cache or cache is not None,
             cu_seqlens=packing.cu_seqlens, chunk_size=self.cfg.chunk_size,
-            use_qk_l2norm=self.cfg.qk_norm == "l2", backend=self.cfg.kernel_backend,
+            use_qk_l2norm=self.cfg.qk_norm == "l2", backend=backend,
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
-        o = self._combine_output(o_rows[0], packing, slot_w, xf)
+        o = self._combine_output(o_rows[0], packing, slot_w, xf, backend)
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
         return o.view(B, T, d), self._router_stats(r), new_cache
 
-    def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor):
+    def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor, backend: str):
         """Steps 6-7: weighted sum of each token's rows, gated per-head RMSNorm, W_o. On the GPU
         fast path one Triton kernel each way does the sum, the norm and the gate."""
-        if o_rows.dtype != torch.float64 and resolve_backend(self.cfg.kernel_backend, o_rows.device) == "triton":
+        if o_rows.dtype != torch.float64 and backend == "triton":
             from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
             gate = self.g_proj(xf) if self.g_proj is not None else None
             o = combine_gated_rmsnorm(o_rows.reshape(o_rows.shape[0], -1), packing.slot_row, slot_w, gate,
@@ -224,7 +225,7 @@ class MemoryMixer(nn.Module):
         o = self.o_norm(o.to(xf.dtype), gate)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
-    def _conv(self, q, k, v, packing, init: Optional[dict], want_state: bool):
+    def _conv(self, q, k, v, packing, init: Optional[dict], want_state: bool, backend: str):
         M = self.num_memories
         per_mem = self.cfg.per_memory_conv
         out, state = [], {}
@@ -232,7 +233,7 @@ class MemoryMixer(nn.Module):
             tails = init[name].reshape(-1, *init[name].shape[2:]).to(x.dtype) if init is not None else None
             y, final = causal_conv1d_varlen(x, w if per_mem else w[0], packing.cu_seqlens,
                                             packing.row_memory if per_mem else None, tails, want_state,
-                                            activation="silu", backend=self.cfg.kernel_backend,
+                                            activation="silu", backend=backend,
                                             positions=packing.row_position)
             out.append(y)
             if want_state:
