@@ -13,8 +13,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """input_ids: [B, T] prompt. Greedy when temperature == 0. Returns [B, T + new] (rows that hit
     eos keep emitting eos)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 or None: no top-k filter)")
     was_training = model.training
     model.eval()
+    try:
+        return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator)
+    finally:
+        model.train(was_training)  # also when generation fails
+
+
+def _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator) -> torch.Tensor:
     out = model(input_ids, use_cache=True, logits_to_keep=1)
     cache, logits = out.cache, out.logits[:, -1]
     tokens = [input_ids]
@@ -29,7 +40,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             break
         out = model(nxt[:, None], cache=cache, logits_to_keep=1)
         cache, logits = out.cache, out.logits[:, -1]
-    model.train(was_training)
     return torch.cat(tokens, 1)
 
 

@@ -250,3 +250,29 @@ def test_tiny_model_fits_a_fixed_batch(arch):
     assert all(math.isfinite(v) for v in losses)
     assert abs(losses[0] - math.log(cfg.vocab_size)) < 0.3  # starts at chance
     assert losses[-1] < 0.2 * losses[0], losses  # memorises the batch (reaches ~0.06 from ~4.2)
+
+
+def test_flops_do_not_depend_on_per_memory_conv():
+    """A per-memory conv does the same work as a shared one: its weights are not matmul FLOPs."""
+    from megamom.model.counting import flops_per_token
+
+    a = ModelConfig(arch="mom", per_memory_conv=False)
+    b = ModelConfig(arch="mom", per_memory_conv=True)
+    assert flops_per_token(a, 2048) == flops_per_token(b, 2048)
+
+
+def test_generate_rejects_bad_arguments_and_restores_training_mode():
+    from megamom.generate import generate
+    from megamom.model import build_model
+
+    model = build_model(ModelConfig(arch="mom", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                                    head_dim=8, num_memories=2, topk=1))
+    model.train()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_new_tokens=-1"):
+        generate(model, ids, -1)
+    with pytest.raises(ValueError, match="top_k=-2"):
+        generate(model, ids, 2, temperature=1.0, top_k=-2)
+    with pytest.raises(IndexError):
+        generate(model, torch.full((1, 3), 99), 2)  # a token id outside the vocabulary fails inside
+    assert model.training  # ... and the model is back in training mode

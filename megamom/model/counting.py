@@ -22,13 +22,14 @@ class ParamCount:
         return self.__dict__.copy()
 
 
-def _per_memory_params(cfg: ModelConfig) -> int:
+def _per_memory_params(cfg: ModelConfig, include_conv: bool = True) -> int:
+    """Parameters one memory adds (its k/v/beta/decay projections, and its conv if per memory)."""
     rule = get_rule(cfg.update_rule)
     d, H, Kd, Vd = cfg.hidden_size, cfg.num_heads, cfg.key_dim, cfg.value_dim
     n = (Kd + Vd) * d
     n += H * d if rule.delta else 0
     n += {"scalar": H, "vector": Kd, None: 0}[rule.decay] * d
-    if cfg.use_short_conv and cfg.per_memory_conv:
+    if include_conv and cfg.use_short_conv and cfg.per_memory_conv:
         n += (2 * Kd + Vd) * cfg.conv_size
     return n
 
@@ -66,7 +67,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
         rows = (cfg.topk + int(cfg.shared_mem)) if cfg.arch == "mom" else 1
         shared_proj = d * cfg.key_dim + d * cfg.value_dim * (2 if cfg.use_output_gate else 1)  # q, g, o
         router = d * cfg.num_memories if cfg.arch == "mom" else 0
-        mixer = 2 * (shared_proj + router + rows * _per_memory_params(cfg)) + rows * scan_flops_per_row(cfg)
+        # matmul FLOPs of the projections; the conv (per memory or not) is counted once, below
+        mixer = (2 * (shared_proj + router + rows * _per_memory_params(cfg, include_conv=False))
+                 + rows * scan_flops_per_row(cfg))
         if cfg.use_short_conv:
             mixer += rows * 2 * cfg.conv_size * (2 * cfg.key_dim + cfg.value_dim)
     forward = L * (mixer + 2 * mlp) + 2 * d * cfg.vocab_size

@@ -40,9 +40,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = logits.logsumexp(-1)
             tgt = lab.clamp(min=0)
             loss += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
-            # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows
-            grad = (logits - lse[:, None]).exp_()
-            grad.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -1.0))
+            # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows; in place
+            # of the logits (dead after the gather above): one [chunk, vocab] buffer, not two
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), tgt] -= 1.0
             grad.mul_(valid[:, None])
             grad = grad.to(dtype)
             dx[s:s + chunk_rows] = grad @ wd
