@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from .errors import PrepError
 
 
 def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64MiB, 500MB, 1048576)")
-    unit = (m.group(2) or "").rstrip("b")
-    mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30,
-            "ti": 1 << 40}[unit]
-    return int(float(m.group(1)) * mult)
+    """argparse type for sizes (64MiB, 500MB, 64k, 1048576): a bad value is a usage error naming it."""
+    from megamom.fsutil import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +60,7 @@ def run(args) -> int:
                       txt_mode=args.txt_mode, add_bos=args.bos, add_eos=args.eos,
                       val_fraction=args.val_fraction, seed=args.seed, invalid_utf8=args.invalid_utf8,
                       pack_bins=args.pack_bins, unit_bytes=args.unit_size, shard_bytes=args.shard_size,
-                      compression=None if args.compression == "none" else args.compression,
+                      compression=args.compression,
                       max_line_bytes=args.max_line_bytes)
     try:
         prepare(args.inputs, args.out, args.tokenizer, st, workers=args.workers, strict=args.strict,

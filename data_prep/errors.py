@@ -24,6 +24,8 @@ DOC_REASONS = {
     "empty": "document is empty or only whitespace (nothing to train on)",
     "binary": "document contains NUL bytes (binary data, not text); remove it from the inputs",
     "line_too_long": "line is longer than --max-line-bytes; raise the limit or split the record",
+    "truncated": "the file could not be read past part of this document (a corrupt / truncated archive, or "
+                 "a read error): the document is dropped; check the file",
 }
 # File-level reasons (the file yields no further documents; counted in files.rejected).
 FILE_REASONS = {

@@ -37,6 +37,7 @@ class Unit:
     start: int = 0  # byte offset (line files) or first row group (parquet)
     end: Optional[int] = None  # exclusive; None = to the end
     first: bool = True  # first unit of its file
+    binary: bool = False  # the file looked binary when planned: its one unit only reports that
 
 
 def classify(path: str) -> Optional[tuple[str, Optional[str]]]:
@@ -125,16 +126,34 @@ def splittable(f: InputFile, txt_mode: str) -> bool:
 
 
 def plan_units(files: list[InputFile], txt_mode: str, unit_bytes: int) -> list[Unit]:
+    """Work units of the files. Text files are sniffed for binary content here, once per file: a
+    binary (or unopenable) file gets a single unit, so it is reported and counted once."""
     units: list[Unit] = []
     for i, f in enumerate(files):
         ranges: list[tuple[int, Optional[int]]] = [(0, None)]
-        if splittable(f, txt_mode) and f.size > unit_bytes:
+        binary = False
+        if f.format != "parquet":
+            try:
+                binary = _sniff_binary(f)
+            except (OSError, EOFError, ValueError):  # unreadable: one unit, whose worker reports it
+                units.append(Unit(f"{i:05d}-0000", f))
+                continue
+        if binary:
+            pass  # one unit: the file is rejected once
+        elif splittable(f, txt_mode) and f.size > unit_bytes:
             ranges = [(s, min(s + unit_bytes, f.size)) for s in range(0, f.size, unit_bytes)]
         elif f.format == "parquet":
             ranges = _parquet_ranges(f, unit_bytes)
         for j, (s, e) in enumerate(ranges):
-            units.append(Unit(f"{i:05d}-{j:04d}", f, s, e, j == 0))
+            units.append(Unit(f"{i:05d}-{j:04d}", f, s, e, j == 0, binary))
     return units
+
+
+def _sniff_binary(f: InputFile) -> bool:
+    from .readers import SNIFF, open_binary
+
+    with open_binary(f) as fh:
+        return b"\x00" in fh.read(SNIFF)
 
 
 def _parquet_ranges(f: InputFile, unit_bytes: int) -> list[tuple[int, Optional[int]]]:

@@ -21,9 +21,10 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
+
+from megamom.fsutil import check_out
 
 from .errors import BadInput, PrepError, StrictStop
 from .inputs import InputFile, discover, plan_units
@@ -84,8 +85,6 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     st = settings or PrepSettings()
     check_settings(st)
-    if st.compression == "none":
-        st = replace(st, compression=None)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if st.add_eos and tok.eos_id is None:
         raise PrepError(f"tokenizer {tok.path!r} has no EOS token; pass --no-eos or use a tokenizer with one")
@@ -96,7 +95,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
         log(f"prep: skipping {s} (unsupported file type)")
     if len(skipped) > 10:
         log(f"prep: ... and {len(skipped) - 10} more unsupported files skipped")
-    out = Path(out)
+    # a regular file in the way is an error (non-empty directories are judged below: resume, overwrite)
+    out = check_out(out, overwrite, error=PrepError, require_empty=False)
     fp = _fingerprint(st, tok, files)
     job = {"fingerprint": fp, "settings": st.to_dict(), "tokenizer": tok.hash}
 
@@ -201,8 +201,12 @@ def _run(todo, st, out, strict, tok, nproc, total_bytes, progress) -> None:
 
 
 def _resolve_lines(bads: list[BadInput]) -> list[BadInput]:
-    """Line numbers for bad input found in byte ranges of a file after its first (the worker knew
-    only the byte offset): one pass over each such file, counting newlines."""
+    """Line numbers for bad input the worker knew only by byte offset (later byte ranges of a file,
+    whole-file documents): one pass over each such file, counting newlines. Offsets are positions
+    in the decompressed text, so compressed files are read decompressed."""
+    from .inputs import classify
+    from .readers import open_binary
+
     want: dict[str, list[int]] = {}
     for b in bads:
         if b.line is None and b.offset is not None and b.level == "document":
@@ -210,11 +214,13 @@ def _resolve_lines(bads: list[BadInput]) -> list[BadInput]:
     lines: dict[tuple[str, int], int] = {}
     for path, offsets in want.items():
         offsets = sorted(set(offsets))
+        kind = classify(path)
+        f = InputFile(path, path, kind[0] if kind else "text", kind[1] if kind else None, 0, 0)
         try:
-            with open(path, "rb") as fh:
+            with open_binary(f) as fh:
                 pos, count, k = 0, 0, 0
                 while k < len(offsets):
-                    block = fh.read(1 << 24)
+                    block = fh.read1(1 << 20)  # read1: a truncated archive still gives all it holds
                     if not block:
                         break
                     while k < len(offsets) and offsets[k] < pos + len(block):
@@ -222,7 +228,7 @@ def _resolve_lines(bads: list[BadInput]) -> list[BadInput]:
                         k += 1
                     count += block.count(b"\n")
                     pos += len(block)
-        except OSError:
+        except (OSError, EOFError, ValueError):  # unreadable or truncated: keep the lines found so far
             continue
     for b in bads:
         if b.line is None and (b.path, b.offset) in lines:

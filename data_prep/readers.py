@@ -22,6 +22,7 @@ from .inputs import InputFile, Unit
 
 BLOCK = 1 << 20
 SNIFF = 8192
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: always unpaired
 
 
 class Piece(NamedTuple):
@@ -83,35 +84,54 @@ def open_binary(f: InputFile):
     return raw
 
 
-def _sniff_binary(f: InputFile) -> bool:
-    with open_binary(f) as fh:
-        return b"\x00" in fh.read(SNIFF)
-
-
 def read_unit(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     """All documents of a unit. File-level problems (unreadable, binary) end the unit's file early:
-    what was read before stays counted, the file is counted as rejected."""
+    what was read before stays counted, the file is counted as rejected, and a document the failure
+    cut off (counted as read, not finished) is rejected as `truncated`, so that documents read =
+    written + rejected holds. Pieces of it already handed on (a streamed document) stay where they
+    went: a streamed document cannot be taken back."""
     f = unit.file
+    if unit.binary:  # sniffed once per file by plan_units
+        rec.reject(BadInput("file", "binary", f.path, detail="NUL byte in its first 8 KiB"))
+        return
+    read0, rejected0 = rec.docs_read, sum(rec.rejected.values())
+    finished = 0
+    open_key: Optional[int] = None  # key of the document whose pieces are being handed on
     try:
-        if f.format != "parquet" and _sniff_binary(f):
-            rec.reject(BadInput("file", "binary", f.path, detail="NUL byte in its first 8 KiB"))
-            return
-        if f.format == "parquet":
-            yield from _parquet(unit, opt, rec)
-        elif f.format == "jsonl":
-            yield from _jsonl(unit, opt, rec)
-        elif opt.txt_mode == "line":
-            yield from _text_lines(unit, opt, rec)
-        elif opt.txt_mode == "paragraph":
-            yield from _text_paragraphs(unit, opt, rec)
-        else:
-            yield from _text_file(unit, opt, rec)
+        for piece in _read(unit, opt, rec):
+            if piece.end:
+                finished += 1
+                open_key = None
+            else:
+                open_key = piece.key
+            yield piece
     except StrictStop:
         raise
     except (OSError, EOFError, ValueError) as e:  # incl. gzip.BadGzipFile, zstd errors, truncation
         if type(e).__module__.startswith("json"):
             raise
-        rec.reject(BadInput("file", "unreadable", f.path, detail=f"{type(e).__name__}: {e}"))
+        why = f"{type(e).__name__}: {e}"
+        rec.reject(BadInput("file", "unreadable", f.path, detail=why))
+        cut = rec.docs_read - read0 - finished - (sum(rec.rejected.values()) - rejected0)
+        if cut > 0:  # at most one: documents are read one at a time
+            if open_key is None and f.format == "text" and opt.txt_mode == "file":
+                open_key = 0
+            for _ in range(cut):
+                rec.reject(BadInput("document", "truncated", f.path, None, open_key,
+                                    f"the read failed inside it: {why}"))
+
+
+def _read(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+    if unit.file.format == "parquet":
+        yield from _parquet(unit, opt, rec)
+    elif unit.file.format == "jsonl":
+        yield from _jsonl(unit, opt, rec)
+    elif opt.txt_mode == "line":
+        yield from _text_lines(unit, opt, rec)
+    elif opt.txt_mode == "paragraph":
+        yield from _text_paragraphs(unit, opt, rec)
+    else:
+        yield from _text_file(unit, opt, rec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +203,7 @@ def _jsonl(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
             rec.blank_lines += 1
             continue
         rec.docs_read += 1
+        replaced = rec.utf8_replaced
         s = _decode(raw, f, offset, lineno, opt, rec)
         if s is None:
             continue
@@ -208,6 +229,17 @@ def _jsonl(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
             rec.reject(BadInput("document", "bad_field_type", f.path, lineno, offset,
                                 f"{opt.text_field!r} is a {type(value).__name__}"))
             continue
+        if b"\\u" in raw:  # only a \uXXXX escape can give a lone surrogate (not valid Unicode text)
+            m = _SURROGATE.search(value)
+            if m:
+                if opt.invalid_utf8 == "reject":
+                    rec.reject(BadInput("document", "invalid_utf8", f.path, lineno, offset,
+                                        f"lone surrogate escape \\u{ord(m.group()):04x} at character "
+                                        f"{m.start()} of {opt.text_field!r}"))
+                    continue
+                if rec.utf8_replaced == replaced:  # a document is counted once
+                    rec.utf8_replaced += 1
+                value = _SURROGATE.sub("\ufffd", value)
         yield from _whole(value, offset, f, lineno, opt, rec)
 
 

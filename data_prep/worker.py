@@ -18,8 +18,7 @@ from typing import Optional
 import numpy as np
 import xxhash
 
-from .errors import BadInput, StrictStop
-from .inputs import Unit
+from .errors import StrictStop
 from .packing import columns, make_builder
 from .readers import ReadOptions, Recorder, read_unit
 
@@ -47,6 +46,11 @@ class PrepSettings:
     hashes: tuple = ("sha1", "xxh64")
     max_line_bytes: int = 256 << 20
     chunk_chars: int = 1 << 20
+
+    def __post_init__(self):
+        # The one place "none" becomes None: settings from the CLI, the API and replace() agree.
+        if isinstance(self.compression, str) and self.compression.strip().lower() == "none":
+            self.compression = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -126,14 +130,9 @@ def process_unit(job: tuple) -> dict:
 
     def flush():
         nonlocal batch, chars
-        texts = [p.text for p, _ in batch]
-        try:
-            all_ids = tok.encode_batch(texts)
-        except UnicodeEncodeError:  # lone surrogates from JSON escapes: find and fix them one by one
-            all_ids = [_encode_checked(p, unit, rec, st) for p, _ in batch]
+        # Texts are valid Unicode here: the readers reject or replace lone surrogates (JSON escapes).
+        all_ids = tok.encode_batch([p.text for p, _ in batch])
         for (piece, split), ids in zip(batch, all_ids):
-            if ids is None:
-                continue
             if piece.start and bos:
                 ids = bos + ids
             if piece.end and eos:
@@ -178,18 +177,6 @@ def process_unit(job: tuple) -> dict:
     write_json_atomic(out / ".prep" / "units" / f"{unit.uid}.json", report)
     shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def _encode_checked(piece, unit: Unit, rec: Recorder, st: PrepSettings):
-    try:
-        return _TOK.encode(piece.text)
-    except UnicodeEncodeError:
-        if st.invalid_utf8 == "reject":
-            rec.reject(BadInput("document", "invalid_utf8", unit.file.path, None, piece.key,
-                                "lone surrogate escape (\\udXXX) in the text"))
-            return None
-        rec.utf8_replaced += 1
-        return _TOK.encode(piece.text.encode("utf-8", "replace").decode("utf-8"))
 
 
 def write_json_atomic(path: Path, obj) -> None:

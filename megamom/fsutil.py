@@ -1,8 +1,10 @@
-"""All-or-nothing directory outputs: write into a temporary sibling, rename into place at the end."""
+"""Output directories and sizes: all-or-nothing directory outputs (write into a temporary sibling,
+rename into place at the end), the early check of an --out, and parsing sizes like 64MiB."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,3 +38,42 @@ def staged_dir(out: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_out(out: str | Path, overwrite: bool = False, inputs: tuple = (), *, error: type = ValueError,
+              require_empty: bool = True) -> Path:
+    """Fail early (before any expensive work) on an output directory that would clobber something:
+    one that overlaps an input, an existing regular file, or (with `require_empty`, unless
+    `overwrite`) a non-empty directory. Raises `error(message)`; returns the path."""
+    out = Path(out).expanduser()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        o = out.resolve()
+        if o == src or src in o.parents or o in src.parents:
+            raise error(f"--out {str(out)!r} overlaps the input {str(src)!r}; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {str(out)!r} exists and is a file, not a directory; choose another --out")
+    if require_empty and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise error(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it, or choose "
+                    "another --out")
+    return out
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+               "T": 10**12, "TB": 10**12, "KI": 2**10, "KIB": 2**10, "MI": 2**20, "MIB": 2**20,
+               "GI": 2**30, "GIB": 2**30, "TI": 2**40, "TIB": 2**40}
+
+
+def parse_size(text: str | int, *, error: type = ValueError, what: str = "size") -> int:
+    """'5GB' (10^9, as transformers), '500MiB' (2^20), '64k', '1000000' -> bytes (> 0); units are
+    case-insensitive. A bad value raises `error(message)` naming it (`what` says what it is)."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise error(f"{what} {text!r} is not a size like 5GB, 500MB, 64MiB or 1048576")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise error(f"{what} {text!r} must be > 0")
+    return size

@@ -45,5 +45,8 @@ if [ -n "$EXTRAS" ]; then TARGET=".[$EXTRAS]"; else TARGET="."; fi
 # Deps first (cheap when satisfied), then a fresh non-editable install of this tree so the tests
 # always exercise the installed package.
 pip_q "$TARGET"
+# setuptools copies a source file into ./build only when it is newer than the copy there: a file
+# restored with an older mtime would install stale. Build from scratch.
+rm -rf build
 pip_q --no-deps --no-build-isolation --force-reinstall .
 "$PY" -c "import torch, megamom; print(f'bootstrap: megamom {megamom.__version__}, torch {torch.__version__}, cuda={torch.cuda.is_available()}')"

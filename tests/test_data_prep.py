@@ -287,3 +287,127 @@ def test_kill_midway_then_resume_equals_uninterrupted(tok, tmp_path):
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
     assert tree(out) == tree(ref)  # byte for byte, manifest included
+
+
+def test_lone_surrogate_escape_is_replaced_or_rejected_like_invalid_utf8(tok, tmp_path):
+    src = tmp_path / "s.jsonl"
+    with open(src, "wb") as f:
+        f.write(b'{"text": "good one"}\n')
+        f.write(b'{"text": "hello \\ud800 world"}\n')  # line 2: a lone surrogate escape
+        f.write(b'{"text": "pair \\ud83d\\ude00 ok"}\n')  # a valid pair: an emoji, untouched
+    m = prepare([str(src)], tmp_path / "rep", tok, PrepSettings(seq_len=64, layout="concat"), **QUIET)
+    assert m["counts"]["documents"] == {"read": 3, "written": 3, "rejected": {}, "utf8_replaced": 1}
+    docs = [tok.decode(x) for x in split_docs(stream_of(samples(tmp_path / "rep"), 64), tok.eos_id)]
+    assert docs == ["good one", "hello \ufffd world", "pair \U0001F600 ok"]
+    m = prepare([str(src)], tmp_path / "rej", tok, PrepSettings(seq_len=64, invalid_utf8="reject"), **QUIET)
+    assert m["counts"]["documents"] == {"read": 3, "written": 2, "rejected": {"invalid_utf8": 1}, "utf8_replaced": 0}
+    msg = m["errors"][0]["message"]
+    assert msg.startswith(f"{src}:2: document rejected [invalid_utf8]") and "lone surrogate" in msg
+
+
+def test_truncated_archive_rejects_the_document_it_cut(tok, tmp_path):
+    import random
+
+    d = tmp_path / "in"
+    d.mkdir()
+    # one document per file: the archive ends inside it
+    whole = gzip.compress(" ".join(CHAPTERS[:40]).encode())
+    (d / "t.txt.gz").write_bytes(whole[: len(whole) // 2])
+    jsonl(d / "ok.jsonl", CHAPTERS[:2])
+    for chunk in (1 << 20, 4096):  # whole in memory / streamed in pieces
+        m = prepare([str(d)], tmp_path / f"o{chunk}", tok,
+                    PrepSettings(seq_len=64, chunk_chars=chunk), **QUIET)
+        c = m["counts"]
+        assert c["documents"] == {"read": 3, "written": 2, "rejected": {"truncated": 1}, "utf8_replaced": 0}
+        assert c["files"]["rejected"] == {"unreadable": 1}
+        msgs = [b["message"] for b in m["errors"]]
+        assert any(s.startswith(f"{d / 't.txt.gz'}: file rejected [unreadable]") for s in msgs)
+        assert any(s.startswith(f"{d / 't.txt.gz'}") and "[truncated]" in s for s in msgs)
+    # line mode: short lines, then a long line (streamed in pieces) that the archive cuts
+    rng = random.Random(0)
+    words = " ".join(CHAPTERS[:50]).split()
+    lines = [f"line {i}" for i in range(30)] + [" ".join(rng.choice(words) for _ in range(500000))]
+    whole = gzip.compress(("\n".join(lines) + "\n").encode())
+    (tmp_path / "l.txt.gz").write_bytes(whole[: int(len(whole) * 0.9)])
+    m = prepare([str(tmp_path / "l.txt.gz")], tmp_path / "lines", tok,
+                PrepSettings(seq_len=64, txt_mode="line", chunk_chars=4096), **QUIET)
+    c = m["counts"]["documents"]
+    assert c["rejected"] == {"truncated": 1} and c["read"] == c["written"] + 1 == 31
+    bad = [b for b in m["errors"] if b["reason"] == "truncated"][0]
+    assert bad["line"] == 31 and bad["message"].startswith(f"{tmp_path / 'l.txt.gz'}:31: document rejected")
+
+
+def test_line_numbers_of_compressed_files_count_decompressed_lines(tmp_path):
+    import zstandard
+
+    from megamom.data_prep.errors import BadInput
+    from megamom.data_prep.prep import _resolve_lines
+
+    text = "".join(json.dumps({"text": f"doc {i} " + "x" * (i % 7)}) + "\n" for i in range(500)).encode()
+    starts = [0] + [i + 1 for i, b in enumerate(text) if b == ord("\n")][:-1]
+    for name, data in (("a.jsonl", text), ("b.jsonl.gz", gzip.compress(text)),
+                       ("c.jsonl.zst", zstandard.ZstdCompressor().compress(text))):
+        (tmp_path / name).write_bytes(data)
+        bads = [BadInput("document", "malformed_json", str(tmp_path / name), None, starts[k]) for k in (0, 249, 499)]
+        assert [b.line for b in _resolve_lines(bads)] == [1, 250, 500], name
+
+
+def test_binary_file_split_into_units_is_rejected_once(tok, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "bin.jsonl").write_bytes(b"\x00\x01" * 20000)  # 40 kB, many units of 1000 bytes
+    jsonl(d / "ok.jsonl", ["fine text"])
+    m = prepare([str(d)], tmp_path / "out", tok, PrepSettings(seq_len=64, unit_bytes=1000), workers=2, **QUIET)
+    c = m["counts"]
+    assert c["files"]["rejected"] == {"binary": 1} and c["bad_total"] == 1
+    assert c["documents"] == {"read": 1, "written": 1, "rejected": {}, "utf8_replaced": 0}
+    assert [b["message"].split(":")[0] for b in m["errors"]] == [str(d / "bin.jsonl")]
+
+
+def test_compression_none_and_out_that_is_a_file(tok, tmp_path):
+    from megamom.cli import main
+
+    src = jsonl(tmp_path / "a.jsonl", CHAPTERS[:3])
+    m = prepare([str(src)], tmp_path / "out", tok, PrepSettings(seq_len=64, compression="none"), **QUIET)
+    assert m["settings"]["compression"] is None and m["counts"]["documents"]["written"] == 3
+    shards = sorted(p.name for p in (tmp_path / "out" / "train").rglob("shard.*"))
+    assert shards and all(s.endswith(".mds") for s in shards)
+    assert PrepSettings(compression="none") == PrepSettings(compression=None)
+    assert main(["prep", str(src), "--out", str(tmp_path / "cli"), "--tokenizer", tok.path, "--seq-len", "64",
+                 "--compression", "none", "--workers", "1", "--no-progress"]) == 0
+    assert read_manifest(tmp_path / "cli")["settings"]["compression"] is None
+    # an --out that is a regular file: a clear error naming it, the file untouched
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    with pytest.raises(PrepError, match=r"file\.txt.*exists and is a file"):
+        prepare([str(src)], f, tok, **QUIET)
+    assert f.read_text() == "keep"
+    from megamom.convert.errors import ConvertError
+    from megamom.convert.outdir import check_out
+
+    with pytest.raises(ConvertError, match="exists and is a file"):
+        check_out(f, overwrite=True)
+
+
+def test_sizes_parse_once_and_bad_ones_are_usage_errors(capsys):
+    import argparse
+
+    from megamom.convert.errors import ConvertError
+    from megamom.convert.hf_io import parse_size
+    from megamom.data_prep.cli import add_arguments
+
+    parser = argparse.ArgumentParser(prog="prep")
+    add_arguments(parser)
+    base = ["x.jsonl", "--out", "o", "--tokenizer", "t"]
+    a = parser.parse_args(base + ["--unit-size", "64MiB", "--shard-size", "500MB", "--max-line-bytes", "64k"])
+    assert (a.unit_size, a.shard_size, a.max_line_bytes) == (64 << 20, 500 * 10**6, 64000)
+    assert parser.parse_args(base).unit_size == 64 << 20  # defaults go through the same parser
+    for bad in ("5ib", "lots", "0"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(base + ["--unit-size", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--unit-size" in err and repr(bad) in err
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 << 30 and parse_size(123) == 123
+    with pytest.raises(ConvertError, match="shard size '5ib'"):
+        parse_size("5ib")

@@ -146,3 +146,21 @@ def test_cli(corpus, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 600
     assert main(["tokenizer", "encode", "hi"]) == 2
     assert "needs --tokenizer" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_a_clear_error(corpus, toks, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    with pytest.raises(TokenizerError, match=r"file\.txt.*exists and is a file"):
+        train_tokenizer([str(corpus)], f, TrainSpec(vocab_size=600), log=lambda m: None)
+    with pytest.raises(TokenizerError, match=r"file\.txt.*exists and is a file"):
+        export_hf(toks["bpe"] / "tokenizer.model", f)
+    assert f.read_text() == "keep"
+    # a non-empty directory still needs overwrite; with it, the export replaces it whole
+    d = tmp_path / "hf"
+    (d / "old").mkdir(parents=True)
+    with pytest.raises(TokenizerError, match="exists and is not empty"):
+        export_hf(toks["bpe"] / "tokenizer.model", d)
+    export_hf(toks["bpe"] / "tokenizer.model", d, overwrite=True)
+    assert not (d / "old").exists() and (d / "tokenizer.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left

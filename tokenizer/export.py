@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
-from megamom.fsutil import replace_dir
+from megamom.fsutil import check_out, staged_dir
 
 from .base import TokenizerError
 
@@ -120,10 +118,7 @@ def export_hf(model: str | Path | bytes, out_dir: str | Path, *, overwrite: bool
 
     sp = SentencePieceTokenizer(model) if isinstance(model, bytes) else SentencePieceTokenizer.from_file(model)
     proto = sp.proto()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise TokenizerError(f"{str(out)!r} exists and is not empty; pass --overwrite or another --out")
+    out = check_out(out_dir, overwrite, error=TokenizerError)
     tk = build_hf_tokenizer(proto)
 
     def piece(i):
@@ -134,9 +129,7 @@ def export_hf(model: str | Path | bytes, out_dir: str | Path, *, overwrite: bool
         unk_token=piece(sp.unk_id), pad_token=piece(sp.pad_id), split_special_tokens=True,
         clean_up_tokenization_spaces=False, model_max_length=model_max_length or int(1e30),
         add_bos_token=False, add_eos_token=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         fast.save_pretrained(str(tmp))
         _portable_tokenizer_config(tmp / "tokenizer_config.json")
         (tmp / SPM_NAME).write_bytes(sp.model_proto)
@@ -144,10 +137,6 @@ def export_hf(model: str | Path | bytes, out_dir: str | Path, *, overwrite: bool
                                               "vocab_size": sp.vocab_size, "bos_id": sp.bos_id,
                                               "eos_id": sp.eos_id, "pad_id": sp.pad_id, "unk_id": sp.unk_id,
                                               **_train_meta(proto)}, indent=2) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 def _portable_tokenizer_config(path: Path) -> None:

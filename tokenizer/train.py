@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -128,7 +126,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, spec: Optional[Train
 
     import sentencepiece as spm
 
-    from megamom.fsutil import replace_dir
+    from megamom.fsutil import check_out, staged_dir
 
     from .export import export_hf
     from .load import MARKER, SPM_NAME
@@ -136,9 +134,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, spec: Optional[Train
 
     spec = spec or TrainSpec()
     spec.validate()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TokenizerError(f"{str(out)!r} exists and is not empty; pass --overwrite or another --out")
+    out = check_out(out_dir, overwrite, error=TokenizerError)
     sentences, stats = sample_sentences(inputs, spec, log)
     user = (["\n"] if spec.newline_token else []) + list(spec.special_tokens)
     ids = {"unk_id": 0}
@@ -163,9 +159,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, spec: Optional[Train
         hint = ("; lower --vocab-size or give more text" if "Vocabulary size" in msg or "vocab_size" in msg else "")
         raise TokenizerError(f"sentencepiece training failed: {msg}{hint}") from None
     tok = SentencePieceTokenizer(buf.getvalue(), str(out / SPM_NAME))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         if export:
             export_hf(tok.model_proto, tmp / "hf")
             for f in (tmp / "hf").iterdir():
@@ -180,10 +174,6 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, spec: Optional[Train
         meta["hash"] = tok.hash
         meta["train"] = {**asdict(spec), **stats, "inputs": [str(i) for i in inputs]}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"tokenizer: {spec.model_type} vocab {tok.vocab_size} from {stats['sentences_sampled']} of "
         f"{stats['sentences_seen']} sentences ({stats['documents_read']} documents) -> {out} "
         f"[{tok.hash[:19]}...]")

@@ -8,25 +8,16 @@ from pathlib import Path
 
 import torch
 
+from .. import fsutil
 from .errors import ConvertError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str | int) -> int:
     """'5GB' (10^9, as transformers), '500MiB', '1000000' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConvertError(f"shard size {text!r} is not a size like 5GB, 500MB or 2GiB")
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise ConvertError(f"shard size {text!r} must be > 0")
-    return size
+    return fsutil.parse_size(text, error=ConvertError, what="shard size")
 
 
 def _natural_key(name: str):
