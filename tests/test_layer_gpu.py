@@ -7,7 +7,7 @@ import torch
 from megamom.config import ModelConfig
 from megamom.model import MemoryMixer
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+gpu = pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 
 
 @pytest.mark.gpu
