@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 from triton.testing import do_bench
@@ -18,7 +17,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
-    from megamom.kernels.short_conv import conv_triton
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen
     from megamom.kernels import triton as mt
 
@@ -46,7 +44,7 @@ def main():
         rows[backend] = (run(backend, False), run(backend, True))
     gb = N * D * 2 * 2 / 1e9  # read x + write y
     print(json.dumps({"rows": N, "channels": D, "ms": rows}))
-    print(f"| path | fwd ms | fwd+bwd ms | fwd GB/s |\n|---|---|---|---|")
+    print("| path | fwd ms | fwd+bwd ms | fwd GB/s |\n|---|---|---|---|")
     for k, (f, fb) in rows.items():
         print(f"| {k} | {f:.3f} | {fb:.3f} | {gb / f * 1e3:.0f} |")
     print(f"triton / torch fwd+bwd: {rows['triton'][1] / rows['torch'][1]:.2f}x time")

@@ -19,7 +19,7 @@ from triton.testing import do_bench
 
 from megamom.config import load_config
 from megamom.model import MemoryMixer, build_model
-from megamom.model.counting import count_parameters, flops_per_token
+from megamom.model.counting import flops_per_token
 
 DEV = "cuda"
 PEAK = 989e12  # H100/H200 SXM dense bf16

@@ -37,7 +37,7 @@ def causal_conv1d_varlen(
     N, D = x.shape
     W = weight.shape[-1]
     cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
+    lens = cu[1:] - cu[:-1]  # cheap device ops; the final tails need them on both paths
     if initial_state is None and x.dtype != torch.float64 and resolve_backend(backend, x.device) == "triton":
         from .conv_triton import causal_conv1d_varlen_triton
         y = causal_conv1d_varlen_triton(x, weight, cu_seqlens, row_weight_index, silu=activation == "silu",
@@ -49,7 +49,7 @@ def causal_conv1d_varlen(
         if weight.dim() == 2 and initial_state is None:
             y = _conv_zero_separated(x, weight, seg, S, W)
         else:
-            pos = torch.arange(N, device=x.device) - cu[seg]
+            pos = positions if positions is not None else torch.arange(N, device=x.device) - cu[seg]
             y = _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W)
         if activation == "silu":
             y = F.silu(y)

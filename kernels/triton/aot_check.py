@@ -15,11 +15,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+
 
 @dataclass
 class Compiled:
