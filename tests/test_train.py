@@ -42,12 +42,16 @@ def losses(out_dir) -> dict:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_two_processes_match_one(stage, tmp_path, megamom_env, megamom_exe):
-    """Same global batch (4 per rank x 2 ranks vs 8 in one process): same loss curve."""
+    """Same global batch (4 per rank x 2 ranks vs 8 in one process): same loss curve. The
+    two-process run also prints the end-of-run sample, which every rank computes (ZeRO-3 gathers
+    parameters from all ranks in each forward) and rank 0 alone prints."""
     one = tmp_path / "one"
     two = tmp_path / "two"
     common = ["train.max_steps=4", f"train.zero_stage={stage}"]
     train(megamom_exe, megamom_env, one, *common, "train.micro_batch_size=8")
-    train(megamom_exe, megamom_env, two, *common, "train.micro_batch_size=4", nproc=2)
+    r = train(megamom_exe, megamom_env, two, *common, "train.micro_batch_size=4", "--sample-prompt=And God said",
+              "--sample-tokens=4", nproc=2, timeout=300)
+    assert r.stdout.count("sample: ") == 1, r.stdout[-2000:]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
@@ -115,18 +119,98 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, megamom_env, megamom_exe):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, megamom_env, megamom_exe):
+    """ZeRO-0 fp32 skips through AdamWSkipNonFinite; ZeRO-1 and ZeRO-0 bf16 through DeepSpeed's own
+    optimizer wrappers (plain AdamW inside)."""
     out = tmp_path / "skip"
     env = dict(megamom_env, MEGAMOM_FAULT="nan_loss:2")
-    for stage in (0, 1):
-        train(megamom_exe, env, out / str(stage), "train.max_steps=4", f"train.zero_stage={stage}")
-        recs = [json.loads(line) for line in (out / str(stage) / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in recs if r.get("skipped")] == [2], f"ZeRO-{stage}"
+    for stage, precision in ((0, "fp32"), (1, "fp32"), (0, "bf16")):
+        run_dir = out / f"{stage}-{precision}"
+        train(megamom_exe, env, run_dir, "train.max_steps=4", f"train.zero_stage={stage}",
+              f"train.precision={precision}")
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if r.get("skipped")] == [2], f"ZeRO-{stage} {precision}"
         good = [r for r in recs if r["kind"] == "train" and "loss" in r and r["step"] != 2]
         assert all(isinstance(r["loss"], float) for r in good)  # parameters stayed finite
     env = dict(megamom_env, MEGAMOM_FAULT="nan_loss:2,3,4")
     r = train(megamom_exe, env, out / "abort", "train.max_steps=6", "train.max_nonfinite_in_row=3", check=False)
     assert r.returncode != 0
     assert "3 steps in a row had a non-finite loss or gradient" in r.stderr
+
+
+def test_nonfinite_guard_only_where_deepspeed_has_none():
+    """The per-step isfinite check (a host sync) only where DeepSpeed steps the optimizer directly."""
+    import types
+
+    import torch
+
+    from megamom.train.optim import AdamWSkipNonFinite, build_optimizer, needs_nonfinite_guard
+
+    assert needs_nonfinite_guard(0, "fp32")
+    assert not any(needs_nonfinite_guard(0, p) for p in ("bf16", "fp16"))
+    assert not any(needs_nonfinite_guard(s, p) for s in (1, 2, 3) for p in ("fp32", "bf16", "fp16"))
+    p = torch.nn.Parameter(torch.zeros(2))
+    t = types.SimpleNamespace(lr=1e-3, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1,
+                              zero_stage=0)
+    assert type(build_optimizer([{"params": [p]}], t, "fp32")) is AdamWSkipNonFinite
+    assert type(build_optimizer([{"params": [p]}], t, "bf16")) is torch.optim.AdamW
+    t.zero_stage = 1
+    assert type(build_optimizer([{"params": [p]}], t, "fp32")) is torch.optim.AdamW
+
+
+def test_stop_flag_needs_no_collective_or_sync_in_a_world_of_one():
+    """One process: the stop flag is returned as is (a tensor on the meta device cannot be read back,
+    so this fails if a tensor is made and .item() called)."""
+    import torch
+
+    from megamom.train.distributed import all_reduce_max_flag
+
+    assert all_reduce_max_flag(True, torch.device("meta")) is True
+    assert all_reduce_max_flag(False, torch.device("meta")) is False
+
+
+def test_stop_signal_right_after_a_periodic_save_saves_once(tmp_path, megamom_env, megamom_exe):
+    """Preempted right after the periodic save of step 2: the run stops without saving step 2 again."""
+    out = tmp_path / "run"
+    env = dict(megamom_env, MEGAMOM_FAULT="signal_after_save:2")
+    r = train(megamom_exe, env, out, "train.max_steps=50", "train.save_every=2")
+    assert "stopped early by a signal" in r.stdout
+    assert max(losses(out)) == 2
+    saves = [line for line in r.stderr.splitlines() if "saved checkpoint" in line]
+    assert len(saves) == 1 and saves[0].endswith("step_00000002"), saves
+    assert f"checkpoint: {out / 'checkpoints' / 'step_00000002'}" in r.stdout
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE.json").is_file()
+
+
+def test_eval_uses_the_training_data_config(tmp_path, megamom_env, megamom_exe):
+    """`megamom eval` reads the data the way training did (here: reset_at_doc_boundaries=false), so
+    it reproduces the training run's own val loss on the same batches."""
+    out = tmp_path / "nodocreset"
+    train(megamom_exe, megamom_env, out, "train.max_steps=1", "data.reset_at_doc_boundaries=false",
+          "train.eval_steps=1000")  # the whole val split: few of its rows hold a document boundary
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if json.loads(x)["kind"] == "val"]
+    ckpt = out / "checkpoints" / "step_00000001"
+    data = json.loads((ckpt / "trainer_state.json").read_text())["config"]["data"]["paths"]
+    r = subprocess.run([megamom_exe, "eval", "--checkpoint", str(ckpt), "--data", *data, "--batch-size", "4"],
+                       env=megamom_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["tokens"] == val[-1]["val_tokens"]
+    assert abs(res["loss"] - val[-1]["val_loss"]) < 1e-5 * val[-1]["val_loss"], (res, val[-1])
+
+
+def test_eval_data_config_comes_from_the_checkpoint():
+    """Only the paths come from the command line; the rest is the training run's data config."""
+    from megamom.config import DataConfig
+    from megamom.train.eval_cli import _data_config
+
+    saved = dict(vars(DataConfig(paths=["/train/a"], seq_len=64, reset_at_doc_boundaries=False,
+                                 shuffle_algo="py1s", num_canonical_nodes=2, weights=[1.0], tokenizer="/tok")))
+    saved["removed_in_a_later_version"] = 1
+    cfg = _data_config({"config": {"data": saved}, "tokenizer": {"path": "/tok"}}, ["/eval/a"])
+    assert cfg.paths == ["/eval/a"] and cfg.seq_len == 64 and cfg.reset_at_doc_boundaries is False
+    assert cfg.shuffle_algo == "py1s" and cfg.num_canonical_nodes == 2 and cfg.weights == [1.0]
+    assert cfg.tokenizer == "/tok"
+    assert _data_config({"config": {"data": saved}}, ["/x", "/y"]).weights is None  # no longer one per path
 
 
 def test_tensorboard_and_jsonl_read_back(tmp_path, megamom_env, megamom_exe):

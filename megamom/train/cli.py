@@ -48,14 +48,17 @@ def run(args) -> int:
         print(f"checkpoint: {summary['final_checkpoint']}")
         if summary.get("stopped_by"):
             print("stopped early by a signal; rerun the same command to resume")
-        elif args.sample_prompt:
-            from ..generate import generate
-            tok = trainer.tokenizer
-            ids = [tok.bos_id] if getattr(tok, "bos_id", None) is not None and tok.bos_id >= 0 else []
-            ids += tok.encode(args.sample_prompt)
-            prompt = torch.tensor([ids], device=trainer.dist.device)
-            out = generate(trainer.model, prompt, args.sample_tokens, temperature=0.8, top_k=40,
-                           generator=torch.Generator(device=trainer.dist.device).manual_seed(cfg.train.seed))
+    if not summary.get("stopped_by") and args.sample_prompt:
+        # Every rank runs the sample: under ZeRO-3 each forward gathers parameter shards from all
+        # ranks. No eos_id, so every rank runs exactly 1 + sample_tokens forwards; rank 0 prints.
+        from ..generate import generate
+        tok = trainer.tokenizer
+        ids = [tok.bos_id] if getattr(tok, "bos_id", None) is not None and tok.bos_id >= 0 else []
+        ids += tok.encode(args.sample_prompt)
+        prompt = torch.tensor([ids], device=trainer.dist.device)
+        out = generate(trainer.model, prompt, args.sample_tokens, temperature=0.8, top_k=40,
+                       generator=torch.Generator(device=trainer.dist.device).manual_seed(cfg.train.seed))
+        if trainer.dist.is_main:
             print(f"sample: {tok.decode(out[0, len(ids):].tolist())!r}  (prompt: {args.sample_prompt!r})")
     import torch.distributed as dist
     if dist.is_initialized():

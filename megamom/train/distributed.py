@@ -68,9 +68,12 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
 
 
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any. A world of one returns `flag` as is: no
+    tensor, no collective and no device-to-host sync."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 

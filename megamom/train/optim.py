@@ -19,9 +19,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 class AdamWSkipNonFinite(torch.optim.AdamW):
-    """AdamW that skips its update when a gradient is non-finite. DeepSpeed's ZeRO optimizers do
-    this themselves; without ZeRO (stage 0) the engine steps this optimizer directly and reads
-    `overflow` to count the step as skipped (and not advance the lr schedule)."""
+    """AdamW that skips its update when a gradient is non-finite, for the one setup where DeepSpeed
+    does not: see `needs_nonfinite_guard`. The engine reads `overflow` to count the step as skipped
+    (and not advance the lr schedule). The check costs a device-to-host sync every step."""
 
     overflow = False
 
@@ -34,9 +34,22 @@ class AdamWSkipNonFinite(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(groups: list[dict], t) -> torch.optim.Optimizer:
-    return AdamWSkipNonFinite(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                              weight_decay=t.weight_decay)
+def needs_nonfinite_guard(zero_stage: int, precision: str) -> bool:
+    """Whether DeepSpeed (0.19) would step the optimizer through a non-finite gradient.
+
+    - ZeRO 1/2 (stage_1_and_2.py) and ZeRO 3 (stage3.py) compute the global grad norm every step
+      (zero_optimization.compute_grad_norm, default on, not turned off here) and mark the step as an
+      overflow when it is inf/NaN, in fp32, bf16 and fp16 alike (fp16 also checks the gradients).
+    - ZeRO 0 with fp16 or bf16 wraps the optimizer in FP16_Optimizer / FP16_UnfusedOptimizer
+      (engine._do_optimizer_sanity_check: FP16 / DDP_BFLOAT16), whose step() runs CheckOverflow and
+      skips.
+    - ZeRO 0 with fp32 steps the client optimizer directly, so only this one needs the guard."""
+    return zero_stage == 0 and precision == "fp32"
+
+
+def build_optimizer(groups: list[dict], t, precision: str) -> torch.optim.Optimizer:
+    cls = AdamWSkipNonFinite if needs_nonfinite_guard(t.zero_stage, precision) else torch.optim.AdamW
+    return cls(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
 
 
 def build_deepspeed_config(cfg: Config, batching, precision: str) -> dict:

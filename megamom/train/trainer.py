@@ -107,6 +107,7 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
+        self._last_saved: Optional[tuple[int, Path]] = None  # (step, directory) of the newest save
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.metrics = MetricsLogger(self.out_dir, self.dist.is_main, self.step)
@@ -187,7 +188,7 @@ class Trainer:
                      self.batching.dp_size)
         ds_config = build_deepspeed_config(cfg, self.batching, self.precision)
         groups = param_groups(model, cfg.train.weight_decay)
-        optimizer = None if cfg.train.offload_optimizer else build_optimizer(groups, cfg.train)
+        optimizer = None if cfg.train.offload_optimizer else build_optimizer(groups, cfg.train, self.precision)
         sched = lambda opt: WarmupCosine(opt, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
                                          cfg.train.min_lr_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -245,6 +246,7 @@ class Trainer:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
         path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(), rank_state,
                                     self.dist.rank, self.cfg.train.keep_last)
+        self._last_saved = (self.step, path)
         if self.dist.is_main and not self.quiet:
             log.info("saved checkpoint %s", path)
         return path
@@ -265,6 +267,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._last_saved = (self.step, path)
         if self.dist.is_main and not self.quiet:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -368,15 +371,19 @@ class Trainer:
                 last_eval = self.evaluate()
             if t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                 self.save()
-            if all_reduce_max_flag(self._stop_signal is not None, self.dist.device):
+                if ckpt.fault_requested("signal_after_save", self.step):  # test hook: preempted right here
+                    self._stop_signal = signal.SIGTERM
+            if all_reduce_max_flag(self._stop_signal is not None, self.dist.device):  # no sync in a world of 1
                 stopped_by = "signal"
                 break
         if bar is not None:
             bar.close()
-        if self.step > summary["start_step"] or self.resume_from is None:
+        if self._last_saved is not None and self._last_saved[0] == self.step:
+            # already on disk: a periodic save right before a stop signal, or a resume at max_steps;
+            # saving again would rewrite the whole step inside the preemption grace period
+            summary["final_checkpoint"] = str(self._last_saved[1])
+        else:
             summary["final_checkpoint"] = str(self.save())
-        else:  # resumed at max_steps: nothing new to save
-            summary["final_checkpoint"] = str(self.resume_from)
         if stopped_by is None:
             last_eval = self.evaluate()
         summary.update(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps,
