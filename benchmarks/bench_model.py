@@ -275,11 +275,14 @@ def bench_profile_train(backend):
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
     print(table)
+    # the same GPU time by op and input shapes (which cast / gather / copy costs what)
+    table += "\n" + prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=40, max_shapes_column_width=90)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), f"profile_train_{backend}.txt"), "w") as f:
         f.write(table)
     del model, opt

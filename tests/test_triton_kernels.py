@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from megamom.kernels.rules import get_rule, memory_scan_naive, memory_step
 
-INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "dv_local": {"BV": 16}, "bwd_dhu": {"BV": 16},
+INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "bwd_local": {"BK": 16, "BV": 16}, "bwd_dhu": {"BV": 16},
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
                  "step": {"BV": 16}, "conv_fwd": {"BR": 16, "BD": 16}, "conv_bwd": {"BR": 16, "BD": 16},
                  "conv_bwd_dx": {"BR": 16, "BD": 16}, "conv_bwd_shared": {"BR": 16, "BD": 16, "RB": 2},
-                 "combine_norm": {"BN": 4}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3}}
+                 "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256}, "rmsnorm_fwd": {"BM": 4},
+                 "rmsnorm_bwd": {"BM": 4, "RB": 3}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -219,10 +220,48 @@ def check_rmsnorm(M, D, device, dtype, seed=7):
     return {"y": rel(y, yr), "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, ref.weight.grad)}
 
 
+def check_swiglu(M, D, device, dtype, seed=10):
+    """The MLP's fused silu(gate) * up, forward and both gradients, vs float64."""
+    from megamom.kernels.triton.swiglu import swiglu
+
+    gen = torch.Generator().manual_seed(seed)
+    gate, up, dy = (torch.randn(M, D, generator=gen) * 3 for _ in range(3))
+    xs = [t.to(device, dtype).requires_grad_() for t in (gate, up)]
+    y = swiglu(*xs)
+    y.backward(dy.to(device, dtype))
+    ref = [t.to(device, dtype).detach().double().requires_grad_() for t in (gate, up)]
+    yr = F.silu(ref[0]) * ref[1]
+    yr.backward(dy.to(device, dtype).double())
+    return {"y": rel(y, yr), "dgate": rel(xs[0].grad, ref[0].grad), "dup": rel(xs[1].grad, ref[1].grad)}
+
+
+def check_gather_sum(N, R, D, device, dtype, seed=8):
+    """routing.pack's fused backward (sum of each token's R packed rows) vs float64 and vs the
+    torch path of the same backward."""
+    from megamom.kernels.triton.gather_sum import gather_sum
+    from megamom.model.routing import _GatherTokens
+
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randn(N * R, D, generator=gen).to(device, dtype)
+    index = torch.randperm(N * R, generator=gen).view(N, R).to(device)
+    out = gather_sum(src, index)
+    ref = src.double()[index.reshape(-1)].view(N, R, D).sum(1)
+    x = torch.zeros(N, D, device=device, dtype=dtype, requires_grad=True)
+    row_token = torch.empty(N * R, dtype=torch.long, device=device)
+    row_token[index.reshape(-1)] = torch.arange(N, device=device).repeat_interleave(R)
+    grads = []
+    for fused in (False, True):
+        x.grad = None
+        (_GatherTokens.apply(x, row_token, index, fused) * src).sum().backward()
+        grads.append(x.grad.clone())
+    return {"out": rel(out, ref), "fused_vs_torch": rel(grads[1], grads[0].double())}
+
+
 def check_stages(ins, cu, chunk_size=64, seed=4):
-    """Backward kernel by kernel: recompute the outputs of _bwd_dqkwg_kernel and _bwd_wy_kernel in
-    float64 from the kernels' OWN inputs (the intermediates of one backward), chunk by chunk. Tells
-    a miscompiled kernel from accumulated rounding. Gated delta rule with L2 norm."""
+    """Backward kernel by kernel: recompute the outputs of _bwd_local_kernel, _bwd_dqkwg_kernel and
+    _bwd_wy_kernel in float64 from the kernels' OWN inputs (the intermediates of one backward),
+    chunk by chunk. Tells a miscompiled kernel from accumulated rounding. Gated delta rule with L2
+    norm."""
     from megamom.kernels.gated_delta_rule import chunk_triton as ct
     from megamom.kernels.triton import prepare_varlen
     from megamom.kernels.triton.l2norm import l2norm_fwd
@@ -245,7 +284,8 @@ def check_stages(ins, cu, chunk_size=64, seed=4):
     f = lambda x: x.double().cpu()  # noqa: E731
     qd, kd, vd, Gd, bd, Xd, dod = map(f, (qf, kf, vf, G, bf, X, do))
     D = {n: f(t) for n, t in d.items() if t is not None}
-    ref = {n: torch.zeros_like(D[n]) for n in ("dq", "dkd", "dw", "dk", "dv", "dbeta", "dg")}
+    stages = ("dv_local", "dov", "dq", "dkd", "dw", "dk", "dv", "dbeta", "dg")
+    ref = {n: torch.zeros_like(D[n]) for n in stages}
     ref["dGq"] = torch.zeros(T * B, H, dtype=torch.float64)
     cuh = vl.cu.cpu().tolist()
     for c, (n, i_t) in enumerate(vl.chunk_indices.cpu().tolist()):
@@ -261,6 +301,8 @@ def check_stages(ins, cu, chunk_size=64, seed=4):
             vn, dv2, dO = D["vn"][t0:t1, hh], D["dv2"][t0:t1, hh], dod[t0:t1, hh]
             E = torch.where(tri, (Gc[:, None] - Gc[None, :]).clamp(max=0).exp(), torch.zeros(()))
             e = (Gc[-1] - Gc).exp()
+            ref["dov"][t0:t1, hh, :C] = dO @ vn.T  # padded columns stay 0
+            ref["dv_local"][t0:t1, hh] = ((Q @ Kc.T) * E).T @ dO
             ds = (dO @ vn.T) * E
             ref["dq"][t0:t1, hh] = (Gc.exp()[:, None] * (dO @ S.T) + ds @ Kc) * scale
             ref["dkd"][t0:t1, hh] = e[:, None] * (vn @ dS.T) + ds.T @ Q
@@ -287,7 +329,7 @@ def check_stages(ins, cu, chunk_size=64, seed=4):
             dGw = (dkb * Kc).sum(1) * bc * Gc.exp() + (dL * L).sum(1) - (dL * L).sum(0)
             dGw = dGw + D["dGp"][:, t0:t1, hh].sum(0)
             ref["dg"][t0:t1, hh] = dGw.flip(0).cumsum(0).flip(0)
-    err = {n: rel(D[n], ref[n]) for n in ("dq", "dkd", "dw", "dk", "dv", "dbeta", "dg")}
+    err = {n: rel(D[n], ref[n]) for n in stages}
     err["dGp"] = rel(D["dGp"].sum(0), ref["dGq"])
     return err
 
@@ -326,6 +368,8 @@ def run_interp_suite() -> dict:
         out[f"conv_shared_silu_w{W}"] = check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, W, "cpu", torch.float32,
                                                    False, True)
     out["rmsnorm"] = check_rmsnorm(37, 40, "cpu", torch.float32)
+    out["gather_sum"] = check_gather_sum(19, 3, 40, "cpu", torch.float32)
+    out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
     out["combine_norm_gate"] = check_combine_norm(19, 3, 2, 24, "cpu", torch.float32)
     out["combine_norm_nogate"] = check_combine_norm(19, 2, 2, 24, "cpu", torch.float32, gate=False)
     # one slot (arch linear): the norm makes y independent of the slot weight (true dslot_w = 0)
@@ -349,7 +393,7 @@ def interp_results():
                          + ["transition", "stages", "conv_shared", "conv_shared_silu", "conv_per_memory",
                             "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
                             "conv_shared_silu_w5", "rmsnorm", "combine_norm_gate", "combine_norm_nogate",
-                            "combine_norm_r1"])
+                            "combine_norm_r1", "gather_sum", "swiglu"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
@@ -392,6 +436,17 @@ def test_triton_ops_import_is_clean():
 
 
 @pytest.mark.slow
+def test_unknown_launch_override_is_refused():
+    """A MEGAMOM_TRITON_CFG override for a kernel that does not exist (misspelt, or renamed like
+    dv_local -> bwd_local) fails at import, naming it, instead of silently doing nothing."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, MEGAMOM_TRITON_CFG='{"dv_local": {"BV": 64}}')
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, "-c", "import megamom.kernels.triton"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode != 0 and "dv_local" in p.stderr and "bwd_local" in p.stderr, p.stderr[-2000:]
+
+
 def test_kernels_compile_for_hopper():
     """Every launch of the chunked scan (fwd + bwd, all rule variants), the decode step and the L2
     norm compiles for sm_90 with Triton's bundled ptxas, no GPU needed (catches compile errors
@@ -431,6 +486,11 @@ with compile_only(ptxas_report=False) as recs:
         from megamom.kernels.triton.rmsnorm import rms_norm
         rms_norm(torch.randn(10, 1024, dtype=dt, requires_grad=True), torch.ones(1024, requires_grad=True),
                  1e-6).float().sum().backward()
+        from megamom.kernels.triton.gather_sum import gather_sum
+        gather_sum(torch.randn(30, 1024, dtype=dt), torch.randperm(30).view(10, 3))
+        from megamom.kernels.triton.swiglu import swiglu
+        g = torch.randn(10, 2816, dtype=dt, requires_grad=True)
+        swiglu(g, torch.randn_like(g, requires_grad=True)).float().sum().backward()
 big = [(r.name, r.shared) for r in recs if r.shared > 232448]  # H100/H200 limit per block
 assert not big, big
 print(len(recs))
@@ -475,7 +535,7 @@ def _assert(errs, bound, what):
                          + [(c, torch.float32) for c in FP32_CASES],  # fp32: a subset (compile time)
                          ids=[f"{c}-bf16" for c in GPU_CASES] + [f"{c}-fp32" for c in FP32_CASES])
 def test_gpu_scan(case, dtype):
-    # float32 inputs on CUDA take the PyTorch path (triton_ops: a tf32 miscompile, see
+    # float32 inputs on CUDA take the PyTorch path (triton_ops.fallback_reason: not validated yet, see
     # test_gpu_backward_stages), so the fp32 cases check that dispatch.
     c = dict(GPU_CASES[case])
     rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
@@ -497,20 +557,11 @@ def test_gpu_step(rule):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_backward_stages(dtype, request):
+def test_gpu_backward_stages(dtype):
     """Each backward kernel against float64 math on its own inputs: isolates a miscompiled kernel
-    (rounding here is one kernel's worth: ~1e-3 for fp32 with tf32 dots, ~1e-2 for bf16)."""
-    if dtype == torch.float32:
-        # Known (H100/H200, Triton 3.6, 2026-11-26): dw of _bwd_dqkwg_kernel 3.9e-2 in fp32 (tf32 dots
-        # with a transposed fp32 operand); bf16 5.3e-3. fp32 inputs therefore never reach these
-        # kernels (triton_ops dispatches them to the PyTorch path). Kept to see when it is fixed.
-        import triton
-        old_triton = tuple(int(x) for x in triton.__version__.split(".")[:3] if x.isdigit()) < (3, 7, 1)
-        request.applymarker(pytest.mark.xfail(
-            old_triton, strict=False,
-            reason="Triton < 3.7.1 on Hopper miscompiles tf32 dots with a transposed fp32 operand (fla #640, "
-                   "#984); goes away with a fixed Triton, then drop the fp32 reroute in "
-                   "triton_ops.fallback_reason"))
+    (rounding here is one kernel's worth: ~1e-3 for fp32 with tf32 dots, ~1e-2 for bf16). fp32 was
+    an xfail (dw 3.9e-2) until session 9 found the cause: _bwd_dqkwg_kernel with num_stages >= 2
+    (Triton 3.6 software pipelining on Hopper); with one stage it passes (H200, 2026-11-26)."""
     ins, cu = make_inputs(GPU_LENS, 3, 64, 128, dtype, "cuda")
     errs = check_stages(ins, cu, 64)
     _log("stages", "gdr_varlen_h0_l2", dtype, errs)
@@ -561,3 +612,75 @@ def test_gpu_rmsnorm(dtype):
     errs = check_rmsnorm(1001, 1024, "cuda", dtype)
     _log("rmsnorm", "D1024", dtype, errs)
     _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "rmsnorm")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_gather_sum(dtype):
+    """The packing's fused backward at the MoM shape's width (3 rows per token, D = 1024) vs float64;
+    the same float32 sum as the torch path, so the two agree to the output's rounding."""
+    errs = check_gather_sum(1001, 3, 1024, "cuda", dtype)
+    _log("gather_sum", "R3_D1024", dtype, errs)
+    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype], "gather sum")
+
+
+def _scan_and_stage_outputs(ins, cu):
+    """Every output of one Triton forward + backward and every intermediate of the backward."""
+    from megamom.kernels.gated_delta_rule import chunk_triton as ct
+    from megamom.kernels.triton import prepare_varlen
+    from megamom.kernels.triton.l2norm import l2norm_fwd
+
+    xs = [ins[n].detach().requires_grad_() for n in ("q", "k", "v", "g", "beta")]
+    o, _ = ct.chunk_scan_triton(*xs, cu_seqlens=cu, use_qk_l2norm=True)
+    torch.manual_seed(9)
+    o.backward(torch.randn_like(o))
+    out = {"o": o.detach()} | {f"d{n}": x.grad for n, x in zip("qkvgb", xs)}
+    B, T, H, K = xs[1].shape
+    flat = [x.reshape(B * T, *x.shape[2:]).contiguous().detach() for x in xs]
+    flat[0], flat[1] = l2norm_fwd(flat[0])[0], l2norm_fwd(flat[1])[0]  # unnormalised keys at K = 256 diverge
+    vl = prepare_varlen(cu, B, T, 64, xs[0].device)
+    _, _, G, X = ct._fwd(*flat[:3], flat[3], flat[4], K ** -0.5, None, vl, 64, True, store_ht=False)
+    debug = {}
+    ct._bwd(*flat[:3], G, flat[4], X, K ** -0.5, None, torch.randn_like(flat[2]), None, vl, 64, True, debug=debug)
+    # per-chunk states of the surplus chunk slots (prepare_varlen's upper bound) are never written
+    cuh = vl.cu.tolist()
+    real = torch.tensor([cuh[n] + i * 64 < cuh[n + 1] for n, i in vl.chunk_indices.tolist()], device=o.device)
+    debug["h"], debug["dh"] = debug["h"][real], debug["dh"][real]
+    return out | {f"stage_{n}": t for n, t in debug.items() if t is not None}
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_mom_head_size():
+    """At the MoM layer's head size (K = V = 256, 4 heads), where the kernels use the launch
+    parameters of kernels/triton/__init__.py: the end-to-end scan and each backward stage vs
+    float64, and three runs that must agree bitwise (the kernels use no atomics). Triton 3.6's
+    software pipelining compiles some launch configurations of these kernels wrong on an H200:
+    dw of _bwd_dqkwg_kernel off by 0.1-0.2 with num_stages >= 2 at BV = 64, NaN in _bwd_wy_kernel
+    at 4 warps / 1 stage / BK = 32, and results that differ from run to run for others
+    (benchmarks/bench_kernels.py's sweep validates every candidate); the K = 64 cases above did not
+    show it. Bounds: bf16 rounding is ~3e-3 end to end and <= 2.4e-3 per stage when compiled right."""
+    ins, cu = make_inputs(GPU_LENS + [700], 4, 256, 256, torch.bfloat16, "cuda")
+    first = _scan_and_stage_outputs(ins, cu)
+    assert all(t.isfinite().all() for t in first.values())
+    for _ in range(2):
+        again = _scan_and_stage_outputs(ins, cu)
+        differ = [n for n in first if not torch.equal(first[n], again[n])]
+        assert not differ, f"run-to-run differences in {differ}"
+    errs = check_scan("gated_delta", ins, cu, True, 64)
+    _log("scan", "mom_head_size", torch.bfloat16, errs)
+    _assert(errs, 1e-2, "scan at K = V = 256")
+    stages = check_stages(ins, cu, 64)
+    _log("stages", "mom_head_size", torch.bfloat16, stages)
+    _assert(stages, 1e-2, "backward stages at K = V = 256")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_swiglu(dtype):
+    """The fused MLP activation at mom-340m's MLP width (2816; elements not a multiple of the block)."""
+    errs = check_swiglu(1001, 2816, "cuda", dtype)
+    _log("swiglu", "D2816", dtype, errs)
+    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype], "swiglu")

@@ -9,7 +9,8 @@ E_ij = exp(G_i - G_j) (j <= i), S = state at the chunk start ([K, V], float32 in
             w = X (beta exp(G) K),  u = X (beta V)                      [_prep_kernel]
             vn = u - w S;  S <- exp(gl) S + K^T (exp(gl - G) vn)         [_fwd_h_kernel]
             O = exp(G) Q S + (Q K^T * E)_causal vn                       [_fwd_o_kernel]
-  backward  recompute w, u, S, vn; dv_local = (Q K^T * E)_causal^T dO   [_dv_local_kernel]
+  backward  recompute w, u, S, vn; dv_local = (Q K^T * E)_causal^T dO,
+            dOV = dO vn^T                                                 [_bwd_local_kernel]
             reverse over chunks: dvn = dv_local + exp(gl - G) K dS';
             dS = exp(gl) dS' + (exp(G) Q)^T dO - w^T dvn                  [_bwd_dhu_kernel]
             dq, dk (direct), dw = -dvn S^T, dG partials                  [_bwd_dqkwg_kernel]
@@ -234,19 +235,20 @@ def _fwd_o_kernel(q, k, vn, h, G, o, cu, cidx, scale,
 # backward kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dv_local_kernel(q, k, do, G, dv, cu, cidx, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, USE_G: tl.constexpr):
-    """dv_local = (Q K^T * E)_causal^T dO, computed as (K Q^T * E^T)_anticausal dO (no transpose)."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _bwd_local_kernel(q, k, vn, do, G, dv, dov, cu, cidx, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, USE_G: tl.constexpr):
+    """The in-chunk products of dO, once per (chunk, head):
+        dv_local = (Q K^T * E)_causal^T dO, computed as (K Q^T * E^T)_anticausal dO (no transpose);
+        dOV = dO vn^T (raw, [T, H, BT] rows like Ainv), which _bwd_dqkwg_kernel would otherwise
+        recompute in every one of its key blocks."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, nt = _chunk_coords(cu, cidx, i_c, BT)
     s_t = t0 * H + i_h
     o_t = tl.arange(0, BT)
     m_t = o_t < nt
     r = o_t[:, None]
     c = o_t[None, :]
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
 
     b_st = tl.zeros([BT, BT], dtype=tl.float32)  # st_ij = k_i . q_j
     for i_k in range(tl.cdiv(K, BK)):
@@ -259,9 +261,17 @@ def _dv_local_kernel(q, k, do, G, dv, cu, cidx, scale,
         b_G = tl.load(G + s_t + o_t * H, mask=m_t, other=0.0)
         b_st = b_st * tl.exp(tl.where((r <= c) & m_t[:, None] & m_t[None, :], b_G[None, :] - b_G[:, None], 0.0))
     b_st = tl.where(r <= c, b_st * scale, 0.0)
-    b_do = tl.load(do + s_t * V + r * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
-    b_dv = tl.dot(b_st.to(b_do.dtype), b_do)
-    tl.store(dv + s_t * V + r * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + s_t * V + r * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
+        b_dv = tl.dot(b_st.to(b_do.dtype), b_do)
+        tl.store(dv + s_t * V + r * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        b_vnt = tl.load(vn + s_t * V + c * (H * V) + o_v[:, None], mask=m_v[:, None] & m_t[None, :], other=0.0)
+        b_ds += tl.dot(b_do, b_vnt.to(b_do.dtype))
+    tl.store(dov + s_t * BT + r * (H * BT) + c, b_ds, mask=m_t[:, None])
 
 
 @triton.jit
@@ -306,14 +316,15 @@ def _bwd_dhu_kernel(q, k, w, G, do, dv, dh, dv2, dht, dh0, cu, coff, scale,
 
 
 @triton.jit
-def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dq, dk, dw, dGp, cu, cidx, scale, T,
+def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dov, dq, dk, dw, dGp, cu, cidx, scale, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr):
     """One program per (key block, chunk, head):
         dQ = exp(G) dO S^T + (dO vn^T * E)_causal K
         dK = (dO vn^T * E)_causal^T Q + exp(gl - G) vn dS'^T      (direct terms)
         dw = -dvn S^T
-    and this key block's share of dG (written to dGp[i_k]; summed in _bwd_wy_kernel)."""
+    and this key block's share of dG (written to dGp[i_k]; summed in _bwd_wy_kernel). dO vn^T and its
+    transpose are read from dov (_bwd_local_kernel), not recomputed per key block."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, nt = _chunk_coords(cu, cidx, i_c, BT)
     s_t = t0 * H + i_h
@@ -329,26 +340,18 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dq, dk, dw, dGp, cu, cidx, sc
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dst = tl.zeros([BT, BT], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
-        m_vt = m_v[:, None] & m_t[None, :]
         m_vk = m_v[:, None] & m_k[None, :]
         p_tv = s_t * V + r * (H * V) + o_v[None, :]
-        p_vt = s_t * V + c * (H * V) + o_v[:, None]
         p_vk = hb + o_v[:, None] + o_k[None, :] * V
         b_ht = tl.load(h + p_vk, mask=m_vk, other=0.0)  # S^T block
         b_dht = tl.load(dh + p_vk, mask=m_vk, other=0.0)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-        b_dot = tl.load(do + p_vt, mask=m_vt, other=0.0)
         b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.0)
-        b_vnt = tl.load(vn + p_vt, mask=m_vt, other=0.0)
-        b_ds += tl.dot(b_do, b_vnt)
-        b_dst += tl.dot(b_vn, b_dot)
         b_dq += tl.dot(b_do, b_ht.to(b_do.dtype))
         b_dk += tl.dot(b_vn, b_dht.to(b_vn.dtype))
         if DELTA:
@@ -357,6 +360,9 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dq, dk, dw, dGp, cu, cidx, sc
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
 
+    m_tt = m_t[:, None] & m_t[None, :]
+    b_ds = tl.load(dov + s_t * BT + r * (H * BT) + c, mask=m_tt, other=0.0)  # dO vn^T
+    b_dst = tl.load(dov + s_t * BT + c * (H * BT) + r, mask=m_tt, other=0.0)  # its transpose
     p_tk = s_t * K + r * (H * K) + o_k[None, :]
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
@@ -394,16 +400,26 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dq, dk, dw, dGp, cu, cidx, sc
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """a @ b with float32 accumulation: on bf16 operands (LOWP) or at input precision PREC."""
+    if LOWP:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu, cidx, T,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, NKP: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, LOWP: tl.constexpr):
     """One program per (chunk, head). DELTA: backward of w = X (beta exp(G) K), u = X (beta V)
     with X = (I + L)^-1, L = tril_strict(beta K K^T * E); adds the direct dk; then sums the dG
     partials and turns dG into dg (reverse in-chunk cumsum). Not DELTA: only the dg part.
     PREC: tf32x3 for float32 inputs: tf32 rounding of float32 operands here, amplified by the
     cancellation in dk (and the L2-norm backward's projection), gave 1.5e-2 relative error on an
-    H100; 16-bit inputs are exact in tf32."""
+    H100; 16-bit inputs are exact in tf32. LOWP: every product on bf16 operands (float32
+    accumulation), twice tf32's rate; see _wy_lowp."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, nt = _chunk_coords(cu, cidx, i_c, BT)
     s_t = t0 * H + i_h
@@ -437,13 +453,13 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
             b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
             b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
-            b_kk += tl.dot(b_k, b_kt, input_precision=PREC)
-            b_dX += tl.dot(b_dw, b_kt * b_bg[None, :], input_precision=PREC)
-            b_tk = tl.sum(tl.dot(b_Xt, b_dw, input_precision=PREC) * b_k, 1)
+            b_kk += _mm(b_k, b_kt, PREC, LOWP)
+            b_dX += _mm(b_dw, b_kt * b_bg[None, :], PREC, LOWP)
+            b_tk = tl.sum(_mm(b_Xt, b_dw, PREC, LOWP) * b_k, 1)
             b_db += b_tk * b_eG
             b_dG += b_tk * b_bg
             b_dwt = tl.load(dw + p_kt, mask=m_kt, other=0.0)
-            b_dXt += tl.dot(b_k * b_bg[:, None], b_dwt, input_precision=PREC)
+            b_dXt += _mm(b_k * b_bg[:, None], b_dwt, PREC, LOWP)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
@@ -454,16 +470,16 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
             b_vt = tl.load(v + p_vt, mask=m_vt, other=0.0).to(tl.float32)
             b_du = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
-            b_dX += tl.dot(b_du, b_vt * b_b[None, :], input_precision=PREC)
-            b_dvb = tl.dot(b_Xt, b_du, input_precision=PREC)
+            b_dX += _mm(b_du, b_vt * b_b[None, :], PREC, LOWP)
+            b_dvb = _mm(b_Xt, b_du, PREC, LOWP)
             tl.store(dv + p_tv, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tv)
             b_db += tl.sum(b_dvb * b_v, 1)
             b_dut = tl.load(dv2 + p_vt, mask=m_vt, other=0.0)
-            b_dXt += tl.dot(b_v * b_b[:, None], b_dut, input_precision=PREC)
+            b_dXt += _mm(b_v * b_b[:, None], b_dut, PREC, LOWP)
         # dL = tril_strict(-X^T dX X^T) and its transpose -X dX^T X (computed, not transposed)
-        b_dL = tl.where(r > c, -tl.dot(b_Xt, tl.dot(b_dX, b_Xt), input_precision=PREC), 0.0)
+        b_dL = tl.where(r > c, -_mm(b_Xt, _mm(b_dX, b_Xt, PREC, LOWP), PREC, LOWP), 0.0)
         b_X = tl.load(Ainv + s_t * BT + r * (H * BT) + c, mask=m_t[:, None], other=0.0)
-        b_dLt = tl.where(r < c, -tl.dot(b_X, tl.dot(b_dXt, b_X), input_precision=PREC), 0.0)
+        b_dLt = tl.where(r < c, -_mm(b_X, _mm(b_dXt, b_X, PREC, LOWP), PREC, LOWP), 0.0)
         if USE_G:
             b_dL = b_dL * tl.exp(tl.where((r > c) & m_t[:, None] & m_t[None, :], b_G[:, None] - b_G[None, :], 0.0))
             b_dLt = b_dLt * tl.exp(tl.where((r < c) & m_t[:, None] & m_t[None, :], b_G[None, :] - b_G[:, None], 0.0))
@@ -481,8 +497,8 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
             b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
             b_dk = tl.load(dkd + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-            b_dk += tl.dot(b_Xt, b_dw, input_precision=PREC) * b_bg[:, None]
-            b_dk += tl.dot(b_R, b_k, input_precision=PREC) + tl.dot(b_Rt, b_k, input_precision=PREC)
+            b_dk += _mm(b_Xt, b_dw, PREC, LOWP) * b_bg[:, None]
+            b_dk += _mm(b_R, b_k, PREC, LOWP) + _mm(b_Rt, b_k, PREC, LOWP)
             tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
         tl.store(dbeta + s_t + o_t * H, b_db.to(dbeta.dtype.element_ty), mask=m_t)
     if USE_G:
@@ -499,6 +515,14 @@ def _inv_prec(dtype: torch.dtype) -> str:
     # The (I+L)^-1 doubling and beta K K^T run on float32 tiles; tf32x3 keeps float32 accuracy for
     # float32 inputs; with 16-bit inputs the results are rounded to 16 bits anyway.
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _wy_lowp(dtype: torch.dtype) -> bool:
+    # bf16 inputs: the WY backward's products on bf16 operands (float32 accumulation), as fla's; the
+    # nested X^T (dX X^T) also rounds its float32 intermediate to bf16. Measured
+    # on an H200 (2026-11-26): 1.5% off the MoM-shaped scan's forward + backward; end-to-end errors vs
+    # float64 unchanged (K = V = 256: dk 3.33e-3 vs 3.31e-3, dbeta 3.19e-3 vs 3.08e-3 with tf32 products).
+    return dtype == torch.bfloat16
 
 
 def _check_dims(K: int, V: int):
@@ -593,10 +617,11 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
 
     dv_local = torch.empty(T, H, V, dtype=torch.float32, device=dev)
+    dov = torch.empty(T, H, BT, dtype=torch.float32, device=dev)
     if vl.NT:
-        cfg = launch_cfg("dv_local", BK=BK, BV=next_pow2(V))
-        _dv_local_kernel[(triton.cdiv(V, cfg["BV"]), vl.NT, H)](
-            q, k, do, G, dv_local, vl.cu, vl.chunk_indices, scale, H=H, K=K, V=V, BT=BT, USE_G=use_g, **cfg)
+        cfg = launch_cfg("bwd_local", BK=BK, BV=next_pow2(V))
+        _bwd_local_kernel[(vl.NT, H)](q, k, vn, do, G, dv_local, dov, vl.cu, vl.chunk_indices, scale, H=H, K=K, V=V,
+                                      BT=BT, USE_G=use_g, **cfg)
 
     dh = torch.empty(vl.NT, H, K, V, dtype=dtype, device=dev)
     dv2 = torch.empty(T, H, V, dtype=torch.float32, device=dev)
@@ -616,12 +641,12 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     dw = torch.empty(T, H, K, dtype=torch.float32, device=dev) if delta else None
     dGp = torch.empty(NKP, T, H, dtype=torch.float32, device=dev) if use_g else None
     if vl.NT:
-        _bwd_dqkwg_kernel[(NKP, vl.NT, H)](q, k, vn, h, G, do, dh, dv2, dq, dkd, dw, dGp, vl.cu, vl.chunk_indices,
+        _bwd_dqkwg_kernel[(NKP, vl.NT, H)](q, k, vn, h, G, do, dh, dv2, dov, dq, dkd, dw, dGp, vl.cu, vl.chunk_indices,
                                            scale, T, H=H, K=K, V=V, BT=BT, USE_G=use_g, DELTA=delta, **cfg)
     if debug is not None:
-        debug.update(w=w, u=u, h=h, vn=vn, dv_local=dv_local, dh=dh, dv2=dv2, dh0=dh0, dq=dq, dkd=dkd, dw=dw,
+        debug.update(w=w, u=u, h=h, vn=vn, dv_local=dv_local, dov=dov, dh=dh, dv2=dv2, dh0=dh0, dq=dq, dkd=dkd, dw=dw,
                      dGp=dGp)
-    del h, dh
+    del h, dh, dov
     dg = torch.empty(T, H, dtype=torch.float32, device=dev) if use_g else None
     if delta:
         dk = torch.empty(T, H, K, dtype=torch.float32, device=dev)
@@ -633,7 +658,7 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
         cfg = launch_cfg("bwd_wy", BK=BK, BV=next_pow2(V))
         _bwd_wy_kernel[(vl.NT, H)](k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, vl.cu,
                                    vl.chunk_indices, T, H=H, K=K, V=V, BT=BT, NKP=NKP, USE_G=use_g, DELTA=delta,
-                                   PREC=_inv_prec(dtype), **cfg)
+                                   PREC=_inv_prec(dtype), LOWP=_wy_lowp(dtype), **cfg)
     if debug is not None:
         debug.update(dk=dk, dv=dv, dbeta=dbeta, dg=dg)
     return dq, dk, dv, dbeta, dg, dh0

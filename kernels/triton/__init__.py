@@ -112,18 +112,24 @@ def _prepare_varlen(cu_seqlens: torch.Tensor, total: int, chunk_size: int, devic
     return Varlen(cu.to(torch.int32), idx, offsets.to(torch.int32), N, NT)
 
 
-# Launch parameters per kernel: chosen so that ptxas reports (almost) no spills and at most 227 KB of
-# shared memory for sm_90 at K = V = 256 (kernels/triton/aot_check.py), then by timing on an H100
-# (benchmarks/bench_kernels.py --sweep). The environment variable
+# Launch parameters per kernel: at most 227 KB of shared memory for sm_90 at K = V = 256
+# (kernels/triton/aot_check.py), then by timing on an H100 / H200 (benchmarks/bench_kernels.py
+# --sweep; the scan's kernels only among configurations benchmarks/validate_configs.py passes). The environment variable
 # MEGAMOM_TRITON_CFG='{"fwd_h": {"BV": 64, "num_warps": 4}}' overrides them (benchmark sweeps).
 _DEFAULT_CFG = {
-    "prep": dict(BK=64, BV=64, num_warps=8, num_stages=2),
-    "fwd_h": dict(BV=32, num_warps=8, num_stages=2),  # H100 sweep 2026-11-26: BV 64/16 or 4 warps no faster
+    # The scan's kernels: H200 sweep at the MoM layer's shape (40 varlen segments, 49152 rows,
+    # K = V = 256), 2026-11-26, every candidate checked against float64 and run to run first
+    # (benchmarks/validate_configs.py). Triton 3.6 compiles some configurations wrong on Hopper:
+    # _bwd_dqkwg_kernel with num_stages >= 2 gave a wrong dw (BV = 64) or dw / dk / dg that changed
+    # from run to run (BV = 32; also the session-8 default, 8 warps / 2 stages); one stage is
+    # reproducible. Re-validate before changing any of these (tests: test_gpu_mom_head_size).
+    "prep": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "fwd_h": dict(BV=32, num_warps=4, num_stages=2),
     "fwd_o": dict(BK=64, BV=64, num_warps=4, num_stages=2),
-    "dv_local": dict(BK=64, BV=128, num_warps=8, num_stages=2),
+    "bwd_local": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "bwd_dhu": dict(BV=64, num_warps=8, num_stages=1),  # num_stages=2 needs 234 KB of shared memory
-    "bwd_dqkwg": dict(BK=64, BV=64, num_warps=8, num_stages=2),
-    "bwd_wy": dict(BK=64, BV=64, num_warps=8, num_stages=1),
+    "bwd_dqkwg": dict(BK=64, BV=64, num_warps=4, num_stages=1),  # 2+ stages: wrong / irreproducible dw
+    "bwd_wy": dict(BK=64, BV=64, num_warps=4, num_stages=1),
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),
     "conv_fwd": dict(BR=32, BD=128, num_warps=4, num_stages=1),  # H200 sweep 2026-11-26 (bench_conv.py --sweep)
@@ -131,10 +137,15 @@ _DEFAULT_CFG = {
     "conv_bwd_shared": dict(BR=16, BD=64, RB=16, num_warps=4, num_stages=1),  # dz + dW, one weight, W <= 4
     "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
+    "swiglu": dict(BLOCK=2048, num_warps=8, num_stages=1),
+    "gather_sum": dict(BN=4, BD=1024, num_warps=4, num_stages=1),
     "rmsnorm_fwd": dict(BM=4, num_warps=4, num_stages=1),
     "rmsnorm_bwd": dict(BM=4, RB=16, num_warps=8, num_stages=1),
 }
 _ENV_CFG = json.loads(os.environ.get("MEGAMOM_TRITON_CFG", "{}") or "{}")
+if set(_ENV_CFG) - set(_DEFAULT_CFG):  # a stale or misspelt override would otherwise do nothing
+    raise ValueError(f"MEGAMOM_TRITON_CFG names unknown kernels {sorted(set(_ENV_CFG) - set(_DEFAULT_CFG))}; "
+                     f"known: {sorted(_DEFAULT_CFG)}")
 
 
 def launch_cfg(name: str, **limits) -> dict:

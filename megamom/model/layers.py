@@ -8,6 +8,24 @@ import torch.nn.functional as F
 from megamom.kernels import resolve_backend
 
 
+def cast_for_autocast(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast compute dtype when autocast is on, so that several linears reading the
+    same activation share one cast (autocast casts each linear's input separately: one copy per
+    linear, and one float32 gradient add per linear in the backward). Trade-off: the consumers'
+    input gradients are then summed in that dtype before the single cast's backward (the MoM
+    layer's dx vs float64 under bf16 autocast: 9.1e-3 instead of 8.8e-3, H200)."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether a block with a Triton kernel runs it: the backend resolves to triton (CUDA) and x is
+    not float64 (the reference precision, always on the torch path)."""
+    return x.dtype != torch.float64 and resolve_backend(backend, x.device) == "triton"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
@@ -16,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float64 and resolve_backend(self.backend, x.device) == "triton":
+        if use_triton(x, self.backend):
             from megamom.kernels.triton.rmsnorm import rms_norm  # one kernel each way
             return rms_norm(x, self.weight, self.eps)
         # Normalise in float32 at least (bf16 variance loses too much).
@@ -34,11 +52,17 @@ class GatedRMSNorm(RMSNorm):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend  # model.kernel_backend: auto = the fused Triton activation on CUDA
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = cast_for_autocast(x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if use_triton(gate, self.backend):
+            from megamom.kernels.triton.swiglu import swiglu
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)

@@ -38,7 +38,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernel_backend)
         self.attn = Attention(cfg, layer_idx) if cfg.arch == "transformer" else MemoryMixer(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernel_backend)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size, cfg.kernel_backend)
 
     def forward(self, x, ctx: dict, cache=None, use_cache: bool = False):
         if isinstance(self.attn, Attention):

@@ -29,7 +29,7 @@ from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, get_rule,
 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
-from .layers import GatedRMSNorm
+from .layers import GatedRMSNorm, cast_for_autocast
 from .routing import build_packing, combine, grouped_projection, load_balancing_loss, pack, route, router_z_loss
 
 
@@ -180,9 +180,11 @@ class MemoryMixer(nn.Module):
                                 self.num_routed, self.shared)
         A = packing.row_token.numel()
 
-        q_rows = pack(self.q_proj(xf), packing)
+        fused = backend == "triton"
+        xc = cast_for_autocast(xf)  # one cast for the q, memory and gate projections; the router reads xf
+        q_rows = pack(self.q_proj(xc), packing, fused)
         W, sizes = self._stacked_weight()
-        k_rows, v_rows, b_rows, a_rows = self._split(grouped_projection(xf, W, packing), sizes)
+        k_rows, v_rows, b_rows, a_rows = self._split(grouped_projection(xc, W, packing, fused), sizes)
 
         conv_state = None
         if self.conv_size:
@@ -203,25 +205,28 @@ class MemoryMixer(nn.Module):
             use_qk_l2norm=self.cfg.qk_norm == "l2", backend=backend,
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
-        o = self._combine_output(o_rows[0], packing, slot_w, xf, backend)
+        o = self._combine_output(o_rows[0], packing, slot_w, xf, xc, backend)
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
         return o.view(B, T, d), self._router_stats(r), new_cache
 
-    def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor, backend: str):
+    def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor, xc: torch.Tensor,
+                        backend: str):
         """Steps 6-7: weighted sum of each token's rows, gated per-head RMSNorm, W_o. On the GPU
-        fast path one Triton kernel each way does the sum, the norm and the gate."""
+        fast path one Triton kernel each way does the sum, the norm and the gate. The gate reads
+        xc (the input cast for autocast); xf sets the norm's dtype on the torch path."""
         if o_rows.dtype != torch.float64 and backend == "triton":
             from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
-            gate = self.g_proj(xf) if self.g_proj is not None else None
+            gate = self.g_proj(xc) if self.g_proj is not None else None
             o = combine_gated_rmsnorm(o_rows.reshape(o_rows.shape[0], -1), packing.slot_row, slot_w, gate,
                                       self.o_norm.weight, self.o_norm.eps, self.num_heads)
             return self.o_proj(o)
-        return self._output(combine(o_rows, packing, slot_w), xf)
+        return self._output(combine(o_rows, packing, slot_w), xf, xc)
 
-    def _output(self, o: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
-        gate = self.g_proj(xf).view(*o.shape) if self.g_proj is not None else None
+    def _output(self, o: torch.Tensor, xf: torch.Tensor, xc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """o in xf's dtype through the gated norm and W_o; the gate reads xc (xf cast for autocast) if given."""
+        gate = self.g_proj(xf if xc is None else xc).view(*o.shape) if self.g_proj is not None else None
         o = self.o_norm(o.to(xf.dtype), gate)
         return self.o_proj(o.reshape(o.shape[0], -1))
 

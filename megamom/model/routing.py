@@ -100,24 +100,30 @@ def count_indices(index: torch.Tensor, size: int) -> torch.Tensor:
 
 class _GatherTokens(torch.autograd.Function):
     """x[row_token] with a deterministic backward: the gradient of token n is the sum of its R rows,
-    read through `slot_row` (no atomics, so bitwise reproducible on GPU too)."""
+    read through `slot_row` (no atomics, so bitwise reproducible on GPU too). fused: the backward
+    is one Triton kernel (same float32 sum in the same order)."""
 
     @staticmethod
-    def forward(ctx, x, row_token, slot_row):
+    def forward(ctx, x, row_token, slot_row, fused):
         ctx.save_for_backward(slot_row)
+        ctx.fused = fused
         return x.index_select(0, row_token)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
+        if ctx.fused:
+            from megamom.kernels.triton.gather_sum import gather_sum
+            return gather_sum(grad, slot_row), None, None, None
         N, R = slot_row.shape
         rows = grad.index_select(0, slot_row.reshape(-1)).view(N, R, *grad.shape[1:])
-        return rows.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32)).to(grad.dtype), None, None
+        return rows.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32)).to(grad.dtype), None, None, None
 
 
-def pack(x: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """[N, ...] token rows -> [A, ...] packed rows (a token repeated once per selected memory)."""
-    return _GatherTokens.apply(x, packing.row_token, packing.slot_row)
+def pack(x: torch.Tensor, packing: Packing, fused: bool = False) -> torch.Tensor:
+    """[N, ...] token rows -> [A, ...] packed rows (a token repeated once per selected memory).
+    fused (CUDA, Triton available): the backward's sum over each token's rows is one kernel."""
+    return _GatherTokens.apply(x, packing.row_token, packing.slot_row, fused and x.dtype != torch.float64)
 
 
 def pack_per_memory(y: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -127,7 +133,7 @@ def pack_per_memory(y: torch.Tensor, packing: Packing) -> torch.Tensor:
     return y.reshape(N * M, P).index_select(0, packing.row_token * M + packing.row_memory)
 
 
-def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing) -> torch.Tensor:
+def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing, fused: bool = False) -> torch.Tensor:
     """Per-memory projection of every packed row: row r gets x[token_r] @ weight[memory_r]^T.
 
     On CUDA with bf16 compute this is ONE grouped GEMM over the memory-major rows (each token pays
@@ -137,7 +143,7 @@ def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing) 
     M, P, _ = weight.shape
     dtype = _grouped_mm_dtype(x, weight)
     if dtype is not None:
-        rows = pack(x.to(dtype), packing)  # cast, then gather: half the bytes moved under autocast
+        rows = pack(x.to(dtype), packing, fused)  # cast, then gather: half the bytes moved under autocast
         offs = packing.cu_seqlens[packing.num_docs::packing.num_docs].to(torch.int32)  # end row of each memory
         return torch._grouped_mm(rows, weight.to(dtype).transpose(1, 2), offs=offs)
     y = F.linear(x, weight.reshape(M * P, d)).view(N, M, P)
