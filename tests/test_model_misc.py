@@ -276,3 +276,40 @@ def test_generate_rejects_bad_arguments_and_restores_training_mode():
     with pytest.raises(IndexError):
         generate(model, torch.full((1, 3), 99), 2)  # a token id outside the vocabulary fails inside
     assert model.training  # ... and the model is back in training mode
+
+
+# ------------------------------------------------------------------------------------------------
+# One autocast cast of a layer input shared by its linears (layers.cast_for_autocast)
+# ------------------------------------------------------------------------------------------------
+
+def test_shared_autocast_cast_leaves_the_forward_unchanged(monkeypatch):
+    """Autocast casts each linear's float32 input to bf16; casting once beforehand gives the same
+    bf16 values, so the model's output is bitwise the same (only the input gradients are summed in
+    bf16 instead of float32: close, not equal). Outside autocast the input is returned as is."""
+    from megamom.model import layers, memory_mixer
+
+    x = torch.randn(3, 5)
+    assert layers.cast_for_autocast(x) is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers.cast_for_autocast(x).dtype == torch.bfloat16
+        assert layers.cast_for_autocast(x.double()).dtype == torch.float64  # only float32 is cast
+    assert layers.cast_for_autocast(torch.empty(2, 2, device="meta")).device.type == "meta"
+
+    cfg = load_config(TINY_YAML).model
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), model.model.embeddings.weight.grad.clone()
+    loss, grad = run()
+    monkeypatch.setattr(layers, "cast_for_autocast", lambda t: t)
+    monkeypatch.setattr(memory_mixer, "cast_for_autocast", lambda t: t)
+    loss_ref, grad_ref = run()
+    assert torch.equal(loss, loss_ref)
+    rel = ((grad - grad_ref).norm() / grad_ref.norm()).item()
+    assert 0 < rel < 2e-2, rel  # 0 would mean the monkeypatch did not reach the model
