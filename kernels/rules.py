@@ -60,6 +60,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether an op with a Triton kernel runs it on x: the backend resolves to triton (CUDA, Triton
+    importable) and x is not float64, the reference precision, which always takes the torch path.
+    The one rule every GPU kernel entry point (scan step, conv, norms, MLP, packing) asks."""
+    return x.dtype != torch.float64 and resolve_backend(backend, x.device) == "triton"
+
+
 @functools.cache
 def triton_available() -> bool:
     try:
@@ -123,7 +130,7 @@ def memory_step(rule: str | UpdateRule, q, k, v, g, beta, state, scale=None, use
     [N, H, K]; beta [N, H]; state [N, H, K, V] (float32). Returns (o [N, H, V], new state)."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if state.dtype != torch.float64 and resolve_backend(backend, q.device) == "triton":
+    if use_triton(state, backend):
         from . import triton_ops
         return triton_ops.memory_step(rule, q, k, v, g, beta, state, scale, use_qk_l2norm)
     dt = state.dtype

@@ -529,7 +529,6 @@ def _assert(errs, bound, what):
     assert not bad, f"{what}: {bad} (bound {bound})"
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("case,dtype", [(c, torch.bfloat16) for c in GPU_CASES]
                          + [(c, torch.float32) for c in FP32_CASES],  # fp32: a subset (compile time)
@@ -545,7 +544,6 @@ def test_gpu_scan(case, dtype):
     _assert(errs, BOUND[dtype], case)
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("rule", ["gated_delta", "delta", "gla", "scalar_decay", "linear_attn"])
 def test_gpu_step(rule):
@@ -554,7 +552,6 @@ def test_gpu_step(rule):
     _assert(errs, 1e-5, rule)  # float32 arithmetic on bf16-rounded inputs, reference on the same inputs
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_backward_stages(dtype):
@@ -568,7 +565,6 @@ def test_gpu_backward_stages(dtype):
     _assert(errs, BOUND[dtype], "backward stages")
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_gpu_transition(dtype):
@@ -577,12 +573,6 @@ def test_gpu_transition(dtype):
     _assert(errs, BOUND[dtype], "transition")
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--interp"]:
-        print(json.dumps(run_interp_suite()))
-
-
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("per_memory", [False, True], ids=["shared", "per_memory"])
@@ -594,35 +584,28 @@ def test_gpu_short_conv(dtype, per_memory):
     _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv")
 
 
-@pytest.mark.gpu
+# The fused kernels outside the scan at their shapes in mom-340m, vs float64: (check, its arguments
+# on CUDA, the kind / case names of the error log, float32 bound). bf16 bound 1e-2 for all.
+FUSED_KERNELS = {
+    # combine + gated RMSNorm at the MoM layer's head size (V = 256, 3 slots)
+    "combine_norm": (check_combine_norm, (1000, 3, 4, 256), "R3_gate", 1e-5),
+    # block RMSNorm at the model width, rows not a multiple of the block
+    "rmsnorm": (check_rmsnorm, (1001, 1024), "D1024", 1e-5),
+    # the packing's backward (3 rows per token, D = 1024): the torch path's float32 sum
+    "gather_sum": (check_gather_sum, (1001, 3, 1024), "R3_D1024", 1e-6),
+    # the MLP activation at the MLP width (2816): elements not a multiple of the block
+    "swiglu": (check_swiglu, (1001, 2816), "D2816", 1e-6),
+}
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_combine_norm(dtype):
-    """Fused combine + gated RMSNorm at the MoM layer's head size (V = 256, 3 slots) vs float64."""
-    errs = check_combine_norm(1000, 3, 4, 256, "cuda", dtype)
-    _log("combine_norm", "R3_gate", dtype, errs)
-    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "combine + norm")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_rmsnorm(dtype):
-    """RMSNorm kernel at the model width (rows not a multiple of the block) vs float64."""
-    errs = check_rmsnorm(1001, 1024, "cuda", dtype)
-    _log("rmsnorm", "D1024", dtype, errs)
-    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "rmsnorm")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_gather_sum(dtype):
-    """The packing's fused backward at the MoM shape's width (3 rows per token, D = 1024) vs float64;
-    the same float32 sum as the torch path, so the two agree to the output's rounding."""
-    errs = check_gather_sum(1001, 3, 1024, "cuda", dtype)
-    _log("gather_sum", "R3_D1024", dtype, errs)
-    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype], "gather sum")
+@pytest.mark.parametrize("kernel", list(FUSED_KERNELS))
+def test_gpu_fused_kernel(kernel, dtype):
+    check, args, case, fp32_bound = FUSED_KERNELS[kernel]
+    errs = check(*args, "cuda", dtype)
+    _log(kernel, case, dtype, errs)
+    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: fp32_bound}[dtype], kernel)
 
 
 def _scan_and_stage_outputs(ins, cu):
@@ -650,7 +633,6 @@ def _scan_and_stage_outputs(ins, cu):
     return out | {f"stage_{n}": t for n, t in debug.items() if t is not None}
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_mom_head_size():
     """At the MoM layer's head size (K = V = 256, 4 heads), where the kernels use the launch
@@ -676,11 +658,6 @@ def test_gpu_mom_head_size():
     _assert(stages, 1e-2, "backward stages at K = V = 256")
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_swiglu(dtype):
-    """The fused MLP activation at mom-340m's MLP width (2816; elements not a multiple of the block)."""
-    errs = check_swiglu(1001, 2816, "cuda", dtype)
-    _log("swiglu", "D2816", dtype, errs)
-    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype], "swiglu")
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--interp"]:
+        print(json.dumps(run_interp_suite()))

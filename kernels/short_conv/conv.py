@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..rules import resolve_backend
+from ..rules import use_triton
 
 
 def causal_conv1d_varlen(
@@ -38,7 +38,7 @@ def causal_conv1d_varlen(
     W = weight.shape[-1]
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]  # cheap device ops; the final tails need them on both paths
-    if initial_state is None and x.dtype != torch.float64 and resolve_backend(backend, x.device) == "triton":
+    if initial_state is None and use_triton(x, backend):
         from .conv_triton import causal_conv1d_varlen_triton
         y = causal_conv1d_varlen_triton(x, weight, cu_seqlens, row_weight_index, silu=activation == "silu",
                                         pos=positions)

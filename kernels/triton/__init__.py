@@ -114,7 +114,7 @@ def _prepare_varlen(cu_seqlens: torch.Tensor, total: int, chunk_size: int, devic
 
 # Launch parameters per kernel: at most 227 KB of shared memory for sm_90 at K = V = 256
 # (kernels/triton/aot_check.py), then by timing on an H100 / H200 (benchmarks/bench_kernels.py
-# --sweep; the scan's kernels only among configurations benchmarks/validate_configs.py passes). The environment variable
+# --sweep; the scan's kernels only among configurations benchmarks/validate_configs.py passes).
 # MEGAMOM_TRITON_CFG='{"fwd_h": {"BV": 64, "num_warps": 4}}' overrides them (benchmark sweeps).
 _DEFAULT_CFG = {
     # The scan's kernels: H200 sweep at the MoM layer's shape (40 varlen segments, 49152 rows,

@@ -11,13 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import compute_dtype
+
 IGNORE_INDEX = -100
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _chunk_logits(xc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -62,7 +58,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     """mean over non-ignored rows of CE(x @ weight^T, labels). x [N, d]; weight [V, d]; labels [N]
     (-100 = ignore). chunk_rows <= 0: the plain path (all logits at once)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if chunk_rows <= 0:
         logits = F.linear(x, weight)
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,

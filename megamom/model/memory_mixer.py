@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, get_rule, memory_scan, memory_step,
-                             resolve_backend)
+                             resolve_backend, use_triton)
 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
@@ -180,7 +180,7 @@ class MemoryMixer(nn.Module):
                                 self.num_routed, self.shared)
         A = packing.row_token.numel()
 
-        fused = backend == "triton"
+        fused = use_triton(xf, backend)  # the Triton kernels of the packing, conv, combine + norm
         xc = cast_for_autocast(xf)  # one cast for the q, memory and gate projections; the router reads xf
         q_rows = pack(self.q_proj(xc), packing, fused)
         W, sizes = self._stacked_weight()
@@ -205,18 +205,18 @@ class MemoryMixer(nn.Module):
             use_qk_l2norm=self.cfg.qk_norm == "l2", backend=backend,
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
-        o = self._combine_output(o_rows[0], packing, slot_w, xf, xc, backend)
+        o = self._combine_output(o_rows[0], packing, slot_w, xf, xc, fused)
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
         return o.view(B, T, d), self._router_stats(r), new_cache
 
     def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor, xc: torch.Tensor,
-                        backend: str):
+                        fused: bool):
         """Steps 6-7: weighted sum of each token's rows, gated per-head RMSNorm, W_o. On the GPU
         fast path one Triton kernel each way does the sum, the norm and the gate. The gate reads
         xc (the input cast for autocast); xf sets the norm's dtype on the torch path."""
-        if o_rows.dtype != torch.float64 and backend == "triton":
+        if fused:
             from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
             gate = self.g_proj(xc) if self.g_proj is not None else None
             o = combine_gated_rmsnorm(o_rows.reshape(o_rows.shape[0], -1), packing.slot_row, slot_w, gate,

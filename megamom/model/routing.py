@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .layers import compute_dtype
+
 
 @dataclass
 class RouterOutput:
@@ -122,8 +124,9 @@ class _GatherTokens(torch.autograd.Function):
 
 def pack(x: torch.Tensor, packing: Packing, fused: bool = False) -> torch.Tensor:
     """[N, ...] token rows -> [A, ...] packed rows (a token repeated once per selected memory).
-    fused (CUDA, Triton available): the backward's sum over each token's rows is one kernel."""
-    return _GatherTokens.apply(x, packing.row_token, packing.slot_row, fused and x.dtype != torch.float64)
+    fused (the caller's `use_triton(x, backend)`): the backward's sum over each token's rows is one
+    Triton kernel."""
+    return _GatherTokens.apply(x, packing.row_token, packing.slot_row, fused)
 
 
 def pack_per_memory(y: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -155,7 +158,7 @@ def _grouped_mm_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.d
     else None."""
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return None
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    dtype = compute_dtype(x)
     ok = (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
           and x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0)
     return dtype if ok else None
