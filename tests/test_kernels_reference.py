@@ -208,3 +208,21 @@ def test_chunk_float32_strong_decay_gradient_of_g(rule):
     for n, ref in grads[torch.float64].items():
         err = ((grads[torch.float32][n].double() - ref).norm() / ref.norm()).item()
         assert err < 1e-5, (n, err)
+
+
+def test_use_triton_rule():
+    """The one dispatch rule of every Triton entry point: float64 (the reference precision) never
+    takes a Triton kernel; on CPU `auto` resolves to the torch path and `triton` is refused with a
+    message saying what to use instead; MEGAMOM_KERNELS=torch forces the reference."""
+    import os
+    from unittest import mock
+
+    from megamom.kernels import use_triton
+
+    x32, x64 = torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+    assert not use_triton(x32, "auto") and not use_triton(x32, "torch") and not use_triton(x64, "auto")
+    assert not use_triton(x64, "triton")  # float64 is decided before the backend
+    with pytest.raises(RuntimeError, match="kernel_backend=torch on CPU"):
+        use_triton(x32, "triton")
+    with mock.patch.dict(os.environ, {"MEGAMOM_KERNELS": "torch"}):
+        assert not use_triton(x32, "triton")
