@@ -3,14 +3,34 @@ depthwise conv1d over zero-separated segments), at the MoM layer's shape: A = 3 
 rows (top-2 + shared), 1024 channels read as a column slice of the projection output.
 
     python benchmarks/bench_conv.py [--sweep]
---sweep times block configurations (MEGAMOM_TRITON_CFG style) for the two backward kernels."""
+Times are GPU kernel time from the profiler (the sum of a pass's kernels, per pass): wall-clock
+timing of one conv is dominated by the CPU's launch and autograd overhead at this size and varied
+2x between identical runs (H200, 2026-11-26).
+--sweep times block configurations (MEGAMOM_TRITON_CFG style) for the kernels of the pass."""
 from __future__ import annotations
 
 import argparse
 import json
 
 import torch
-from triton.testing import do_bench
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_ms(fn, reps=20) -> tuple[float, dict]:
+    """Mean GPU kernel time of one call of fn (ms), and per kernel name."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t and e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.key] = t / reps / 1e3
+    return sum(per.values()), per
 
 
 def main():
@@ -26,25 +46,28 @@ def main():
     lens[-1] = 3 * 8 * 2048 - int(lens[:-1].sum())
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).cuda().int()
     N = int(lens.sum())
-    wide = torch.randn(N, 2056, device="cuda", dtype=torch.bfloat16)
-    x = wide[:, 1024:2048].requires_grad_(False)
+    # the input is a strided column slice of the projection output (row stride 2056), as in the
+    # layer: a contiguous copy measures a different (faster, vectorised) load pattern
+    wide = torch.randn(N, 2056, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(D, W, device="cuda", requires_grad=True)
-    xg = x.clone().requires_grad_()
     dy = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
 
     def run(backend, bwd):
         def f():
-            y, _ = causal_conv1d_varlen(xg, w, cu, activation="silu", backend=backend)
+            y, _ = causal_conv1d_varlen(wide[:, 1024:2048], w, cu, activation="silu", backend=backend)
             if bwd:
                 y.backward(dy)
-        return do_bench(f, warmup=5, rep=50, return_mode="median")
+        return kernel_ms(f)[0]
 
     rows = {}
     for backend in ("torch", "triton"):
         rows[backend] = (run(backend, False), run(backend, True))
+    print("triton kernels, fwd+bwd:", json.dumps({k: round(v, 4) for k, v in kernel_ms(
+        lambda: causal_conv1d_varlen(wide[:, 1024:2048], w, cu, activation="silu",
+                                     backend="triton")[0].backward(dy))[1].items()}))
     gb = N * D * 2 * 2 / 1e9  # read x + write y
     print(json.dumps({"rows": N, "channels": D, "ms": rows}))
-    print("| path | fwd ms | fwd+bwd ms | fwd GB/s |\n|---|---|---|---|")
+    print("| path | fwd ms (GPU) | fwd+bwd ms (GPU) | fwd GB/s |\n|---|---|---|---|")
     for k, (f, fb) in rows.items():
         print(f"| {k} | {f:.3f} | {fb:.3f} | {gb / f * 1e3:.0f} |")
     print(f"triton / torch fwd+bwd: {rows['triton'][1] / rows['torch'][1]:.2f}x time")

@@ -6,7 +6,7 @@ reference (logged once per reason):
   gated_delta, delta            chunk_triton (WY form, fused q/k L2 norm)
   scalar_decay, linear_attn     chunk_triton with DELTA=False (no WY solve)
   gla (per-key decay)           torch reference
-  float64 inputs, float32 inputs on CUDA, head dim K > 256             torch reference
+  float64 inputs, head dim K > 256, float32 with K or V > 128 on CUDA   torch reference
   chunk sizes other than 16/32/64                                       run at 64
 """
 from __future__ import annotations
@@ -33,19 +33,23 @@ def _fallback(reason: str) -> None:
         log.warning("megamom triton_ops: %s; using the PyTorch reference kernel", reason)
 
 
-def fallback_reason(rule, q: torch.Tensor) -> Optional[str]:
+FP32_MAX_HEAD_DIM = 128
+
+
+def fallback_reason(rule, q: torch.Tensor, v_dim: Optional[int] = None) -> Optional[str]:
     """Why the Triton scan kernels cannot take these inputs (None: they can). The one place that
     decides it: the scan and the SP transition summary both ask here."""
     if rule.decay == "vector":
         return f"rule {rule.name!r} (per-key decay) has no Triton kernel yet"
     if q.dtype == torch.float64:
         return "float64 inputs"
-    if q.dtype == torch.float32 and q.is_cuda:
-        # Seen on H100/H200 with Triton 3.6 (2026-11-26): dw of the backward wrong by ~1e-2 in fp32.
-        # Session 9 traced it to _bwd_dqkwg_kernel's software pipelining (num_stages >= 2, which
-        # also gave bf16 a wrong or irreproducible dw); with one stage the fp32 stage check passes
-        # (dq 1.2e-3 worst, tf32), but fp32 end to end through Triton is not validated yet.
-        return "float32 inputs on CUDA (not validated on the Triton kernels yet; cast to bf16 for the fast path)"
+    if q.dtype == torch.float32 and q.is_cuda and max(q.shape[-1], v_dim or 0) > FP32_MAX_HEAD_DIM:
+        # float32 tiles are twice bf16's: at K = V = 256 _fwd_h_kernel needs 320 KB of shared memory
+        # (sm_90 has 227 KB); at 128 it needs 172 KB (kernels/triton/aot_check.py). float32 through
+        # the Triton scan is checked against float64 on the GPU at K = 64, V = 128 (test_gpu_scan).
+        dims = f"({q.shape[-1]}, {v_dim})" if v_dim is not None else f"{q.shape[-1]}"
+        return (f"float32 inputs with head dims {dims} above {FP32_MAX_HEAD_DIM} on CUDA "
+                "(the float32 tiles exceed shared memory; bf16 / autocast takes the fast path)")
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256"
     return None
@@ -54,7 +58,7 @@ def fallback_reason(rule, q: torch.Tensor) -> Optional[str]:
 def memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
                 use_qk_l2norm):
     """Chunked scan of `rule` (a rules.UpdateRule). Returns (o [B, T, H, V], final state or None)."""
-    reason = fallback_reason(rule, q)
+    reason = fallback_reason(rule, q, v.shape[-1])
     if reason is not None:
         _fallback(reason)
         return torch_memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,

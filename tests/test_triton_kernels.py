@@ -30,8 +30,8 @@ INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "bwd_local": {"BK": 1
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
                  "step": {"BV": 16}, "conv_fwd": {"BR": 16, "BD": 16}, "conv_bwd": {"BR": 16, "BD": 16},
                  "conv_bwd_dx": {"BR": 16, "BD": 16}, "conv_bwd_shared": {"BR": 16, "BD": 16, "RB": 2},
-                 "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256}, "rmsnorm_fwd": {"BM": 4},
-                 "rmsnorm_bwd": {"BM": 4, "RB": 3}}
+                 "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256},
+                 "cross_entropy": {"BLOCK_V": 256}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -220,6 +220,30 @@ def check_rmsnorm(M, D, device, dtype, seed=7):
     return {"y": rel(y, yr), "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, ref.weight.grad)}
 
 
+def check_add_rmsnorm(M, D, device, dtype, seed=12):
+    """Residual add + RMSNorm (Triton) vs x + h and the torch RMSNorm in float64: the sum, the norm
+    (in bf16 for the matmuls, as under autocast) and the gradients of x (float32 residual stream),
+    h (in `dtype`, the layer output) and the weight, with gradients arriving at both outputs."""
+    from megamom.kernels.triton.rmsnorm import add_rms_norm
+    from megamom.model.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(M, D, generator=gen)).to(device).requires_grad_()
+    h = torch.randn(M, D, generator=gen).to(device, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(D, generator=gen)).to(device).requires_grad_()
+    ds, dy = torch.randn(M, D, generator=gen).to(device), torch.randn(M, D, generator=gen).to(device)
+    s, y = add_rms_norm(x, h, w, 1e-6, dtype)
+    assert s.dtype == torch.float32 and y.dtype == dtype
+    ((s * ds).sum() + (y.float() * dy).sum()).backward()
+    ref = RMSNorm(D, eps=1e-6).double().to(device)
+    ref.weight = torch.nn.Parameter(w.detach().double())
+    xr, hr = x.detach().double().requires_grad_(), h.detach().double().requires_grad_()
+    sr = xr + hr
+    ((sr * ds.double()).sum() + (ref(sr) * dy.double()).sum()).backward()
+    return {"s": rel(s, sr), "y": rel(y, ref(sr)), "dx": rel(x.grad, xr.grad), "dh": rel(h.grad, hr.grad),
+            "dweight": rel(w.grad, ref.weight.grad)}
+
+
 def check_swiglu(M, D, device, dtype, seed=10):
     """The MLP's fused silu(gate) * up, forward and both gradients, vs float64."""
     from megamom.kernels.triton.swiglu import swiglu
@@ -233,6 +257,24 @@ def check_swiglu(M, D, device, dtype, seed=10):
     yr = F.silu(ref[0]) * ref[1]
     yr.backward(dy.to(device, dtype).double())
     return {"y": rel(y, yr), "dgate": rel(xs[0].grad, ref[0].grad), "dup": rel(xs[1].grad, ref[1].grad)}
+
+
+def check_cross_entropy(R, V, device, dtype, seed=11):
+    """The loss's fused cross entropy + gradient (one chunk of logit rows, some rows ignored) vs
+    float64 log_softmax: the per-row losses and the gradient written over the logits."""
+    from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(R, V, generator=gen)).to(device, dtype)
+    labels = torch.randint(0, V, (R,), generator=gen)
+    labels[::3] = -100
+    labels = labels.to(device)
+    ref = logits.double().requires_grad_()
+    ref_loss = F.cross_entropy(ref, labels, ignore_index=-100, reduction="none")
+    ref_loss.sum().backward()
+    work = logits.clone()
+    loss = cross_entropy_loss_grad_(work, labels)
+    return {"loss": rel(loss, ref_loss), "dlogits": rel(work, ref.grad)}
 
 
 def check_gather_sum(N, R, D, device, dtype, seed=8):
@@ -368,8 +410,10 @@ def run_interp_suite() -> dict:
         out[f"conv_shared_silu_w{W}"] = check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, W, "cpu", torch.float32,
                                                    False, True)
     out["rmsnorm"] = check_rmsnorm(37, 40, "cpu", torch.float32)
+    out["add_rmsnorm"] = check_add_rmsnorm(37, 40, "cpu", torch.float32)
     out["gather_sum"] = check_gather_sum(19, 3, 40, "cpu", torch.float32)
     out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
+    out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
     out["combine_norm_gate"] = check_combine_norm(19, 3, 2, 24, "cpu", torch.float32)
     out["combine_norm_nogate"] = check_combine_norm(19, 2, 2, 24, "cpu", torch.float32, gate=False)
     # one slot (arch linear): the norm makes y independent of the slot weight (true dslot_w = 0)
@@ -393,7 +437,7 @@ def interp_results():
                          + ["transition", "stages", "conv_shared", "conv_shared_silu", "conv_per_memory",
                             "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
                             "conv_shared_silu_w5", "rmsnorm", "combine_norm_gate", "combine_norm_nogate",
-                            "combine_norm_r1", "gather_sum", "swiglu"])
+                            "combine_norm_r1", "gather_sum", "swiglu", "cross_entropy", "add_rmsnorm"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
@@ -450,7 +494,8 @@ def test_unknown_launch_override_is_refused():
 def test_kernels_compile_for_hopper():
     """Every launch of the chunked scan (fwd + bwd, all rule variants), the decode step and the L2
     norm compiles for sm_90 with Triton's bundled ptxas, no GPU needed (catches compile errors
-    in CI, where the GPU tests do not run), at the MoM head size K = V = 256 and K=64/V=128."""
+    in CI, where the GPU tests do not run), at the MoM head size K = V = 256 and K=64/V=128, and
+    float32 at K = V = 128 (shared memory within the sm_90 limit)."""
     pytest.importorskip("triton")
     code = """
 import torch
@@ -458,7 +503,8 @@ from megamom.kernels.triton.aot_check import compile_only
 from megamom.kernels import triton_ops
 from megamom.kernels.rules import get_rule
 with compile_only(ptxas_report=False) as recs:
-    for K, V, dt in ((256, 256, torch.bfloat16), (64, 128, torch.float32)):
+    # fp32 at 128: the largest float32 head dims the scan takes (triton_ops.FP32_MAX_HEAD_DIM)
+    for K, V, dt in ((256, 256, torch.bfloat16), (64, 128, torch.float32), (128, 128, torch.float32)):
         for rule in ("gated_delta", "delta", "scalar_decay", "linear_attn"):
             r = get_rule(rule)
             q, k = torch.randn(1, 70, 2, K, dtype=dt), torch.randn(1, 70, 2, K, dtype=dt)
@@ -486,11 +532,18 @@ with compile_only(ptxas_report=False) as recs:
         from megamom.kernels.triton.rmsnorm import rms_norm
         rms_norm(torch.randn(10, 1024, dtype=dt, requires_grad=True), torch.ones(1024, requires_grad=True),
                  1e-6).float().sum().backward()
+        from megamom.kernels.triton.rmsnorm import add_rms_norm
+        sy = add_rms_norm(torch.randn(10, 1024, requires_grad=True),
+                          torch.randn(10, 1024, dtype=dt, requires_grad=True), torch.ones(1024, requires_grad=True),
+                          1e-6, dt)
+        (sy[0].sum() + sy[1].float().sum()).backward()
         from megamom.kernels.triton.gather_sum import gather_sum
         gather_sum(torch.randn(30, 1024, dtype=dt), torch.randperm(30).view(10, 3))
         from megamom.kernels.triton.swiglu import swiglu
         g = torch.randn(10, 2816, dtype=dt, requires_grad=True)
         swiglu(g, torch.randn_like(g, requires_grad=True)).float().sum().backward()
+        from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
+        cross_entropy_loss_grad_(torch.randn(10, 32000, dtype=dt), torch.randint(0, 32000, (10,)))
 big = [(r.name, r.shared) for r in recs if r.shared > 232448]  # H100/H200 limit per block
 assert not big, big
 print(len(recs))
@@ -534,8 +587,8 @@ def _assert(errs, bound, what):
                          + [(c, torch.float32) for c in FP32_CASES],  # fp32: a subset (compile time)
                          ids=[f"{c}-bf16" for c in GPU_CASES] + [f"{c}-fp32" for c in FP32_CASES])
 def test_gpu_scan(case, dtype):
-    # float32 inputs on CUDA take the PyTorch path (triton_ops.fallback_reason: not validated yet, see
-    # test_gpu_backward_stages), so the fp32 cases check that dispatch.
+    # float32 at K = 64, V = 128 runs the Triton kernels (triton_ops.fallback_reason: float32 above head
+    # dim 128 takes the PyTorch path, its tiles exceed shared memory); tf32 dots, hence the 5e-3 bound.
     c = dict(GPU_CASES[case])
     rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
     ins, cu = make_inputs(c.pop("lens"), 3, 64, 128, dtype, "cuda", rule=rule, l2=l2, **c)
@@ -571,6 +624,10 @@ def test_gpu_transition(dtype):
     errs = check_transition(GPU_LENS, 2, 64, 128, "cuda", dtype, 64)
     _log("transition", "varlen", dtype, errs)
     _assert(errs, BOUND[dtype], "transition")
+    if dtype == torch.float32:  # V + K = 192 above took the torch path; V = K = 64 runs Triton in fp32
+        errs = check_transition(GPU_LENS, 2, 64, 64, "cuda", dtype, 64)
+        _log("transition", "varlen_v64", dtype, errs)
+        _assert(errs, BOUND[dtype], "transition fp32 Triton")
 
 
 @gpu
@@ -591,10 +648,14 @@ FUSED_KERNELS = {
     "combine_norm": (check_combine_norm, (1000, 3, 4, 256), "R3_gate", 1e-5),
     # block RMSNorm at the model width, rows not a multiple of the block
     "rmsnorm": (check_rmsnorm, (1001, 1024), "D1024", 1e-5),
+    # the block's residual add + norm (float32 stream, layer output and norm output in the dtype)
+    "add_rmsnorm": (check_add_rmsnorm, (1001, 1024), "D1024", 1e-5),
     # the packing's backward (3 rows per token, D = 1024): the torch path's float32 sum
     "gather_sum": (check_gather_sum, (1001, 3, 1024), "R3_D1024", 1e-6),
     # the MLP activation at the MLP width (2816): elements not a multiple of the block
     "swiglu": (check_swiglu, (1001, 2816), "D2816", 1e-6),
+    # the loss's cross entropy + gradient at the vocabulary of mom-340m (32000: a partial block)
+    "cross_entropy": (check_cross_entropy, (257, 32000), "V32000", 1e-6),
 }
 
 

@@ -45,7 +45,8 @@ def chunk_transition(k, v, g, beta, cu_seqlens=None, chunk_size: int = 64, use_q
     """Same contract as `chunk_transition_torch`, with the Triton kernels where they run."""
     from ..rules import get_rule
     from ..triton_ops import INTERPRET, fallback_reason  # ImportError: no Triton
-    if not (k.is_cuda or INTERPRET) or fallback_reason(get_rule("gated_delta"), k) is not None:
+    v_ext_dim = v.shape[-1] + k.shape[-1]  # the scan below runs on [v | identity columns]
+    if not (k.is_cuda or INTERPRET) or fallback_reason(get_rule("gated_delta"), k, v_ext_dim) is not None:
         return chunk_transition_torch(k, v, g, beta, cu_seqlens, chunk_size, use_qk_l2norm)
     from .chunk_triton import chunk_scan_triton
 

@@ -138,6 +138,7 @@ _DEFAULT_CFG = {
     "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
     "swiglu": dict(BLOCK=2048, num_warps=8, num_stages=1),
+    "cross_entropy": dict(BLOCK_V=4096, num_warps=8, num_stages=1),
     "gather_sum": dict(BN=4, BD=1024, num_warps=4, num_stages=1),
     "rmsnorm_fwd": dict(BM=4, num_warps=4, num_stages=1),
     "rmsnorm_bwd": dict(BM=4, RB=16, num_warps=8, num_stages=1),

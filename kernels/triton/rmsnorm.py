@@ -1,9 +1,11 @@
 """RMSNorm y = x / sqrt(mean(x^2) + eps) * weight over the last dim, forward and backward in one
 kernel each (the block norms; the torch version is 5 kernels forward and ~8 backward over float32
-copies of the residual stream). Output in x's dtype, statistics in float32.
+copies of the residual stream). Output in x's dtype (add_rms_norm: in out_dtype), statistics in float32.
 
     backward  x_hat = x rstd;  dx = rstd (dy w - x_hat mean(dy w x_hat));  dw = sum_rows dy x_hat
 dw is summed per block of rows in the kernel and over blocks in torch (deterministic).
+`add_rms_norm` also does the residual add before the norm (s = x + h), and in backward adds the
+residual's own gradient: a pre-norm block's "x = x + h; norm(x)" in one pass each way.
 The reference: `megamom.model.layers.RMSNorm` on the torch path."""
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from . import launch_cfg
 
 
 @triton.jit
-def _rmsnorm_fwd_kernel(x, w, y, rstd, M, eps, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+def _rmsnorm_fwd_kernel(x, h, s, w, y, rstd, M, eps, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                        ADD: tl.constexpr):
+    """ADD: the input is s = x + h (added in float32, stored in s's dtype: the residual stream)."""
     r0 = tl.program_id(0).to(tl.int64) * BM
     o_m = tl.arange(0, BM)
     o_d = tl.arange(0, BD)
@@ -23,6 +27,10 @@ def _rmsnorm_fwd_kernel(x, w, y, rstd, M, eps, D: tl.constexpr, BD: tl.constexpr
     mask = m_m[:, None] & (o_d < D)[None, :]
     offs = r0 * D + o_m[:, None] * D + o_d[None, :]
     b_x = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        b_x = (b_x + tl.load(h + offs, mask=mask, other=0.0).to(tl.float32)).to(s.dtype.element_ty)
+        tl.store(s + offs, b_x, mask=mask)
+        b_x = b_x.to(tl.float32)
     b_r = 1.0 / tl.sqrt(tl.sum(b_x * b_x, 1) / D + eps)
     b_w = tl.load(w + o_d, mask=o_d < D, other=0.0).to(tl.float32)
     tl.store(y + offs, (b_x * b_r[:, None] * b_w[None, :]).to(y.dtype.element_ty), mask=mask)
@@ -30,8 +38,9 @@ def _rmsnorm_fwd_kernel(x, w, y, rstd, M, eps, D: tl.constexpr, BD: tl.constexpr
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(x, w, rstd, dy, dx, dwp, M, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                        RB: tl.constexpr):
+def _rmsnorm_bwd_kernel(x, w, rstd, dy, ds, dx, dh, dwp, M, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                        RB: tl.constexpr, ADD: tl.constexpr):
+    """ADD: x is s = x + h; dx = ds + the norm's gradient, also stored as dh in h's dtype."""
     i_p = tl.program_id(0)
     o_m = tl.arange(0, BM)
     o_d = tl.arange(0, BD)
@@ -49,44 +58,87 @@ def _rmsnorm_bwd_kernel(x, w, rstd, dy, dx, dwp, M, D: tl.constexpr, BD: tl.cons
         acc += b_dy * b_xh
         b_g = b_dy * b_w[None, :]
         b_dx = b_r[:, None] * (b_g - b_xh * (tl.sum(b_g * b_xh, 1) / D)[:, None])
+        if ADD:
+            b_dx += tl.load(ds + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dh + offs, b_dx.to(dh.dtype.element_ty), mask=mask)
         tl.store(dx + offs, b_dx.to(dx.dtype.element_ty), mask=mask)
     tl.store(dwp + i_p * D + o_d, tl.sum(acc, 0), mask=m_d)
+
+
+def _fwd(x2, h2, weight, eps, out_dtype):
+    M, D = x2.shape
+    y = torch.empty(M, D, dtype=out_dtype, device=x2.device)
+    s2 = torch.empty_like(x2) if h2 is not None else x2
+    rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
+    cfg = launch_cfg("rmsnorm_fwd")
+    BM = cfg.pop("BM")
+    if M:
+        _rmsnorm_fwd_kernel[(triton.cdiv(M, BM),)](x2, h2 if h2 is not None else x2, s2, weight, y, rstd, M, eps, D=D,
+                                                   BD=triton.next_power_of_2(D), BM=BM, ADD=h2 is not None, **cfg)
+    return s2, y, rstd
+
+
+def _bwd(s2, weight, rstd, dy, ds, h_dtype):
+    """-> (dx, dh or None, dweight); ds: the residual's own gradient (ADD) or None."""
+    M, D = s2.shape
+    dx = torch.empty_like(s2)
+    dh = torch.empty(M, D, dtype=h_dtype, device=s2.device) if h_dtype is not None else None
+    cfg = launch_cfg("rmsnorm_bwd")
+    BM, RB = cfg.pop("BM"), cfg.pop("RB")
+    nprog = triton.cdiv(M, BM * RB)
+    dwp = torch.empty(max(nprog, 1), D, dtype=torch.float32, device=s2.device)
+    if M:
+        add = h_dtype is not None
+        _rmsnorm_bwd_kernel[(nprog,)](s2, weight, rstd, dy.reshape(M, D).contiguous(),
+                                      ds.reshape(M, D).contiguous() if add else dy, dx, dh if add else dx, dwp, M,
+                                      D=D, BD=triton.next_power_of_2(D), BM=BM, RB=RB, ADD=add, **cfg)
+    else:
+        dwp.zero_()
+    return dx, dh, dwp.sum(0).to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        shape = x.shape
-        D = shape[-1]
-        x2 = x.reshape(-1, D).contiguous()
-        M = x2.shape[0]
-        y = torch.empty_like(x2)
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        cfg = launch_cfg("rmsnorm_fwd")
-        BM = cfg.pop("BM")
-        if M:
-            _rmsnorm_fwd_kernel[(triton.cdiv(M, BM),)](x2, weight, y, rstd, M, eps, D=D,
-                                                       BD=triton.next_power_of_2(D), BM=BM, **cfg)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        _, y, rstd = _fwd(x2, None, weight, eps, x.dtype)
         ctx.save_for_backward(x2, weight, rstd)
-        return y.view(shape)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        M, D = x2.shape
-        dx = torch.empty_like(x2)
-        cfg = launch_cfg("rmsnorm_bwd")
-        BM, RB = cfg.pop("BM"), cfg.pop("RB")
-        nprog = triton.cdiv(M, BM * RB)
-        dwp = torch.empty(max(nprog, 1), D, dtype=torch.float32, device=x2.device)
-        if M:
-            _rmsnorm_bwd_kernel[(nprog,)](x2, weight, rstd, dy.reshape(M, D).contiguous(), dx, dwp, M, D=D,
-                                          BD=triton.next_power_of_2(D), BM=BM, RB=RB, **cfg)
-        else:
-            dwp.zero_()
-        return dx.view(dy.shape), dwp.sum(0).to(weight.dtype), None
+        dx, _, dw = _bwd(x2, weight, rstd, dy, None, None)
+        return dx.view(dy.shape), dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h, weight, eps, out_dtype):
+        D = x.shape[-1]
+        s2, y, rstd = _fwd(x.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous(), weight, eps, out_dtype)
+        ctx.save_for_backward(s2, weight, rstd)
+        ctx.h_dtype, ctx.shape = h.dtype, x.shape
+        return s2.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s2, weight, rstd = ctx.saved_tensors  # (autograd passes zeros for an unused output)
+        dx, dh, dw = _bwd(s2, weight, rstd, dy, ds, ctx.h_dtype)
+        return dx.view(ctx.shape), dh.view(ctx.shape), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] (any float dtype), weight [D]: RMSNorm in float32, output in x's dtype."""
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = x + h (in x's dtype; h may be lower precision) and RMSNorm(s) in out_dtype, one kernel
+    each way: the residual add of a pre-norm block and the next norm. Same rounding as x + h
+    followed by rms_norm and a cast to out_dtype, as long as h's dtype does not outrank x's (torch's
+    x + h would promote; the model's residual stream is the wider one)."""
+    if x.shape != h.shape:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and h {tuple(h.shape)} must have one shape")
+    return AddRMSNormFunction.apply(x, h, weight, eps, out_dtype)

@@ -42,6 +42,17 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype)).to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, this norm of it in the matmul dtype): a pre-norm block's residual add and its next
+        norm, one Triton kernel each way on the GPU. The norm's output goes straight into matmuls,
+        so it is cast where the matmul would cast it (same values, one pass less)."""
+        out_dtype = compute_dtype(x) if x.dtype == torch.float32 else x.dtype  # as cast_for_autocast
+        if use_triton(x, self.backend):
+            from megamom.kernels.triton.rmsnorm import add_rms_norm
+            return add_rms_norm(x, h, self.weight, self.eps, out_dtype)
+        s = x + h
+        return s, self(s).to(out_dtype)
+
 
 class GatedRMSNorm(RMSNorm):
     """Per-head output norm of the memory layers: RMSNorm(o) * weight * swish(gate)."""

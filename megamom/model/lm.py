@@ -45,8 +45,8 @@ class Block(nn.Module):
             h, stats, new_cache = self.attn(self.attn_norm(x), ctx["positions"], ctx["segment_ids"], cache, use_cache)
         else:
             h, stats, new_cache = self.attn(self.attn_norm(x), ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        x, y = self.mlp_norm.add_forward(x, h)  # x = x + h; y = mlp_norm(x)
+        x = x + self.mlp(y)
         return x, stats, new_cache
 
 
@@ -165,7 +165,7 @@ class CausalLM(nn.Module):
                                               labels.reshape(-1), ignore_index=-100)
             else:  # training: no [tokens, vocab] logits (megamom.model.loss)
                 out.lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight,
-                                                   labels.reshape(-1), cfg.loss_chunk_size)
+                                                   labels.reshape(-1), cfg.loss_chunk_size, cfg.kernel_backend)
             loss = out.lm_loss
             if stats:
                 out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()

@@ -5,11 +5,15 @@ The plain path holds bf16 logits, their float32 copy and the float32 softmax gra
 tokens at once (B8 T2048, vocab 32000: ~5 GiB). Here one chunk of rows is live at a time; the
 gradients of the hidden states and of the output weight are computed in the forward pass (the
 softmax is at hand there) and scaled by the incoming gradient in backward. Same GEMMs, same
-rounding points as autocast (bf16 matmuls, float32 softmax), float32 accumulation of dW."""
+rounding points as autocast (bf16 matmuls, float32 softmax), float32 accumulation of dW. On the
+GPU (kernel backend auto / triton) the softmax, loss and logit gradient of a chunk are one Triton
+kernel (`kernels/triton/cross_entropy.py`) instead of about six torch passes over [chunk, vocab]."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from megamom.kernels import use_triton
 
 from .layers import compute_dtype
 
@@ -23,25 +27,32 @@ def _chunk_logits(xc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chunk_rows, dtype):
+    def forward(ctx, x, weight, labels, chunk_rows, dtype, fused):
         xd, wd = x.to(dtype), weight.to(dtype)
         valid_all = labels != IGNORE_INDEX
         n_valid = valid_all.sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         dx = torch.empty_like(x)
         dw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
+        if fused:
+            from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
         for s in range(0, x.shape[0], chunk_rows):
-            xc, lab, valid = xd[s:s + chunk_rows], labels[s:s + chunk_rows], valid_all[s:s + chunk_rows]
-            logits = _chunk_logits(xc, wd)
-            lse = logits.logsumexp(-1)
-            tgt = lab.clamp(min=0)
-            loss += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
-            # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows; in place
-            # of the logits (dead after the gather above): one [chunk, vocab] buffer, not two
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(grad.shape[0], device=grad.device), tgt] -= 1.0
-            grad.mul_(valid[:, None])
-            grad = grad.to(dtype)
+            xc, lab = xd[s:s + chunk_rows], labels[s:s + chunk_rows]
+            if fused:  # the kernel overwrites the logits (in the matmul's dtype) with their gradient
+                grad = xc @ wd.t()
+                loss += cross_entropy_loss_grad_(grad, lab, IGNORE_INDEX).sum()
+            else:
+                valid = valid_all[s:s + chunk_rows]
+                logits = _chunk_logits(xc, wd)
+                lse = logits.logsumexp(-1)
+                tgt = lab.clamp(min=0)
+                loss += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+                # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows; in place
+                # of the logits (dead after the gather above): one [chunk, vocab] buffer, not two
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(grad.shape[0], device=grad.device), tgt] -= 1.0
+                grad.mul_(valid[:, None])
+                grad = grad.to(dtype)
             dx[s:s + chunk_rows] = grad @ wd
             dw += (grad.t() @ xc).to(dw.dtype)
         ctx.save_for_backward(dx, dw, n_valid)
@@ -52,12 +63,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         dx, dw, n_valid = ctx.saved_tensors
         scale = grad_loss / n_valid
-        return (dx * scale).to(dx.dtype), (dw * scale).to(ctx.weight_dtype), None, None, None
+        return (dx * scale).to(dx.dtype), (dw * scale).to(ctx.weight_dtype), None, None, None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
+                         backend: str = "auto") -> torch.Tensor:
     """mean over non-ignored rows of CE(x @ weight^T, labels). x [N, d]; weight [V, d]; labels [N]
-    (-100 = ignore). chunk_rows <= 0: the plain path (all logits at once)."""
+    (-100 = ignore). chunk_rows <= 0: the plain path (all logits at once). backend: the model's
+    kernel_backend (auto: the fused Triton cross entropy on CUDA)."""
     dtype = compute_dtype(x)
     if chunk_rows <= 0:
         logits = F.linear(x, weight)
@@ -65,7 +78,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                                ignore_index=IGNORE_INDEX)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         with torch.autocast(x.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_rows, dtype)
+            return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_rows, dtype, use_triton(x, backend))
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # evaluation: the loss only
         xd, wd = x.to(dtype), weight.to(dtype)
         valid = labels != IGNORE_INDEX
