@@ -36,19 +36,19 @@ def _fallback(reason: str) -> None:
 FP32_MAX_HEAD_DIM = 128
 
 
-def fallback_reason(rule, q: torch.Tensor, v_dim: Optional[int] = None) -> Optional[str]:
-    """Why the Triton scan kernels cannot take these inputs (None: they can). The one place that
-    decides it: the scan and the SP transition summary both ask here."""
+def fallback_reason(rule, q: torch.Tensor, v_dim: int) -> Optional[str]:
+    """Why the Triton scan kernels cannot take these inputs (None: they can); v_dim is the value
+    head dim the scan runs at. The one place that decides it: the scan and the SP transition
+    summary both ask here."""
     if rule.decay == "vector":
         return f"rule {rule.name!r} (per-key decay) has no Triton kernel yet"
     if q.dtype == torch.float64:
         return "float64 inputs"
-    if q.dtype == torch.float32 and q.is_cuda and max(q.shape[-1], v_dim or 0) > FP32_MAX_HEAD_DIM:
+    if q.dtype == torch.float32 and q.is_cuda and max(q.shape[-1], v_dim) > FP32_MAX_HEAD_DIM:
         # float32 tiles are twice bf16's: at K = V = 256 _fwd_h_kernel needs 320 KB of shared memory
         # (sm_90 has 227 KB); at 128 it needs 172 KB (kernels/triton/aot_check.py). float32 through
         # the Triton scan is checked against float64 on the GPU at K = 64, V = 128 (test_gpu_scan).
-        dims = f"({q.shape[-1]}, {v_dim})" if v_dim is not None else f"{q.shape[-1]}"
-        return (f"float32 inputs with head dims {dims} above {FP32_MAX_HEAD_DIM} on CUDA "
+        return (f"float32 inputs with head dims ({q.shape[-1]}, {v_dim}) above {FP32_MAX_HEAD_DIM} on CUDA "
                 "(the float32 tiles exceed shared memory; bf16 / autocast takes the fast path)")
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} > 256"

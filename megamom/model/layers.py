@@ -16,6 +16,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def autocast_target_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would cast x to before a matmul: the compute dtype for float32 x, x's own
+    otherwise (autocast leaves float64 alone)."""
+    return compute_dtype(x) if x.dtype == torch.float32 else x.dtype
+
+
 def cast_for_autocast(x: torch.Tensor) -> torch.Tensor:
     """x in the autocast compute dtype when autocast is on, so that several linears reading the
     same activation share one cast (autocast casts each linear's input separately: one copy per
@@ -23,7 +29,7 @@ def cast_for_autocast(x: torch.Tensor) -> torch.Tensor:
     input gradients are then summed in that dtype before the single cast's backward (the MoM
     layer's dx vs float64 under bf16 autocast: 9.1e-3 instead of 8.8e-3, H200). Only float32 is
     cast (autocast leaves float64 alone)."""
-    return x.to(compute_dtype(x)) if x.dtype == torch.float32 else x
+    return x.to(autocast_target_dtype(x))
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +52,7 @@ class RMSNorm(nn.Module):
         """(x + h, this norm of it in the matmul dtype): a pre-norm block's residual add and its next
         norm, one Triton kernel each way on the GPU. The norm's output goes straight into matmuls,
         so it is cast where the matmul would cast it (same values, one pass less)."""
-        out_dtype = compute_dtype(x) if x.dtype == torch.float32 else x.dtype  # as cast_for_autocast
+        out_dtype = autocast_target_dtype(x)
         if use_triton(x, self.backend):
             from megamom.kernels.triton.rmsnorm import add_rms_norm
             return add_rms_norm(x, h, self.weight, self.eps, out_dtype)
