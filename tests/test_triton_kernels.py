@@ -480,6 +480,23 @@ def test_triton_ops_import_is_clean():
 
 
 @pytest.mark.slow
+def test_fused_kernel_inputs_are_checked():
+    """Bad inputs of the cross-entropy and residual add + norm entry points are refused before any
+    launch, naming the input (no Triton launch happens: these run on CPU tensors)."""
+    pytest.importorskip("triton")
+    from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
+    from megamom.kernels.triton.rmsnorm import add_rms_norm
+
+    with pytest.raises(ValueError, match="float64 takes the torch path"):
+        cross_entropy_loss_grad_(torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits \(2, 5\).*labels \(3,\)"):
+        cross_entropy_loss_grad_(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="rows contiguous"):
+        cross_entropy_loss_grad_(torch.zeros(5, 2).t(), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x \(2, 4\) and h \(2, 3\)"):
+        add_rms_norm(torch.zeros(2, 4), torch.zeros(2, 3), torch.ones(4), 1e-6, torch.float32)
+
+
 def test_unknown_launch_override_is_refused():
     """A MEGAMOM_TRITON_CFG override for a kernel that does not exist (misspelt, or renamed like
     dv_local -> bwd_local) fails at import, naming it, instead of silently doing nothing."""
@@ -616,6 +633,20 @@ def test_gpu_backward_stages(dtype):
     errs = check_stages(ins, cu, 64)
     _log("stages", "gdr_varlen_h0_l2", dtype, errs)
     _assert(errs, BOUND[dtype], "backward stages")
+
+
+@gpu
+def test_gpu_fp32_dispatch():
+    """float32 on CUDA takes the Triton scan up to head dim 128 (validated by the fp32 cases of
+    test_gpu_scan) and the torch reference above it (the float32 tiles exceed shared memory)."""
+    from megamom.kernels.triton_ops import FP32_MAX_HEAD_DIM, fallback_reason
+
+    r = get_rule("gated_delta")
+    assert fallback_reason(r, torch.zeros(1, 1, 1, 64, device="cuda"), 128) is None
+    assert fallback_reason(r, torch.zeros(1, 1, 1, FP32_MAX_HEAD_DIM, device="cuda"), FP32_MAX_HEAD_DIM) is None
+    assert "shared memory" in fallback_reason(r, torch.zeros(1, 1, 1, 256, device="cuda"), 256)
+    assert "shared memory" in fallback_reason(r, torch.zeros(1, 1, 1, 64, device="cuda"), 192)
+    assert fallback_reason(r, torch.zeros(1, 1, 1, 256, device="cuda", dtype=torch.bfloat16), 256) is None
 
 
 @gpu
