@@ -3,6 +3,9 @@ depthwise conv1d over zero-separated segments), at the MoM layer's shape: A = 3 
 rows (top-2 + shared), 1024 channels read as a column slice of the projection output.
 
     python benchmarks/bench_conv.py [--sweep]
+Also the layer's whole q / k / v step both ways: session 10's (three convs, the scan's separate q / k
+L2-norm kernels, a split backward concatenating the k / v / gate gradients) and the fused one
+(the norm inside the conv, k | v | gates through one autograd node writing one gradient buffer).
 Times are GPU kernel time from the profiler (the sum of a pass's kernels, per pass): wall-clock
 timing of one conv is dominated by the CPU's launch and autograd overhead at this size and varied
 2x between identical runs (H200, 2026-11-26).
@@ -71,23 +74,30 @@ def main():
     for k, (f, fb) in rows.items():
         print(f"| {k} | {f:.3f} | {fb:.3f} | {gb / f * 1e3:.0f} |")
     print(f"triton / torch fwd+bwd: {rows['triton'][1] / rows['torch'][1]:.2f}x time")
+    fused_fwd, fused_fb = layer_step(N, cu)
     if a.sweep:  # one kernel at a time, the others at their defaults
         import itertools
+        plain = lambda bwd: lambda: run("triton", bwd)  # noqa: E731
         grids = {
-            "conv_fwd": (False, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
-                                 itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]),
-            "conv_bwd_shared": (True, [dict(BR=br, BD=bd, RB=rb, num_warps=nw) for br, bd, rb, nw in
-                                       itertools.product((16, 32), (64, 128), (8, 16, 32), (4, 8))]),
-            "conv_bwd_dx": (True, [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
-                                   itertools.product((16, 32, 64), (64, 128, 256), (4,))]),
+            "conv_fwd": (plain(False), [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
+                                        itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]),
+            "conv_bwd_shared": (plain(True), [dict(BR=br, BD=bd, RB=rb, num_warps=nw, num_stages=ns)
+                                              for br, bd, rb, nw, ns in itertools.product(
+                                                  (8, 16, 32), (64, 128), (16, 32), (4, 8), (1, 2, 3))]),
+            # the normalised q / k convs, timed as the layer's fused q / k / v step
+            "conv_fwd_norm": (lambda: kernel_ms(fused_fwd)[0], [dict(BR=br, num_warps=nw) for br, nw in
+                                                                itertools.product((4, 8, 16, 32), (4, 8))]),
+            "conv_bwd_shared_norm": (lambda: kernel_ms(fused_fb)[0], [
+                dict(BR=br, RB=rb, num_warps=nw, num_stages=ns) for br, rb, nw, ns in
+                itertools.product((2, 4, 8), (16, 32, 64), (4, 8), (1, 2, 3)) if br * rb >= 64]),
         }
-        for name, (bwd, cfgs) in grids.items():
+        for name, (timed, cfgs) in grids.items():
             best = None
             for c in cfgs:
                 mt._ENV_CFG.clear()
                 mt._ENV_CFG[name] = c
                 try:
-                    t = run("triton", bwd)
+                    t = timed()
                 except Exception as e:  # e.g. out of registers / shared memory
                     print("sweep", name, c, "failed:", str(e)[:100])
                     continue
@@ -95,6 +105,62 @@ def main():
                 best = min(best or (t, c), (t, c), key=lambda tc: tc[0])
             print("best", name, json.dumps(best[1]), f"{best[0]:.3f} ms", flush=True)
         mt._ENV_CFG.clear()
+
+HEAD = 256  # mom-340m's head dim: the q / k norm groups
+
+
+class _L2Norm(torch.autograd.Function):
+    """The scan's former q / k L2 norm: its own Triton kernels, one pass each way."""
+    @staticmethod
+    def forward(ctx, x):
+        from megamom.kernels.triton.l2norm import l2norm_fwd
+        y, r = l2norm_fwd(x.view(-1, HEAD))
+        ctx.save_for_backward(y, r)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from megamom.kernels.triton.l2norm import l2norm_bwd
+        y, r = ctx.saved_tensors
+        return l2norm_bwd(y, r, dy.reshape(-1, HEAD), dy.dtype).view(dy.shape)
+
+
+def layer_step(N, cu, K=1024):
+    """q [N, K] and projection rows [N, k K | v K | 8 gates] -> normalised q, k and v, fwd + bwd."""
+    from megamom.kernels.short_conv.conv import causal_conv1d_varlen, causal_conv1d_varlen_split
+    q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rows = torch.randn(N, 2 * K + 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ws = [torch.randn(K, 4, device="cuda", requires_grad=True) for _ in range(3)]
+    dys = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+    def separate():  # session 10
+        k, v, gates = rows.split([K, K, 8], -1)
+        outs = [causal_conv1d_varlen(x, w, cu, activation="silu", backend="triton")[0] for x, w in zip((q, k, v), ws)]
+        outs[0], outs[1] = _L2Norm.apply(outs[0]), _L2Norm.apply(outs[1])
+        torch.autograd.backward(outs + [gates], dys + [torch.ones_like(gates)])
+
+    def fused():
+        (qn,), _, _ = causal_conv1d_varlen_split(q, ws[:1], cu, activation="silu", backend="triton",
+                                                 l2norm_groups=[HEAD])
+        (kn, v), gates, _ = causal_conv1d_varlen_split(rows, ws[1:], cu, activation="silu", backend="triton",
+                                                       l2norm_groups=[HEAD, None])
+        torch.autograd.backward([qn, kn, v, gates], dys + [torch.ones_like(gates)])
+
+    def fused_fwd():
+        with torch.no_grad():
+            causal_conv1d_varlen_split(q, ws[:1], cu, activation="silu", backend="triton", l2norm_groups=[HEAD])
+            causal_conv1d_varlen_split(rows, ws[1:], cu, activation="silu", backend="triton",
+                                       l2norm_groups=[HEAD, None])
+    t_sep, per_sep = kernel_ms(separate)
+    t_fus, per_fus = kernel_ms(fused)
+    short = lambda per: {k[:40]: round(v, 4) for k, v in per.items() if v > 0.005}  # noqa: E731
+    print("layer q/k/v step, separate:", json.dumps(short(per_sep)))
+    print("layer q/k/v step, fused:", json.dumps(short(per_fus)))
+    print("| layer q / k / v step (conv + SiLU + q/k L2 norm), fwd+bwd | GPU ms |\n|---|---|")
+    print(f"| separate (session 10) | {t_sep:.3f} |\n| fused | {t_fus:.3f} |")
+    print(f"fused / separate: {t_fus / t_sep:.2f}x time")
+    return fused_fwd, fused
+
 
 if __name__ == "__main__":
     main()

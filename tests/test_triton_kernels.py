@@ -30,6 +30,7 @@ INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "bwd_local": {"BK": 1
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
                  "step": {"BV": 16}, "conv_fwd": {"BR": 16, "BD": 16}, "conv_bwd": {"BR": 16, "BD": 16},
                  "conv_bwd_dx": {"BR": 16, "BD": 16}, "conv_bwd_shared": {"BR": 16, "BD": 16, "RB": 2},
+                 "conv_fwd_norm": {"BR": 16}, "conv_bwd_norm": {"BR": 16}, "conv_bwd_shared_norm": {"BR": 16, "RB": 2},
                  "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256},
                  "cross_entropy": {"BLOCK_V": 256}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2}
@@ -140,9 +141,10 @@ def check_transition(lens, H, K, V, device, dtype, chunk_size, seed=3):
     return err
 
 
-def check_conv(lens, D, W, device, dtype, per_memory, silu, strided=True, G=3, seed=5):
-    """Triton short conv (+ SiLU) over varlen rows vs the float64 torch path: y, dx, dW. The input
-    is a column slice of a wider tensor (as the k / v slices of the projection output)."""
+def check_conv(lens, D, W, device, dtype, per_memory, silu, strided=True, G=3, seed=5, l2norm_group=None):
+    """Triton short conv (+ SiLU, + per-group L2 norm) over varlen rows vs the float64 torch path:
+    y, dx, dW. The input is a column slice of a wider tensor (as the k / v slices of the projection
+    output)."""
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen
     from megamom.kernels.short_conv.conv_triton import causal_conv1d_varlen_triton
 
@@ -155,15 +157,52 @@ def check_conv(lens, D, W, device, dtype, per_memory, silu, strided=True, G=3, s
     ridx = (torch.randint(0, G, (len(lens),), generator=gen).repeat_interleave(torch.tensor(lens)).to(device)
             if per_memory else None)
     wl = w.to(device).clone().requires_grad_()  # float32 weight, as the model's parameters
-    y = causal_conv1d_varlen_triton(x, wl, cu.to(device), ridx, silu=silu)
+    (y,), _ = causal_conv1d_varlen_triton(x, [wl], cu.to(device), ridx, silu=silu, l2norm_groups=[l2norm_group])
     dy = torch.randn(N, D, generator=gen).to(device, dtype)
     (y.float() * dy.float()).sum().backward()
     xr = x.detach().double().requires_grad_()
     wr = w.detach().double().to(device).requires_grad_()
-    yr, _ = causal_conv1d_varlen(xr, wr, cu.to(device), ridx, activation="silu" if silu else None, backend="torch")
+    yr, _ = causal_conv1d_varlen(xr, wr, cu.to(device), ridx, activation="silu" if silu else None, backend="torch",
+                                 l2norm_group=l2norm_group)
     (yr * dy.double()).sum().backward()
     dx = wide.grad[:, 3:3 + D] if strided else wide.grad[:, :D]
     return {"y": rel(y, yr), "dx": rel(dx, xr.grad), "dw": rel(wl.grad, wr.grad)}
+
+
+def check_conv_split(lens, widths, groups, extra, W, device, dtype, per_memory, G=3, seed=7):
+    """Column blocks of one rows tensor through their own convs (+ SiLU, + L2 norm per block), the
+    last `extra` columns passed through (k | v | beta | decay of the projection output), vs the
+    float64 torch path: every y, the passed-through columns, the rows' gradient (written by the
+    Triton backward into one buffer) and every dW."""
+    from megamom.kernels.short_conv.conv import causal_conv1d_varlen_split
+    from megamom.kernels.short_conv.conv_triton import causal_conv1d_varlen_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32).to(device)
+    N = int(cu[-1])
+    rows = torch.randn(N, sum(widths) + extra, generator=gen).to(device, dtype).requires_grad_()
+    ws = [(torch.randn(G, C, W, generator=gen) if per_memory else torch.randn(C, W, generator=gen)) / W ** 0.5
+          for C in widths]
+    ridx = (torch.randint(0, G, (len(lens),), generator=gen).repeat_interleave(torch.tensor(lens)).to(device)
+            if per_memory else None)
+    dys = [torch.randn(N, C, generator=gen).to(device, dtype) for C in widths + [extra]]
+
+    def run(x, weights, backend):
+        if backend == "triton":  # the kernels' own entry (the dispatch refuses Triton on CPU, the interpreter)
+            ys, rest = causal_conv1d_varlen_triton(x, weights, cu, ridx, silu=True, l2norm_groups=groups)
+        else:
+            ys, rest, _ = causal_conv1d_varlen_split(x, weights, cu, ridx, activation="silu", backend=backend,
+                                                     l2norm_groups=groups)
+        sum((y.to(dy.dtype) * dy).double().sum() for y, dy in zip(ys + [rest], dys)).backward()
+        return ys + [rest]
+    wl = [w.to(device).clone().requires_grad_() for w in ws]
+    out = run(rows, wl, "triton")
+    rr = rows.detach().double().requires_grad_()
+    wr = [w.detach().double().to(device).requires_grad_() for w in ws]
+    ref = run(rr, wr, "torch")
+    errs = {f"y{i}": rel(a, b) for i, (a, b) in enumerate(zip(out[:-1], ref[:-1]))}
+    errs |= {"rest": rel(out[-1], ref[-1]), "drows": rel(rows.grad, rr.grad)}
+    return errs | {f"dw{i}": rel(a.grad, b.grad) for i, (a, b) in enumerate(zip(wl, wr))}
 
 
 def check_combine_norm(N, R, H, V, device, dtype, gate=True, seed=6):
@@ -397,6 +436,11 @@ def run_interp_suite() -> dict:
         rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
         ins, cu = make_inputs(c.pop("lens"), 2, 16, 32, torch.float32, "cpu", rule=rule, l2=l2, **c)
         out[name] = check_scan(rule, ins, cu, l2, 16)
+    # fp16 inputs: the backward keeps float32 intermediates where bf16 inputs store bf16, and must
+    # type its products consistently (an fp16 x float32 dot does not compile). bf16 is checked on
+    # the GPU only: the interpreter's bf16 arithmetic is not faithful.
+    ins, cu = make_inputs(LENS, 2, 16, 32, torch.float16, "cpu")
+    out["scan_fp16"] = check_scan("gated_delta", ins, cu, True, 16)
     for rule in ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn"):
         out["step_" + rule] = check_step(rule, 3, 2, 16, 32, "cpu", torch.float32, l2=True)
     out["transition"] = check_transition([37, 0, 1, 40], 2, 16, 32, "cpu", torch.float32, 16)
@@ -406,6 +450,13 @@ def run_interp_suite() -> dict:
         for silu in (False, True):
             out[f"conv_{'per_memory' if per_memory else 'shared'}{'_silu' if silu else ''}"] = check_conv(
                 [0, 1, 2, 5, 37, 0, 3, 20], 40, 4, "cpu", torch.float32, per_memory, silu)
+    for per_memory in (False, True):  # + the q / k L2 norm: groups of 8 (BD 8) and 20 (a masked BD of 32)
+        for silu, group in ((True, 8), (True, 20), (False, 20)):
+            out[f"conv_{'per_memory' if per_memory else 'shared'}{'_silu' if silu else ''}_norm{group}"] = check_conv(
+                [0, 1, 2, 5, 37, 0, 3, 20], 40, 4, "cpu", torch.float32, per_memory, silu, l2norm_group=group)
+    for per_memory in (False, True):  # k | v | gates: normalised keys, plain values, 5 columns passed through
+        out[f"conv_split_{'per_memory' if per_memory else 'shared'}"] = check_conv_split(
+            [0, 1, 2, 5, 37, 0, 3, 20], [32, 24], [16, None], 5, 4, "cpu", torch.float32, per_memory)
     for W in (2, 3, 5):  # the shared-weight backward kernel covers W <= 4; W = 5 takes the general one
         out[f"conv_shared_silu_w{W}"] = check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, W, "cpu", torch.float32,
                                                    False, True)
@@ -432,16 +483,19 @@ def interp_results():
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", list(INTERP_CASES) + ["step_" + r for r in
+@pytest.mark.parametrize("case", list(INTERP_CASES) + ["scan_fp16"] + ["step_" + r for r in
                                                        ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")]
                          + ["transition", "stages", "conv_shared", "conv_shared_silu", "conv_per_memory",
                             "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
-                            "conv_shared_silu_w5", "rmsnorm", "combine_norm_gate", "combine_norm_nogate",
+                            "conv_shared_silu_w5", "conv_shared_silu_norm8", "conv_shared_silu_norm20",
+                            "conv_shared_norm20", "conv_per_memory_silu_norm8", "conv_per_memory_silu_norm20",
+                            "conv_per_memory_norm20", "conv_split_shared", "conv_split_per_memory", "rmsnorm", "combine_norm_gate", "combine_norm_nogate",
                             "combine_norm_r1", "gather_sum", "swiglu", "cross_entropy", "add_rmsnorm"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
-    bad = {k: v for k, v in errs.items() if not v <= BOUND["interp"]}  # NaN fails too
+    bound = BOUND[torch.bfloat16] if case == "scan_fp16" else BOUND["interp"]
+    bad = {k: v for k, v in errs.items() if not v <= bound}  # NaN fails too
     assert not bad, f"{case}: {bad}"
 
 
@@ -540,7 +594,13 @@ with compile_only(ptxas_report=False) as recs:
         for w in (torch.randn(2 * K, 4), torch.randn(3, 2 * K, 4)):
             x = torch.randn(70, 2 * K, dtype=dt, requires_grad=True)
             ridx = torch.randint(0, 3, (70,)) if w.dim() == 3 else None
-            causal_conv1d_varlen_triton(x, w.requires_grad_(), cu, ridx, silu=True).float().sum().backward()
+            for groups in ([None], [K]):  # + the fused q / k L2 norm
+                ys, _ = causal_conv1d_varlen_triton(x, [w.requires_grad_()], cu, ridx, silu=True, l2norm_groups=groups)
+                ys[0].float().sum().backward()
+        rows = torch.randn(70, 3 * K + 8, dtype=dt, requires_grad=True)  # k | v | gates: gradient into a slice
+        (k_, v_), rest = causal_conv1d_varlen_triton(rows, [torch.randn(K, 4), torch.randn(2 * K, 4)], cu, None,
+                                                     silu=True, l2norm_groups=[K, None])
+        (k_.float().sum() + v_.float().sum() + rest.float().sum()).backward()
         from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
         rows = torch.randn(30, 2 * V, dtype=dt, requires_grad=True)
         gate = torch.randn(10, 2 * V, dtype=dt, requires_grad=True)
@@ -670,6 +730,14 @@ def test_gpu_short_conv(dtype, per_memory):
     errs = check_conv(GPU_LENS + [1000, 3], 200, 4, "cuda", dtype, per_memory, silu=True)
     _log("conv", "per_memory" if per_memory else "shared", dtype, errs)
     _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv")
+    # + the q / k L2 norm at the MoM head size (two heads of 256: one program per head and row block)
+    errs = check_conv(GPU_LENS + [1000, 3], 512, 4, "cuda", dtype, per_memory, silu=True, l2norm_group=256)
+    _log("conv", ("per_memory" if per_memory else "shared") + "_norm256", dtype, errs)
+    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv + L2 norm")
+    # the layer's k | v | beta | decay rows at the MoM head size: one rows gradient for all
+    errs = check_conv_split(GPU_LENS + [1000, 3], [512, 512], [256, None], 8, 4, "cuda", dtype, per_memory)
+    _log("conv", ("per_memory" if per_memory else "shared") + "_split", dtype, errs)
+    _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv column blocks")
 
 
 # The fused kernels outside the scan at their shapes in mom-340m, vs float64: (check, its arguments

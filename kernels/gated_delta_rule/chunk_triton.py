@@ -595,7 +595,7 @@ def _cumsum(g, G, vl, BT):
 
 def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta: bool,
          debug: Optional[dict] = None):
-    """Returns (dq, dk (float32 direct+wy), dv, dbeta, dg, dh0) on packed layouts. `debug`: a dict
+    """Returns (dq, dk, dv, dbeta, dg, dh0) on packed layouts. `debug`: a dict
     that receives every intermediate (stage-by-stage checks in tests)."""
     T, H, K = k.shape
     V = v.shape[-1]
@@ -616,7 +616,10 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
         u = v
     h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
 
-    dv_local = torch.empty(T, H, V, dtype=torch.float32, device=dev)
+    # bf16 inputs: dv_local, dv2 and dw stored in bf16, as fla's (dv2 and dw only enter bf16 products anyway;
+    # dv_local adds one rounding to dv2); float32 otherwise (fp16 products take float32 operands here)
+    low = dtype if _wy_lowp(dtype) else torch.float32
+    dv_local = torch.empty(T, H, V, dtype=low, device=dev)
     dov = torch.empty(T, H, BT, dtype=torch.float32, device=dev)
     if vl.NT:
         cfg = launch_cfg("bwd_local", BK=BK, BV=next_pow2(V))
@@ -624,7 +627,7 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
                                       BT=BT, USE_G=use_g, **cfg)
 
     dh = torch.empty(vl.NT, H, K, V, dtype=dtype, device=dev)
-    dv2 = torch.empty(T, H, V, dtype=torch.float32, device=dev)
+    dv2 = torch.empty(T, H, V, dtype=low, device=dev)
     dh0 = torch.empty(vl.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
     if vl.N:
         cfg = launch_cfg("bwd_dhu", BV=next_pow2(V))
@@ -636,9 +639,9 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
 
     cfg = launch_cfg("bwd_dqkwg", BK=BK, BV=next_pow2(V))
     NKP = triton.cdiv(K, cfg["BK"])
-    dq = torch.empty(T, H, K, dtype=torch.float32, device=dev)
+    dq = torch.empty(T, H, K, dtype=dtype, device=dev)  # final, as dk and dv: no float32 round trip
     dkd = torch.empty(T, H, K, dtype=torch.float32, device=dev)
-    dw = torch.empty(T, H, K, dtype=torch.float32, device=dev) if delta else None
+    dw = torch.empty(T, H, K, dtype=low, device=dev) if delta else None
     dGp = torch.empty(NKP, T, H, dtype=torch.float32, device=dev) if use_g else None
     if vl.NT:
         _bwd_dqkwg_kernel[(NKP, vl.NT, H)](q, k, vn, h, G, do, dh, dv2, dov, dq, dkd, dw, dGp, vl.cu, vl.chunk_indices,
@@ -649,7 +652,7 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     del h, dh, dov
     dg = torch.empty(T, H, dtype=torch.float32, device=dev) if use_g else None
     if delta:
-        dk = torch.empty(T, H, K, dtype=torch.float32, device=dev)
+        dk = torch.empty(T, H, K, dtype=dtype, device=dev)
         dv = torch.empty_like(v)
         dbeta = torch.empty(T, H, dtype=torch.float32, device=dev)
     else:

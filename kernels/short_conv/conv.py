@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rules import use_triton
+from ..utils import compute_dtype, l2norm
 
 
 def causal_conv1d_varlen(
@@ -23,40 +24,98 @@ def causal_conv1d_varlen(
     activation: Optional[str] = None,
     backend: str = "auto",
     positions: Optional[torch.Tensor] = None,
+    l2norm_group: Optional[int] = None,
 ):
     """x: [N, D] packed rows; weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
     the weight of each row (per-memory convolutions); cu_seqlens: [S+1]; initial_state [S, W-1, D].
     activation: None or "silu" (applied to the output). positions: [N] int32 position of each row
-    in its segment, if the caller has it (saves recomputing it from cu_seqlens). Returns
-    (y [N, D] in x's dtype, final tails [S, W-1, D] of the inputs, or None).
+    in its segment, if the caller has it (saves recomputing it from cu_seqlens). l2norm_group: after
+    the activation, L2-normalise each group of that many channels (a head: the scan's q / k norm).
+    Returns (y [N, D] in x's dtype, final tails [S, W-1, D] of the inputs, or None).
 
-    On CUDA (backend auto/triton) without initial tails: the fused Triton kernel (conv + SiLU, fp32
-    accumulation, saves only x). Elsewhere: the PyTorch paths below, weight cast to x's dtype."""
+    On CUDA (backend auto/triton) without initial tails: the fused Triton kernel (conv + SiLU + norm,
+    fp32 accumulation, saves only x). Elsewhere: the PyTorch paths below, weight cast to x's dtype."""
+    if x.shape[-1] != weight.shape[-2]:
+        raise ValueError(f"x has {x.shape[-1]} channels, the weight {weight.shape[-2]} "
+                         "(causal_conv1d_varlen_split convolves column blocks of wider rows)")
+    ys, _, finals = causal_conv1d_varlen_split(
+        x, [weight], cu_seqlens, row_weight_index, None if initial_state is None else [initial_state],
+        output_final_state, activation, backend, positions, [l2norm_group])
+    return ys[0], (finals[0] if finals is not None else None)
+
+
+def causal_conv1d_varlen_split(
+    rows: torch.Tensor,
+    weights: list,
+    cu_seqlens: torch.Tensor,
+    row_weight_index: Optional[torch.Tensor] = None,
+    initial_states: Optional[list] = None,
+    output_final_state: bool = False,
+    activation: Optional[str] = None,
+    backend: str = "auto",
+    positions: Optional[torch.Tensor] = None,
+    l2norm_groups: Optional[list] = None,
+):
+    """causal_conv1d_varlen of consecutive column blocks of rows [N, D] from column 0, block i with
+    weights[i] ([C_i, W] or [G, C_i, W]), initial_states[i] and l2norm_groups[i]; the columns after
+    them are passed through. -> ([y_i [N, C_i]], rows[:, sum C_i:], [final tails_i] or None).
+    On the Triton path all of rows takes one autograd node, so its gradient is written in one buffer
+    (a split's backward would concatenate the pieces: one more pass over them)."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation {activation!r} is not one of None, 'silu'")
-    N, D = x.shape
-    W = weight.shape[-1]
+    groups = check_split(rows, weights, l2norm_groups, row_weight_index)
+    N = rows.shape[0]
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]  # cheap device ops; the final tails need them on both paths
-    if initial_state is None and use_triton(x, backend):
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[-2])
+    xs = [rows[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if initial_states is None and use_triton(rows, backend):
         from .conv_triton import causal_conv1d_varlen_triton
-        y = causal_conv1d_varlen_triton(x, weight, cu_seqlens, row_weight_index, silu=activation == "silu",
-                                        pos=positions)
+        ys, rest = causal_conv1d_varlen_triton(rows, weights, cu_seqlens, row_weight_index,
+                                               silu=activation == "silu", pos=positions, l2norm_groups=groups)
     else:
-        weight = weight.to(x.dtype)  # under autocast an fp32 weight would promote the activations
         S = lens.numel()
-        seg = torch.repeat_interleave(torch.arange(S, device=x.device), lens, output_size=N)
-        if weight.dim() == 2 and initial_state is None:
-            y = _conv_zero_separated(x, weight, seg, S, W)
-        else:
-            pos = positions if positions is not None else torch.arange(N, device=x.device) - cu[seg]
-            y = _conv_by_shifts(x, weight, row_weight_index, initial_state, seg, pos, W)
-        if activation == "silu":
-            y = F.silu(y)
-    final = None
+        seg = torch.repeat_interleave(torch.arange(S, device=rows.device), lens, output_size=N)
+        pos = positions if positions is not None else torch.arange(N, device=rows.device) - cu[seg]
+        ys = []
+        for i, (x, weight, group) in enumerate(zip(xs, weights, groups)):
+            init = initial_states[i] if initial_states is not None else None
+            weight = weight.to(x.dtype)  # under autocast an fp32 weight would promote the activations
+            if weight.dim() == 2 and init is None:
+                y = _conv_zero_separated(x, weight, seg, S, weight.shape[-1])
+            else:
+                y = _conv_by_shifts(x, weight, row_weight_index, init, seg, pos, weight.shape[-1])
+            if activation == "silu":
+                y = F.silu(y)
+            if group is not None:  # in float32 at least, rounded once (as the Triton kernel)
+                y = l2norm(y.view(N, -1, group).to(compute_dtype(y))).view(N, -1).to(y.dtype)
+            ys.append(y)
+        rest = rows[:, bounds[-1]:]
+    finals = None
     if output_final_state:
-        final = _final_tails(x, cu, lens, W, initial_state)
-    return y, final
+        finals = [_final_tails(x, cu, lens, w.shape[-1], initial_states[i] if initial_states is not None else None)
+                  for i, (x, w) in enumerate(zip(xs, weights))]
+    return ys, rest, finals
+
+
+def check_split(rows: torch.Tensor, weights: list, l2norm_groups: Optional[list],
+                row_weight_index: Optional[torch.Tensor]) -> list:
+    """Refuse column blocks wider than the rows, norm groups that do not tile their block, per-row
+    weights without row indices (or the reverse); -> the norm group of every block (None: no norm)."""
+    if any((w.dim() == 3) != (row_weight_index is not None) for w in weights):
+        raise ValueError("a [G, D, W] weight needs row_weight_index (and a [D, W] weight none)")
+    widths = [w.shape[-2] for w in weights]
+    if sum(widths) > rows.shape[1]:
+        raise ValueError(f"the weights have {sum(widths)} channels ({widths}), more than the input's {rows.shape[1]}")
+    groups = list(l2norm_groups) if l2norm_groups is not None else [None] * len(weights)
+    if len(groups) != len(weights):
+        raise ValueError(f"{len(groups)} l2norm_groups for {len(weights)} weights")
+    for C, g in zip(widths, groups):
+        if g is not None and (g <= 0 or C % g):
+            raise ValueError(f"l2norm_group {g} must divide the {C} channels of its block (the head dim)")
+    return groups
 
 
 def _conv_zero_separated(x, weight, seg, S: int, W: int):

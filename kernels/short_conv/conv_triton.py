@@ -4,15 +4,21 @@ Same contract as `conv.causal_conv1d_varlen` without initial tails: rows are pac
 segment never sees the rows of another (the row's position in its segment, `pos`, masks the taps),
 and the per-row weight index picks one of G weights (per-memory convolutions).
 
-  forward   z_t = sum_s W[W-1-s] x_{t-s} (s <= pos_t);  y_t = silu(z_t) or z_t
-  backward  dz_t = dy_t silu'(z_t)  (z recomputed from x: nothing but x is saved), and
+  forward   z_t = sum_s W[W-1-s] x_{t-s} (s <= pos_t);  y_t = silu(z_t) or z_t;
+            with NORM, out_t = y_t / sqrt(|y_t|^2 + eps) per group of channels (a head: the q / k
+            L2 norm of the scan, fused here so q and k make one round trip through memory less)
+  backward  dy_t = r_t (dout_t - out_t <out_t, dout_t>) with NORM (r_t = 1 / norm, recomputed),
+            dz_t = dy_t silu'(z_t)  (z recomputed from x: nothing but x is saved), and
             dW[W-1-s] = sum_t dz_t x_{t-s}   (per block of rows, summed in torch: deterministic)
             dx_t = sum_s W[W-1-s] dz_{t+s}  over rows t+s of t's segment      (a second kernel)
 
-One program per (block of BR rows, block of BD channels); the kernels are memory-bound, the
-shifted loads of a tile hit the cache."""
+One program per (block of BR rows, block of CS channels: BD = next power of two >= CS); the kernels
+are memory-bound, the shifted loads of a tile hit the cache. x's row stride is rounded down to its
+known alignment SA in-kernel (identity at run time): Triton only specialises strides divisible by 16,
+and without the hint the k / v slices of the projection output (stride 2056) load 2 bytes at a time."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,20 +31,53 @@ from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without T
 # Addressing: each program forms int64 scalar base pointers for its first row once; tile offsets
 # relative to them are int32 (int64 offset tiles cost registers and integer throughput).
 @triton.jit
-def _row_tile(pos, N, i_r, BR: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
-    """-> (r0: first row (int64), o_r: row offsets, cols, row mask, column mask, segment positions)."""
-    r0 = i_r.to(tl.int64) * BR
-    o_r = tl.arange(0, BR)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_r = o_r < N - r0
-    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
-    return r0, o_r, cols, m_r, cols < D, p
+def _cols(BD: tl.constexpr, CS: tl.constexpr, D: tl.constexpr):
+    """-> (this program's channels, their mask): CS channels from program_id(1) * CS."""
+    o_d = tl.arange(0, BD)
+    cols = tl.program_id(1) * CS + o_d
+    return cols, (o_d < CS) & (cols < D)
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-                     BD: tl.constexpr, PER_ROW_W: tl.constexpr, SILU: tl.constexpr):
-    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, D)
+def _row_tile(pos, N, i_r, BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, D: tl.constexpr):
+    """-> (r0: first row (int64), o_r: row offsets, cols, row mask, column mask, segment positions)."""
+    r0 = i_r.to(tl.int64) * BR
+    o_r = tl.arange(0, BR)
+    cols, m_d = _cols(BD, CS, D)
+    m_r = o_r < N - r0
+    p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
+    return r0, o_r, cols, m_r, m_d, p
+
+
+@triton.jit
+def _rnorm(y, eps):
+    """1 / L2 norm of each row of y ([BR, 1]; masked entries of y are 0)."""
+    return (1.0 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
+
+
+@triton.jit
+def _act_bwd(z, dout, eps, SILU: tl.constexpr, NORM: tl.constexpr):
+    """dz from the gradient of out = norm(act(z)): through the row L2 norm (NORM), then SiLU."""
+    if SILU:
+        sig = tl.sigmoid(z)
+        y = z * sig
+    else:
+        y = z
+    if NORM:
+        r = _rnorm(y, eps)
+        out = y * r
+        dout = r * (dout - out * tl.sum(out * dout, 1)[:, None])
+    if SILU:
+        dout = dout * sig * (1.0 + z * (1.0 - sig))
+    return dout
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+                     BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr, PER_ROW_W: tl.constexpr,
+                     SILU: tl.constexpr, NORM: tl.constexpr):
+    stride_x = stride_x // SA * SA
+    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, CS, D)
     xb = x + r0 * stride_x
     if PER_ROW_W:
         gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
@@ -54,18 +93,21 @@ def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, D: tl.constexpr, W: tl.con
         acc += xs.to(tl.float32) * ws
     if SILU:
         acc = acc * tl.sigmoid(acc)
+    if NORM:
+        acc = acc * _rnorm(acc, eps)
     tl.store(y + r0 * D + o_r[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty),
              mask=m_r[:, None] & m_d[None, :])
 
 
 @triton.jit
-def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constexpr, W: tl.constexpr,
-                        G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, PER_ROW_W: tl.constexpr,
-                        SILU: tl.constexpr):
-    """dz = dy * silu'(z) (z recomputed; stored in dy's dtype), and this block's partial
-    dW = sum_t dz_t x_{t-s} from the float32 dz."""
+def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
+                        G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
+                        PER_ROW_W: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
+    """dz = the gradient through the norm (NORM) and SiLU of z (recomputed; stored in dy's dtype),
+    and this block's partial dW = sum_t dz_t x_{t-s} from the float32 dz."""
+    stride_x = stride_x // SA * SA
     i_r = tl.program_id(0)
-    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, i_r, BR, BD, D)
+    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, i_r, BR, BD, CS, D)
     m_rd = m_r[:, None] & m_d[None, :]
     xb = x + r0 * stride_x
     p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
@@ -75,14 +117,14 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constex
     else:
         w_row = w + cols[None, :] * W
     b_dz = tl.load(dy + p_rd, mask=m_rd, other=0.0).to(tl.float32)
-    if SILU:
+    if SILU or NORM:
         z = tl.zeros([BR, BD], dtype=tl.float32)
         for s in tl.static_range(W):
             xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
                          mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             z += xs * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(z)
-        b_dz = b_dz * sig * (1.0 + z * (1.0 - sig))
+    if SILU or NORM:
+        b_dz = _act_bwd(z, b_dz, eps, SILU, NORM)
     tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
     for s in tl.static_range(W):
         xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
@@ -97,15 +139,16 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, D: tl.constex
 
 
 @triton.jit
-def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, D: tl.constexpr, W: tl.constexpr,
-                               BR: tl.constexpr, BD: tl.constexpr, RB: tl.constexpr, SILU: tl.constexpr):
+def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
+                               BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
+                               RB: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
     """_conv_bwd_dz_kernel for one weight shared by all rows and W <= 4: each program walks RB row
     tiles, keeps the shifted x tiles of a tile for dW, and accumulates dz * x per tap elementwise,
     reducing over rows once at the end (a reduction per tile made this kernel 4x slower than its
     memory traffic)."""
+    stride_x = stride_x // SA * SA
     i_r = tl.program_id(0)
-    cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    m_d = cols < D
+    cols, m_d = _cols(BD, CS, D)
     o_r = tl.arange(0, BR)
     w0 = tl.load(w + cols * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[None, :]
     w1 = tl.load(w + cols * W + (W - 2), mask=m_d & (W > 1), other=0.0).to(tl.float32)[None, :]
@@ -129,10 +172,8 @@ def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, D: tl.conste
                      other=0.0).to(tl.float32)
         p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
         b_dz = tl.load(dy + p_rd, mask=m_rd, other=0.0).to(tl.float32)
-        if SILU:
-            z = x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3
-            sig = tl.sigmoid(z)
-            b_dz = b_dz * sig * (1.0 + z * (1.0 - sig))
+        if SILU or NORM:
+            b_dz = _act_bwd(x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3, b_dz, eps, SILU, NORM)
         tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
         acc0 += b_dz * x0
         acc1 += b_dz * x1
@@ -149,10 +190,12 @@ def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, D: tl.conste
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-                        BD: tl.constexpr, PER_ROW_W: tl.constexpr):
-    """dx_t = sum_s W[W-1-s] dz_{t+s} over the rows t+s of t's segment (which share t's weight)."""
-    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, D)
+def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, stride_dx, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+                        BD: tl.constexpr, SA: tl.constexpr, PER_ROW_W: tl.constexpr):
+    """dx_t = sum_s W[W-1-s] dz_{t+s} over the rows t+s of t's segment (which share t's weight);
+    dx may be a column slice of a wider gradient (row stride stride_dx)."""
+    stride_dx = stride_dx // SA * SA
+    r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, BD, D)
     m_rd = m_r[:, None] & m_d[None, :]
     if PER_ROW_W:
         gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
@@ -166,71 +209,105 @@ def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, D: tl.constexpr, W: tl.constexp
         same = m_r & inside & (tl.load(pos + r0 + o_r + s, mask=m_r & inside, other=-1) == p + s)
         b_dz = tl.load(zb + (o_r + s)[:, None] * D + cols[None, :], mask=same[:, None] & m_d[None, :], other=0.0)
         b_dx += b_dz.to(tl.float32) * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
-    tl.store(dx + r0 * D + o_r[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
+    tl.store(dx + r0 * stride_dx + o_r[:, None] * stride_dx + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
 
 
-def _launch_fwd(x, weight, widx, pos, silu: bool):
+NORM_EPS = 1e-6  # kernels.utils.l2norm's
+
+
+def _blocks(name: str, D: int, group: int) -> tuple[dict, int, int, int]:
+    """-> (the rest of the launch config, BR, BD, CS) of conv kernel `name`. With an L2-norm group a
+    program covers one group (BD = next_pow2(group)), with the launch config of `name`_norm."""
+    if group:
+        cfg = launch_cfg(name + "_norm")
+        cfg.pop("BD", None)  # set by the group
+        return cfg, cfg.pop("BR"), triton.next_power_of_2(group), group
+    cfg = launch_cfg(name)
+    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+    return cfg, BR, BD, BD
+
+
+def _stride_alignment(x: torch.Tensor) -> int:
+    """The largest power of two (at most 16 bytes' worth of elements) dividing x's row stride."""
+    return math.gcd(x.stride(0), 16 // x.element_size()) if x.shape[0] > 1 else 1
+
+
+def _launch_fwd(x, weight, widx, pos, silu: bool, group: int):
     N, D = x.shape
     W = weight.shape[-1]
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N == 0 or D == 0:
         return y
-    cfg = launch_cfg("conv_fwd")
-    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
-    _conv_fwd_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](
-        x, weight, widx if widx is not None else pos, pos, y, N, x.stride(0), D=D, W=W, BR=BR, BD=BD,
-        PER_ROW_W=weight.dim() == 3, SILU=silu, **cfg)
+    cfg, BR, BD, CS = _blocks("conv_fwd", D, group)
+    _conv_fwd_kernel[(triton.cdiv(N, BR), triton.cdiv(D, CS))](
+        x, weight, widx if widx is not None else pos, pos, y, N, x.stride(0), NORM_EPS, D=D, W=W, BR=BR, BD=BD,
+        CS=CS, SA=_stride_alignment(x), PER_ROW_W=weight.dim() == 3, SILU=silu, NORM=group > 0, **cfg)
     return y
 
 
-def _launch_bwd(x, weight, widx, pos, dy, silu: bool):
+def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tensor):
+    """Writes the input's gradient into dx ([N, D], rows may be strided); returns dW (float32)."""
     N, D = x.shape
     W = weight.shape[-1]
     G = weight.shape[0] if weight.dim() == 3 else 1
-    dx = torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N == 0 or D == 0:
-        return dx, torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        return torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
     dz = torch.empty(N, D, dtype=dy.dtype, device=x.device)  # dW is summed from float32 dz in-kernel
     widx = widx if widx is not None else pos
+    common = dict(D=D, W=W, SA=_stride_alignment(x), SILU=silu, NORM=group > 0)
     if weight.dim() == 2 and W <= 4:
-        cfg = launch_cfg("conv_bwd_shared")
-        BR, BD, RB = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D)), cfg.pop("RB")
+        cfg, BR, BD, CS = _blocks("conv_bwd_shared", D, group)
+        RB = cfg.pop("RB")
         nb = triton.cdiv(N, BR * RB)
         dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
-        _conv_bwd_dz_shared_kernel[(nb, triton.cdiv(D, BD))](
-            x, weight, pos, dy, dz, dwp, N, x.stride(0), D=D, W=W, BR=BR, BD=BD, RB=RB, SILU=silu, **cfg)
+        _conv_bwd_dz_shared_kernel[(nb, triton.cdiv(D, CS))](
+            x, weight, pos, dy, dz, dwp, N, x.stride(0), NORM_EPS, BR=BR, BD=BD, CS=CS, RB=RB, **common, **cfg)
     else:
-        cfg = launch_cfg("conv_bwd")
-        BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+        cfg, BR, BD, CS = _blocks("conv_bwd", D, group)
         nb = triton.cdiv(N, BR)
         dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
-        _conv_bwd_dz_kernel[(nb, triton.cdiv(D, BD))](
-            x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), D=D, W=W, G=G, BR=BR, BD=BD,
-            PER_ROW_W=weight.dim() == 3, SILU=silu, **cfg)
-    cfg = launch_cfg("conv_bwd_dx")
-    BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+        _conv_bwd_dz_kernel[(nb, triton.cdiv(D, CS))](
+            x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), NORM_EPS, G=G, BR=BR, BD=BD, CS=CS,
+            PER_ROW_W=weight.dim() == 3, **common, **cfg)
+    cfg, BR, BD, _ = _blocks("conv_bwd_dx", D, 0)
     _conv_bwd_dx_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](
-        weight, widx, pos, dz, dx, N, D=D, W=W, BR=BR, BD=BD, PER_ROW_W=weight.dim() == 3, **cfg)
-    dw = dwp.sum(0)
-    return dx, dw.view(weight.shape)
+        weight, widx, pos, dz, dx, N, dx.stride(0), D=D, W=W, BR=BR, BD=BD, SA=_stride_alignment(dx),
+        PER_ROW_W=weight.dim() == 3, **cfg)
+    return dwp.sum(0).view(weight.shape)
 
 
 class ShortConvFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, pos, row_weight_index, silu):
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        weight = weight.contiguous()
-        y = _launch_fwd(x, weight, row_weight_index, pos, silu)
-        ctx.save_for_backward(x, weight, pos, row_weight_index)
-        ctx.silu = silu
-        return y
+    """Column blocks of rows [N, D], from column 0, each through its own conv (+ SiLU, + L2 norm of
+    its groups of `groups[i]` channels if non-zero), the columns after them passed through as a
+    copy: the k / v / beta / decay columns of the projection output take ONE autograd node, whose
+    backward writes the whole input gradient into one buffer (a split's backward would concatenate
+    the pieces: one more pass over them). Outputs: (y_1, ..., y_n, rest)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, pos, widx = ctx.saved_tensors
-        dx, dw = _launch_bwd(x, weight, widx, pos, dy.contiguous(), ctx.silu)
-        return dx, dw.to(weight.dtype), None, None, None
+    def forward(ctx, rows, pos, row_weight_index, silu, groups, *weights):
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        weights = [w.contiguous() for w in weights]
+        ys, c0 = [], 0
+        for w, group in zip(weights, groups):
+            ys.append(_launch_fwd(rows[:, c0:c0 + w.shape[-2]], w, row_weight_index, pos, silu, group))
+            c0 += w.shape[-2]
+        ctx.save_for_backward(rows, pos, row_weight_index, *weights)
+        ctx.silu, ctx.groups = silu, groups
+        return (*ys, rows[:, c0:].clone())
+
+    @staticmethod
+    def backward(ctx, *grads):
+        rows, pos, widx, *weights = ctx.saved_tensors
+        drows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        dws, c0 = [], 0
+        for w, group, dy in zip(weights, ctx.groups, grads):  # unused outputs get zero gradients (autograd)
+            C = w.shape[-2]
+            dws.append(_launch_bwd(rows[:, c0:c0 + C], w, widx, pos, dy.contiguous(), ctx.silu, group,
+                                   drows[:, c0:c0 + C]).to(w.dtype))
+            c0 += C
+        drows[:, c0:] = grads[-1]
+        return (drows, None, None, None, None, *dws)
 
 
 def row_positions(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
@@ -241,13 +318,16 @@ def row_positions(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
     return (torch.arange(N, device=cu.device) - cu[seg]).to(torch.int32)
 
 
-def causal_conv1d_varlen_triton(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
+def causal_conv1d_varlen_triton(rows: torch.Tensor, weights: list, cu_seqlens: torch.Tensor,
                                 row_weight_index: Optional[torch.Tensor] = None, silu: bool = False,
-                                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [N, D] (rows may be strided, channels contiguous); weight [D, W] or [G, D, W] with
-    row_weight_index [N]. Output in x's dtype; float32 accumulation whatever the weight dtype."""
-    if (weight.dim() == 3) != (row_weight_index is not None):
-        raise ValueError("a [G, D, W] weight needs row_weight_index (and a [D, W] weight none)")
-    pos = row_positions(cu_seqlens, x.shape[0]) if pos is None else pos
+                                pos: Optional[torch.Tensor] = None, l2norm_groups: Optional[list] = None):
+    """rows [N, D] (rows may be strided, channels contiguous); weights: [C_i, W] or [G, C_i, W] with
+    row_weight_index [N], for consecutive column blocks from column 0 (sum C_i <= D);
+    l2norm_groups[i]: L2-normalise block i's output per group of that many channels (a head), or
+    None. -> ([y_i [N, C_i] in rows' dtype], rows[:, sum C_i:] as a copy); float32 accumulation
+    whatever the weight dtype. Arguments as checked by conv.causal_conv1d_varlen_split."""
+    groups = l2norm_groups if l2norm_groups is not None else [None] * len(weights)
+    pos = row_positions(cu_seqlens, rows.shape[0]) if pos is None else pos
     widx = row_weight_index.to(torch.int32).contiguous() if row_weight_index is not None else None
-    return ShortConvFunction.apply(x, weight, pos, widx, silu)
+    *ys, rest = ShortConvFunction.apply(rows, pos, widx, silu, tuple(g or 0 for g in groups), *weights)
+    return ys, rest

@@ -128,14 +128,20 @@ _DEFAULT_CFG = {
     "fwd_o": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "bwd_local": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "bwd_dhu": dict(BV=64, num_warps=8, num_stages=1),  # num_stages=2 needs 234 KB of shared memory
-    "bwd_dqkwg": dict(BK=64, BV=64, num_warps=4, num_stages=1),  # 2+ stages: wrong / irreproducible dw
+    # 2+ stages: wrong / irreproducible dw. BK 128 (two key blocks: dO, vn, dvn read twice, not 4x):
+    # 4.99 vs 5.18 ms MoM fwd+bwd, 8 runs bitwise equal, 4.06e-3 vs float64 (H200, 2026-11-26)
+    "bwd_dqkwg": dict(BK=128, BV=64, num_warps=8, num_stages=1),
     "bwd_wy": dict(BK=64, BV=64, num_warps=4, num_stages=1),
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),
-    "conv_fwd": dict(BR=32, BD=128, num_warps=4, num_stages=1),  # H200 sweep 2026-11-26 (bench_conv.py --sweep)
+    "conv_fwd": dict(BR=16, BD=128, num_warps=4, num_stages=1),  # H200 sweeps 2026-11-26 (bench_conv.py --sweep)
     "conv_bwd": dict(BR=32, BD=64, num_warps=4, num_stages=1),  # dz + partial dW, per-row weights (or W > 4)
-    "conv_bwd_shared": dict(BR=16, BD=64, RB=16, num_warps=4, num_stages=1),  # dz + dW, one weight, W <= 4
+    "conv_bwd_shared": dict(BR=16, BD=64, RB=32, num_warps=4, num_stages=3),  # dz + dW, one weight, W <= 4
     "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
+    # with the q / k L2 norm a program covers one head (BD = next_pow2(head dim)): rows only
+    "conv_fwd_norm": dict(BR=32, num_warps=4, num_stages=1),
+    "conv_bwd_norm": dict(BR=8, num_warps=4, num_stages=1),
+    "conv_bwd_shared_norm": dict(BR=4, RB=64, num_warps=4, num_stages=3),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
     "swiglu": dict(BLOCK=2048, num_warps=8, num_stages=1),
     "cross_entropy": dict(BLOCK_V=4096, num_warps=8, num_stages=1),

@@ -5,7 +5,8 @@ Forward pass (training / prefill), for N = B*T tokens and M = routed + shared me
   1. route (float32 softmax, top-k, renormalise)          -> weights [N, k], memories [N, k]
   2. pack rows memory-major (memory, document, position)  -> A = N*(k+shared) rows
   3. q = x W_q once per token (shared); k, v, beta, decay = x W[m] for the row's memory
-  4. short causal conv + SiLU over each memory's own subsequence (cu_seqlens, no leaks)
+  4. short causal conv + SiLU over each memory's own subsequence (cu_seqlens, no leaks), then the
+     per-head q / k L2 norm (in the conv's kernel on the GPU; in the scan when there is no conv)
   5. ONE chunked scan over all (memory, document) segments
   6. weighted sum of each token's rows (+ shared memory with weight 1)
   7. per-head RMSNorm * swish(x W_g), then W_o
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, get_rule, memory_scan, memory_step,
+from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen_split, get_rule, memory_scan, memory_step,
                              resolve_backend, use_triton)
 
 from ..config import ModelConfig
@@ -130,12 +131,16 @@ class MemoryMixer(nn.Module):
         return torch.cat(parts, 1), [p.shape[1] for p in parts]
 
     def _split(self, rows: torch.Tensor, sizes: list[int]):
-        pieces = list(rows.split(sizes, -1))
-        k, v = pieces[0], pieces[1]
-        rest = pieces[2:]
-        b = rest.pop(0) if self.b_proj is not None else None
-        a = rest.pop(0) if self.a_proj is not None else None
-        return k, v, b, a
+        """[.., k | v | beta | decay] -> k, v, beta or None, decay or None."""
+        k, v, rest = rows.split([sizes[0], sizes[1], sum(sizes[2:])], -1)
+        return (k, v, *self._split_gates(rest, sizes[2:]))
+
+    def _split_gates(self, rest: torch.Tensor, sizes: list[int]):
+        """[.., beta | decay] (either may be absent) -> beta or None, decay or None."""
+        pieces = list(rest.split(sizes, -1)) if sizes else []
+        b = pieces.pop(0) if self.b_proj is not None else None
+        a = pieces.pop(0) if self.a_proj is not None else None
+        return b, a
 
     def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor]):
         """-> (log-decay g in float32 or None, beta or None), per head (or per key for GLA)."""
@@ -184,14 +189,16 @@ class MemoryMixer(nn.Module):
         xc = cast_for_autocast(xf)  # one cast for the q, memory and gate projections; the router reads xf
         q_rows = pack(self.q_proj(xc), packing, fused)
         W, sizes = self._stacked_weight()
-        k_rows, v_rows, b_rows, a_rows = self._split(grouped_projection(xc, W, packing, fused), sizes)
+        rows = grouped_projection(xc, W, packing, fused)  # [A, k | v | beta | decay]
 
         conv_state = None
         if self.conv_size:
             init = cache.conv if cache is not None else None
-            q_rows, k_rows, v_rows, conv_state = self._conv(q_rows, k_rows, v_rows, packing, init,
-                                                            use_cache or cache is not None, backend)
+            q_rows, k_rows, v_rows, rest, conv_state = self._conv(q_rows, rows, packing, init,
+                                                                  use_cache or cache is not None, backend)
+            b_rows, a_rows = self._split_gates(rest, sizes[2:])
         else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
+            k_rows, v_rows, b_rows, a_rows = self._split(rows, sizes)
             q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
         g, beta = self._gates(b_rows, a_rows)
         initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
@@ -202,7 +209,7 @@ class MemoryMixer(nn.Module):
             None if beta is None else beta.view(1, A, H),
             scale=K ** -0.5, initial_state=initial_state, output_final_state=use_cache or cache is not None,
             cu_seqlens=packing.cu_seqlens, chunk_size=self.cfg.chunk_size,
-            use_qk_l2norm=self.cfg.qk_norm == "l2", backend=backend,
+            use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size, backend=backend,  # else in the conv
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
         o = self._combine_output(o_rows[0], packing, slot_w, xf, xc, fused)
@@ -230,20 +237,29 @@ class MemoryMixer(nn.Module):
         o = self.o_norm(o.to(xf.dtype), gate)
         return self.o_proj(o.reshape(o.shape[0], -1))
 
-    def _conv(self, q, k, v, packing, init: Optional[dict], want_state: bool, backend: str):
+    def _conv(self, q, rows, packing, init: Optional[dict], want_state: bool, backend: str):
+        """Step 4 for q [A, H*K] and the k / v columns of the projection rows [A, k | v | ...]
+        (through one autograd node with the beta / decay columns, which come back as `rest`).
+        -> q, k, v, rest, conv state (the last inputs of each segment) or None."""
         M = self.num_memories
         per_mem = self.cfg.per_memory_conv
-        out, state = [], {}
-        for name, x, w in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
-            tails = init[name].reshape(-1, *init[name].shape[2:]).to(x.dtype) if init is not None else None
-            y, final = causal_conv1d_varlen(x, w if per_mem else w[0], packing.cu_seqlens,
-                                            packing.row_memory if per_mem else None, tails, want_state,
-                                            activation="silu", backend=backend,
-                                            positions=packing.row_position)
-            out.append(y)
-            if want_state:
-                state[name] = final.view(M, -1, *final.shape[1:])
-        return (*out, state if want_state else None)
+        qk_group = self.head_dim if self.cfg.qk_norm == "l2" else None  # the scan's q / k norm, fused here
+        tails = ({n: t.reshape(-1, *t.shape[2:]).to(q.dtype if n == "q" else rows.dtype) for n, t in init.items()}
+                 if init is not None else None)
+        kwargs = dict(cu_seqlens=packing.cu_seqlens, row_weight_index=packing.row_memory if per_mem else None,
+                      output_final_state=want_state, activation="silu", backend=backend,
+                      positions=packing.row_position)
+        w = (lambda p: p) if per_mem else (lambda p: p[0])
+        (q,), _, final_q = causal_conv1d_varlen_split(
+            q, [w(self.q_conv)], initial_states=None if tails is None else [tails["q"]], l2norm_groups=[qk_group],
+            **kwargs)
+        (k, v), rest, final_kv = causal_conv1d_varlen_split(
+            rows, [w(self.k_conv), w(self.v_conv)], initial_states=None if tails is None else [tails["k"], tails["v"]],
+            l2norm_groups=[qk_group, None], **kwargs)
+        state = None
+        if want_state:
+            state = {n: f.view(M, -1, *f.shape[1:]) for n, f in zip("qkv", final_q + final_kv)}
+        return q, k, v, rest, state
 
     # ------------------------------------------------------------------------------ decoding
     @torch.no_grad()
