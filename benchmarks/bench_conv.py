@@ -106,6 +106,7 @@ def main():
             print("best", name, json.dumps(best[1]), f"{best[0]:.3f} ms", flush=True)
         mt._ENV_CFG.clear()
 
+
 HEAD = 256  # mom-340m's head dim: the q / k norm groups
 
 
@@ -126,14 +127,15 @@ class _L2Norm(torch.autograd.Function):
 
 
 def layer_step(N, cu, K=1024):
-    """q [N, K] and projection rows [N, k K | v K | 8 gates] -> normalised q, k and v, fwd + bwd."""
+    """q [N, K] and projection rows [N, k K | v K | 8 gates] -> normalised q, k and v, fwd + bwd; both
+    layouts run this session's conv kernels (the vector loads help both)."""
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen, causal_conv1d_varlen_split
     q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rows = torch.randn(N, 2 * K + 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ws = [torch.randn(K, 4, device="cuda", requires_grad=True) for _ in range(3)]
     dys = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
 
-    def separate():  # session 10
+    def separate():  # session 10's layout
         k, v, gates = rows.split([K, K, 8], -1)
         outs = [causal_conv1d_varlen(x, w, cu, activation="silu", backend="triton")[0] for x, w in zip((q, k, v), ws)]
         outs[0], outs[1] = _L2Norm.apply(outs[0]), _L2Norm.apply(outs[1])
@@ -157,7 +159,8 @@ def layer_step(N, cu, K=1024):
     print("layer q/k/v step, separate:", json.dumps(short(per_sep)))
     print("layer q/k/v step, fused:", json.dumps(short(per_fus)))
     print("| layer q / k / v step (conv + SiLU + q/k L2 norm), fwd+bwd | GPU ms |\n|---|---|")
-    print(f"| separate (session 10) | {t_sep:.3f} |\n| fused | {t_fus:.3f} |")
+    print(f"| separate: 3 convs, the scan's L2-norm kernels, the split's concat (session 10's layout) | {t_sep:.3f} |")
+    print(f"| fused | {t_fus:.3f} |")
     print(f"fused / separate: {t_fus / t_sep:.2f}x time")
     return fused_fwd, fused
 

@@ -9,4 +9,5 @@ from .short_conv import causal_conv1d_step, causal_conv1d_varlen, causal_conv1d_
 from .utils import l2norm
 
 __all__ = ["RULES", "UpdateRule", "get_rule", "memory_scan", "memory_scan_naive", "memory_step",
-           "resolve_backend", "use_triton", "causal_conv1d_varlen", "causal_conv1d_varlen_split", "causal_conv1d_step", "l2norm"]
+           "resolve_backend", "use_triton", "causal_conv1d_varlen", "causal_conv1d_varlen_split",
+           "causal_conv1d_step", "l2norm"]

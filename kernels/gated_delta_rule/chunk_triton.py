@@ -400,6 +400,16 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dov, dq, dk, dw, dGp, cu, cid
 
 
 @triton.jit
+def _load_wy(ptr, mask, LOWP: tl.constexpr):
+    """dw / dvn for the WY products: as stored for bf16 inputs (the products take bf16 operands),
+    float32 otherwise (fp16 inputs store fp16; their products take float32 operands)."""
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if not LOWP:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _mm(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
     """a @ b with float32 accumulation: on bf16 operands (LOWP) or at input precision PREC."""
     if LOWP:
@@ -452,13 +462,13 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             p_kt = s_t * K + c * (H * K) + o_k[:, None]
             b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
             b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
-            b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
+            b_dw = _load_wy(dw + p_tk, m_tk, LOWP)
             b_kk += _mm(b_k, b_kt, PREC, LOWP)
             b_dX += _mm(b_dw, b_kt * b_bg[None, :], PREC, LOWP)
             b_tk = tl.sum(_mm(b_Xt, b_dw, PREC, LOWP) * b_k, 1)
             b_db += b_tk * b_eG
             b_dG += b_tk * b_bg
-            b_dwt = tl.load(dw + p_kt, mask=m_kt, other=0.0)
+            b_dwt = _load_wy(dw + p_kt, m_kt, LOWP)
             b_dXt += _mm(b_k * b_bg[:, None], b_dwt, PREC, LOWP)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -469,12 +479,12 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             p_vt = s_t * V + c * (H * V) + o_v[:, None]
             b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
             b_vt = tl.load(v + p_vt, mask=m_vt, other=0.0).to(tl.float32)
-            b_du = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
+            b_du = _load_wy(dv2 + p_tv, m_tv, LOWP)
             b_dX += _mm(b_du, b_vt * b_b[None, :], PREC, LOWP)
             b_dvb = _mm(b_Xt, b_du, PREC, LOWP)
             tl.store(dv + p_tv, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tv)
             b_db += tl.sum(b_dvb * b_v, 1)
-            b_dut = tl.load(dv2 + p_vt, mask=m_vt, other=0.0)
+            b_dut = _load_wy(dv2 + p_vt, m_vt, LOWP)
             b_dXt += _mm(b_v * b_b[:, None], b_dut, PREC, LOWP)
         # dL = tril_strict(-X^T dX X^T) and its transpose -X dX^T X (computed, not transposed)
         b_dL = tl.where(r > c, -_mm(b_Xt, _mm(b_dX, b_Xt, PREC, LOWP), PREC, LOWP), 0.0)
@@ -495,7 +505,7 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             m_tk = m_t[:, None] & (o_k < K)[None, :]
             p_tk = s_t * K + r * (H * K) + o_k[None, :]
             b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-            b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
+            b_dw = _load_wy(dw + p_tk, m_tk, LOWP)
             b_dk = tl.load(dkd + p_tk, mask=m_tk, other=0.0).to(tl.float32)
             b_dk += _mm(b_Xt, b_dw, PREC, LOWP) * b_bg[:, None]
             b_dk += _mm(b_R, b_k, PREC, LOWP) + _mm(b_Rt, b_k, PREC, LOWP)
@@ -594,9 +604,10 @@ def _cumsum(g, G, vl, BT):
 
 
 def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta: bool,
-         debug: Optional[dict] = None):
-    """Returns (dq, dk, dv, dbeta, dg, dh0) on packed layouts. `debug`: a dict
-    that receives every intermediate (stage-by-stage checks in tests)."""
+         debug: Optional[dict] = None, dqk_dtype: Optional[torch.dtype] = None):
+    """Returns (dq, dk, dv, dbeta, dg, dh0) on packed layouts; dq and dk in dqk_dtype (default: the
+    inputs' dtype; float32 when an L2-norm backward still follows). `debug`: a dict that receives
+    every intermediate (stage-by-stage checks in tests)."""
     T, H, K = k.shape
     V = v.shape[-1]
     dev = k.device
@@ -616,10 +627,9 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
         u = v
     h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
 
-    # bf16 inputs: dv_local, dv2 and dw stored in bf16, as fla's (dv2 and dw only enter bf16 products anyway;
-    # dv_local adds one rounding to dv2); float32 otherwise (fp16 products take float32 operands here)
-    low = dtype if _wy_lowp(dtype) else torch.float32
-    dv_local = torch.empty(T, H, V, dtype=low, device=dev)
+    # dv_local, dvn (dv2) and dw in the inputs' dtype, as fla's. For bf16, dvn and dw only enter bf16
+    # products, so storing them rounds nothing further; dv_local adds one rounding to dvn.
+    dv_local = torch.empty(T, H, V, dtype=dtype, device=dev)
     dov = torch.empty(T, H, BT, dtype=torch.float32, device=dev)
     if vl.NT:
         cfg = launch_cfg("bwd_local", BK=BK, BV=next_pow2(V))
@@ -627,10 +637,11 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
                                       BT=BT, USE_G=use_g, **cfg)
 
     dh = torch.empty(vl.NT, H, K, V, dtype=dtype, device=dev)
-    dv2 = torch.empty(T, H, V, dtype=low, device=dev)
+    dv2 = torch.empty(T, H, V, dtype=dtype, device=dev)
     dh0 = torch.empty(vl.N, H, K, V, dtype=torch.float32, device=dev) if h0 is not None else None
     if vl.N:
-        cfg = launch_cfg("bwd_dhu", BV=next_pow2(V))
+        # float32 tiles: two stages would exceed sm_90's shared memory (kernels/triton/aot_check.py)
+        cfg = launch_cfg("bwd_dhu", BV=next_pow2(V), **({"num_stages": 1} if dtype == torch.float32 else {}))
         _bwd_dhu_kernel[(triton.cdiv(V, cfg["BV"]), vl.N, H)](
             q, k, w, G, do, dv_local, dh, dv2, dht, dh0, vl.cu, vl.chunk_offsets, scale, H=H, K=K, V=V, BT=BT, BK=BK,
             USE_G=use_g, USE_DHT=dht is not None, USE_DH0=h0 is not None, DELTA=delta, **cfg)
@@ -639,9 +650,10 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
 
     cfg = launch_cfg("bwd_dqkwg", BK=BK, BV=next_pow2(V))
     NKP = triton.cdiv(K, cfg["BK"])
-    dq = torch.empty(T, H, K, dtype=dtype, device=dev)  # final, as dk and dv: no float32 round trip
+    dqk_dtype = dqk_dtype or dtype
+    dq = torch.empty(T, H, K, dtype=dqk_dtype, device=dev)
     dkd = torch.empty(T, H, K, dtype=torch.float32, device=dev)
-    dw = torch.empty(T, H, K, dtype=low, device=dev) if delta else None
+    dw = torch.empty(T, H, K, dtype=dtype, device=dev) if delta else None
     dGp = torch.empty(NKP, T, H, dtype=torch.float32, device=dev) if use_g else None
     if vl.NT:
         _bwd_dqkwg_kernel[(NKP, vl.NT, H)](q, k, vn, h, G, do, dh, dv2, dov, dq, dkd, dw, dGp, vl.cu, vl.chunk_indices,
@@ -652,7 +664,7 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     del h, dh, dov
     dg = torch.empty(T, H, dtype=torch.float32, device=dev) if use_g else None
     if delta:
-        dk = torch.empty(T, H, K, dtype=dtype, device=dev)
+        dk = torch.empty(T, H, K, dtype=dqk_dtype, device=dev)
         dv = torch.empty_like(v)
         dbeta = torch.empty(T, H, dtype=torch.float32, device=dev)
     else:
@@ -705,7 +717,8 @@ class ChunkScanFunction(torch.autograd.Function):
         dof = do.reshape(B * T, H, V).to(qf.dtype).contiguous()
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dbeta, dg, dh0 = _bwd(qf, kf, vf, G, bf, Ainv, ctx.scale, h0, dof, dht, ctx.vl,
-                                          ctx.chunk_size, ctx.delta)
+                                          ctx.chunk_size, ctx.delta,
+                                          dqk_dtype=torch.float32 if rq is not None else None)
         tq, tk, tv, tg, tb = ctx.dtypes
         if rq is not None:
             dq = l2norm_bwd(qf, rq, dq, tq)

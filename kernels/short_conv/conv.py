@@ -78,7 +78,7 @@ def causal_conv1d_varlen_split(
     else:
         S = lens.numel()
         seg = torch.repeat_interleave(torch.arange(S, device=rows.device), lens, output_size=N)
-        pos = positions if positions is not None else torch.arange(N, device=rows.device) - cu[seg]
+        pos = positions
         ys = []
         for i, (x, weight, group) in enumerate(zip(xs, weights, groups)):
             init = initial_states[i] if initial_states is not None else None
@@ -86,6 +86,8 @@ def causal_conv1d_varlen_split(
             if weight.dim() == 2 and init is None:
                 y = _conv_zero_separated(x, weight, seg, S, weight.shape[-1])
             else:
+                if pos is None:
+                    pos = torch.arange(N, device=rows.device) - cu[seg]
                 y = _conv_by_shifts(x, weight, row_weight_index, init, seg, pos, weight.shape[-1])
             if activation == "silu":
                 y = F.silu(y)

@@ -123,7 +123,6 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.co
             xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
                          mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
             z += xs * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
-    if SILU or NORM:
         b_dz = _act_bwd(z, b_dz, eps, SILU, NORM)
     tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
     for s in tl.static_range(W):

@@ -238,23 +238,24 @@ class MemoryMixer(nn.Module):
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     def _conv(self, q, rows, packing, init: Optional[dict], want_state: bool, backend: str):
-        """Step 4 for q [A, H*K] and the k / v columns of the projection rows [A, k | v | ...]
-        (through one autograd node with the beta / decay columns, which come back as `rest`).
-        -> q, k, v, rest, conv state (the last inputs of each segment) or None."""
+        """Step 4 for q [A, H*K] and the k / v columns of the projection rows [A, k | v | ...]; the
+        beta / decay columns come back as `rest` (on the Triton path all of rows takes one autograd
+        node, so its gradient is written in one buffer). -> q, k, v, rest, conv state (the last
+        inputs of each segment) or None."""
         M = self.num_memories
         per_mem = self.cfg.per_memory_conv
         qk_group = self.head_dim if self.cfg.qk_norm == "l2" else None  # the scan's q / k norm, fused here
-        tails = ({n: t.reshape(-1, *t.shape[2:]).to(q.dtype if n == "q" else rows.dtype) for n, t in init.items()}
-                 if init is not None else None)
+        tails = None
+        if init is not None:
+            tails = {n: t.reshape(-1, *t.shape[2:]).to(q.dtype if n == "q" else rows.dtype) for n, t in init.items()}
         kwargs = dict(cu_seqlens=packing.cu_seqlens, row_weight_index=packing.row_memory if per_mem else None,
                       output_final_state=want_state, activation="silu", backend=backend,
                       positions=packing.row_position)
-        w = (lambda p: p) if per_mem else (lambda p: p[0])
+        wq, wk, wv = (w if per_mem else w[0] for w in (self.q_conv, self.k_conv, self.v_conv))
         (q,), _, final_q = causal_conv1d_varlen_split(
-            q, [w(self.q_conv)], initial_states=None if tails is None else [tails["q"]], l2norm_groups=[qk_group],
-            **kwargs)
+            q, [wq], initial_states=None if tails is None else [tails["q"]], l2norm_groups=[qk_group], **kwargs)
         (k, v), rest, final_kv = causal_conv1d_varlen_split(
-            rows, [w(self.k_conv), w(self.v_conv)], initial_states=None if tails is None else [tails["k"], tails["v"]],
+            rows, [wk, wv], initial_states=None if tails is None else [tails["k"], tails["v"]],
             l2norm_groups=[qk_group, None], **kwargs)
         state = None
         if want_state:
