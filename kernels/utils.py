@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+L2NORM_EPS = 1e-6  # the q / k L2 norm's (MoM spec, fla); the Triton kernels use the same
+
+
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """x / sqrt(sum x^2 + eps) over the last dim (the convention of the MoM spec and fla)."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 

@@ -65,13 +65,15 @@ def causal_conv1d_varlen_split(
         raise ValueError(f"activation {activation!r} is not one of None, 'silu'")
     groups = check_split(rows, weights, l2norm_groups, row_weight_index)
     N = rows.shape[0]
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]  # cheap device ops; the final tails need them on both paths
     bounds = [0]
     for w in weights:
         bounds.append(bounds[-1] + w.shape[-2])
     xs = [rows[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    if initial_states is None and use_triton(rows, backend):
+    on_triton = initial_states is None and use_triton(rows, backend)
+    if not on_triton or output_final_state:  # (the Triton kernels need only the positions)
+        cu = cu_seqlens.long()
+        lens = cu[1:] - cu[:-1]
+    if on_triton:
         from .conv_triton import causal_conv1d_varlen_triton
         ys, rest = causal_conv1d_varlen_triton(rows, weights, cu_seqlens, row_weight_index,
                                                silu=activation == "silu", pos=positions, l2norm_groups=groups)
@@ -86,8 +88,7 @@ def causal_conv1d_varlen_split(
             if weight.dim() == 2 and init is None:
                 y = _conv_zero_separated(x, weight, seg, S, weight.shape[-1])
             else:
-                if pos is None:
-                    pos = torch.arange(N, device=rows.device) - cu[seg]
+                pos = row_positions(cu_seqlens, N) if pos is None else pos
                 y = _conv_by_shifts(x, weight, row_weight_index, init, seg, pos, weight.shape[-1])
             if activation == "silu":
                 y = F.silu(y)
@@ -100,6 +101,14 @@ def causal_conv1d_varlen_split(
         finals = [_final_tails(x, cu, lens, w.shape[-1], initial_states[i] if initial_states is not None else None)
                   for i, (x, w) in enumerate(zip(xs, weights))]
     return ys, rest, finals
+
+
+def row_positions(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
+    """Position of each packed row in its segment (int32), without a host sync."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=N)
+    return (torch.arange(N, device=cu.device) - cu[seg]).to(torch.int32)
 
 
 def check_split(rows: torch.Tensor, weights: list, l2norm_groups: Optional[list],

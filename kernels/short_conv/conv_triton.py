@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 
 from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without Triton)
+from ..utils import L2NORM_EPS
+from .conv import row_positions
 
 
 # Addressing: each program forms int64 scalar base pointers for its first row once; tile offsets
@@ -211,9 +213,6 @@ def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, stride_dx, D: tl.constexpr, W: 
     tl.store(dx + r0 * stride_dx + o_r[:, None] * stride_dx + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
 
 
-NORM_EPS = 1e-6  # kernels.utils.l2norm's
-
-
 def _blocks(name: str, D: int, group: int) -> tuple[dict, int, int, int]:
     """-> (the rest of the launch config, BR, BD, CS) of conv kernel `name`. With an L2-norm group a
     program covers one group (BD = next_pow2(group)), with the launch config of `name`_norm."""
@@ -239,7 +238,7 @@ def _launch_fwd(x, weight, widx, pos, silu: bool, group: int):
         return y
     cfg, BR, BD, CS = _blocks("conv_fwd", D, group)
     _conv_fwd_kernel[(triton.cdiv(N, BR), triton.cdiv(D, CS))](
-        x, weight, widx if widx is not None else pos, pos, y, N, x.stride(0), NORM_EPS, D=D, W=W, BR=BR, BD=BD,
+        x, weight, widx if widx is not None else pos, pos, y, N, x.stride(0), L2NORM_EPS, D=D, W=W, BR=BR, BD=BD,
         CS=CS, SA=_stride_alignment(x), PER_ROW_W=weight.dim() == 3, SILU=silu, NORM=group > 0, **cfg)
     return y
 
@@ -260,13 +259,13 @@ def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tens
         nb = triton.cdiv(N, BR * RB)
         dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
         _conv_bwd_dz_shared_kernel[(nb, triton.cdiv(D, CS))](
-            x, weight, pos, dy, dz, dwp, N, x.stride(0), NORM_EPS, BR=BR, BD=BD, CS=CS, RB=RB, **common, **cfg)
+            x, weight, pos, dy, dz, dwp, N, x.stride(0), L2NORM_EPS, BR=BR, BD=BD, CS=CS, RB=RB, **common, **cfg)
     else:
         cfg, BR, BD, CS = _blocks("conv_bwd", D, group)
         nb = triton.cdiv(N, BR)
         dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
         _conv_bwd_dz_kernel[(nb, triton.cdiv(D, CS))](
-            x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), NORM_EPS, G=G, BR=BR, BD=BD, CS=CS,
+            x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), L2NORM_EPS, G=G, BR=BR, BD=BD, CS=CS,
             PER_ROW_W=weight.dim() == 3, **common, **cfg)
     cfg, BR, BD, _ = _blocks("conv_bwd_dx", D, 0)
     _conv_bwd_dx_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](
@@ -307,14 +306,6 @@ class ShortConvFunction(torch.autograd.Function):
             c0 += C
         drows[:, c0:] = grads[-1]
         return (drows, None, None, None, None, *dws)
-
-
-def row_positions(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
-    """Position of each packed row in its segment (int32), without a host sync."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=N)
-    return (torch.arange(N, device=cu.device) - cu[seg]).to(torch.int32)
 
 
 def causal_conv1d_varlen_triton(rows: torch.Tensor, weights: list, cu_seqlens: torch.Tensor,

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import L2NORM_EPS
 from . import launch_cfg, next_pow2
 
 
@@ -33,7 +34,7 @@ def _l2norm_bwd_kernel(y, rstd, dy, dx, M, D: tl.constexpr, BD: tl.constexpr, BM
     tl.store(dx + rows[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=mask)
 
 
-def l2norm_fwd(x: torch.Tensor, eps: float = 1e-6):
+def l2norm_fwd(x: torch.Tensor, eps: float = L2NORM_EPS):
     """x: [..., D] contiguous -> (y same dtype, rstd float32 [...])."""
     D = x.shape[-1]
     M = x.numel() // D

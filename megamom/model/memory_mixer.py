@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen_split, get_rule, memory_scan, memory_step,
-                             resolve_backend, use_triton)
+from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, causal_conv1d_varlen_split, get_rule,
+                             memory_scan, memory_step, resolve_backend, use_triton)
 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
@@ -252,14 +252,14 @@ class MemoryMixer(nn.Module):
                       output_final_state=want_state, activation="silu", backend=backend,
                       positions=packing.row_position)
         wq, wk, wv = (w if per_mem else w[0] for w in (self.q_conv, self.k_conv, self.v_conv))
-        (q,), _, final_q = causal_conv1d_varlen_split(
-            q, [wq], initial_states=None if tails is None else [tails["q"]], l2norm_groups=[qk_group], **kwargs)
+        q, final_q = causal_conv1d_varlen(q, wq, initial_state=None if tails is None else tails["q"],
+                                          l2norm_group=qk_group, **kwargs)
         (k, v), rest, final_kv = causal_conv1d_varlen_split(
             rows, [wk, wv], initial_states=None if tails is None else [tails["k"], tails["v"]],
             l2norm_groups=[qk_group, None], **kwargs)
         state = None
         if want_state:
-            state = {n: f.view(M, -1, *f.shape[1:]) for n, f in zip("qkv", final_q + final_kv)}
+            state = {n: f.view(M, -1, *f.shape[1:]) for n, f in zip("qkv", [final_q] + final_kv)}
         return q, k, v, rest, state
 
     # ------------------------------------------------------------------------------ decoding
