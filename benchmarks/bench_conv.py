@@ -2,14 +2,15 @@
 depthwise conv1d over zero-separated segments), at the MoM layer's shape: A = 3 * 8 * 2048 packed
 rows (top-2 + shared), 1024 channels read as a column slice of the projection output.
 
-    python benchmarks/bench_conv.py [--sweep]
+    python benchmarks/bench_conv.py [--sweep [KERNEL,...]]
 Also the layer's whole q / k / v step both ways: session 10's (three convs, the scan's separate q / k
 L2-norm kernels, a split backward concatenating the k / v / gate gradients) and the fused one
 (the norm inside the conv, k | v | gates through one autograd node writing one gradient buffer).
 Times are GPU kernel time from the profiler (the sum of a pass's kernels, per pass): wall-clock
 timing of one conv is dominated by the CPU's launch and autograd overhead at this size and varied
 2x between identical runs (H200, 2026-11-26).
---sweep times block configurations (MEGAMOM_TRITON_CFG style) for the kernels of the pass."""
+--sweep times block configurations (MEGAMOM_TRITON_CFG style) for the kernels of the pass (all, or
+those named)."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,8 @@ def kernel_ms(fn, reps=20) -> tuple[float, dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", nargs="?", const="all", default=None,
+                    help="time launch configurations of all kernels, or of the comma-separated ones named")
     a = ap.parse_args()
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen
     from megamom.kernels import triton as mt
@@ -83,7 +85,7 @@ def main():
                                         itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]),
             "conv_bwd_shared": (plain(True), [dict(BR=br, BD=bd, RB=rb, num_warps=nw, num_stages=ns)
                                               for br, bd, rb, nw, ns in itertools.product(
-                                                  (8, 16, 32), (64, 128), (16, 32), (4, 8), (1, 2, 3))]),
+                                                  (4, 8, 16, 32), (64, 128), (16, 32), (4, 8), (1, 2, 3))]),
             # the normalised q / k convs, timed as the layer's fused q / k / v step
             "conv_fwd_norm": (lambda: kernel_ms(fused_fwd)[0], [dict(BR=br, num_warps=nw) for br, nw in
                                                                 itertools.product((4, 8, 16, 32), (4, 8))]),
@@ -92,6 +94,8 @@ def main():
                 itertools.product((2, 4, 8), (16, 32, 64), (4, 8), (1, 2, 3)) if br * rb >= 64]),
         }
         for name, (timed, cfgs) in grids.items():
+            if a.sweep != "all" and name not in a.sweep.split(","):
+                continue
             best = None
             for c in cfgs:
                 mt._ENV_CFG.clear()

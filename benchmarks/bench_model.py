@@ -9,6 +9,7 @@ Prints a table last; writes JSON to $OUT (or /tmp).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -162,55 +163,78 @@ def check_decode():
 STEPS = 10
 
 
-def train_bench(name, model, flops_tok, B=8, T=2048, steps=None, ours=True):
+def train_bench(name, model, flops_tok, B=8, T=2048, steps=None, ours=True, graph=False):
+    """Tokens/s of `steps` back-to-back training steps (the CPU may run ahead of the GPU), then of
+    as many steps that each wait for the loss on the host (as a loop that logs every step does).
+    graph: megamom's forward + backward replayed from CUDA graphs (train.cuda_graph)."""
     steps = steps or STEPS
     model = model.to(DEV)
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     ids = torch.randint(0, 32000, (B, T + 1), device=DEV)
+    if graph:
+        from megamom.train.cuda_graph import GraphedLoss
+        graphed = GraphedLoss(model, autocast_dtype=torch.bfloat16)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if ours:
-                out = model(ids[:, :T], labels=ids[:, 1:], return_logits=False)
-            else:
-                out = model(input_ids=ids[:, :T], labels=ids[:, :T])
+        if graph:
+            out = graphed(ids[:, :T], ids[:, 1:])
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if ours:
+                    out = model(ids[:, :T], labels=ids[:, 1:], return_logits=False)
+                else:
+                    out = model(input_ids=ids[:, :T], labels=ids[:, :T])
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss
-    try:
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.time(); step(); step(); torch.cuda.synchronize(); first = time.time() - t0
+
+    def timed(sync):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         ev[0].record()
         for _ in range(steps):
             loss = step()
+            if sync:
+                loss.item()
         ev[1].record(); torch.cuda.synchronize()
-        dt = ev[0].elapsed_time(ev[1]) / steps / 1e3
+        return ev[0].elapsed_time(ev[1]) / steps / 1e3, loss
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.time(); step(); step(); torch.cuda.synchronize(); first = time.time() - t0
+        dt, loss = timed(False)
+        dt_sync, _ = timed(True)
         tok_s = B * T / dt
         res = {"params_M": round(n / 1e6, 1), "tok_per_s": round(tok_s), "step_ms": round(dt * 1e3, 1),
-               "mfu": round(flops_tok * tok_s / PEAK, 3), "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-               "warm_s": round(first, 1), "loss": round(loss.item(), 3)}
+               "mfu": round(flops_tok * tok_s / PEAK, 3),
+               "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               "warm_s": round(first, 1), "loss": round(loss.item(), 3),
+               "tok_per_s_sync_each_step": round(B * T / dt_sync), "step_ms_sync_each_step": round(dt_sync * 1e3, 1)}
         log(f"train_{name}_B{B}_T{T}", res)
-        ROWS.append((f"train {name} B{B} T{T}", f"{res['tok_per_s']:,} tok/s, MFU {res['mfu']:.1%}, {res['peak_GiB']} GiB"))
+        ROWS.append((f"train {name} B{B} T{T}", f"{res['tok_per_s']:,} tok/s, MFU {res['mfu']:.1%}, {res['peak_GiB']} "
+                     f"GiB; syncing every step {res['tok_per_s_sync_each_step']:,} tok/s"))
     except Exception as e:
         log(f"train_{name}_B{B}_T{T}", f"failed: {type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc()
     del model, opt
+    if graph:
+        del graphed
+    gc.collect()  # the graphs' memory pool goes back only once nothing references the graphs
     torch.cuda.empty_cache()
     return RESULTS.get(f"train_{name}_B{B}_T{T}")
 
 
-def bench_train(backends, long=False):
+def bench_train(backends, long=False, graphs=("eager", "graph")):
     shapes = [(8, 2048)] if not long else [(2, 8192), (1, 32768)]
     mom = cfg_of("mom-340m")
     fast = [b for b in backends if b != "torch"]
     for backend in fast:
         for B, T in shapes:
-            cfg = cfg_of("mom-340m", kernel_backend=backend)
-            torch.manual_seed(0)
-            train_bench(f"megamom_mom_{backend}", build_model(cfg), flops_per_token(cfg, T), B, T)
+            for mode in graphs:
+                cfg = cfg_of("mom-340m", kernel_backend=backend)
+                torch.manual_seed(0)
+                train_bench(f"megamom_mom_{backend}" + ("_graph" if mode == "graph" else ""), build_model(cfg),
+                            flops_per_token(cfg, T), B, T, graph=mode == "graph")
     if long:
         return
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -295,6 +319,8 @@ def main():
     ap.add_argument("--backends", default="torch,triton")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per model (6 varied by ~5%%)")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--graphs", default="eager,graph",
+                    help="megamom's training runs: eager, graph (train.cuda_graph) or both, comma-separated")
     a = ap.parse_args()
     global STEPS
     STEPS = a.steps
@@ -313,7 +339,7 @@ def main():
         check_layer()
         check_decode()
     if "train" in stages:
-        bench_train(backends)
+        bench_train(backends, graphs=a.graphs.split(","))
     if "layer" in stages:
         bench_layer(backends)
     if "profile" in stages:
@@ -321,7 +347,7 @@ def main():
     if "profile_train" in stages:
         bench_profile_train(backends[0])
     if "long" in stages:
-        bench_train(backends, long=True)
+        bench_train(backends, long=True, graphs=a.graphs.split(","))
     out = os.environ.get("OUT", "/tmp")
     with open(os.path.join(out, "bench_model.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)

@@ -214,6 +214,7 @@ class TrainConfig:
     offload_optimizer: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
+    cuda_graph: bool = False  # replay each micro-batch's forward + backward from CUDA graphs (megamom.train.cuda_graph)
     log_every: int = 10
     eval_every: int = 0
     eval_steps: int = 20
@@ -269,7 +270,23 @@ class Config:
         if p.expert > 1 and (m.arch != "mom" or m.num_memories % p.expert):
             raise ConfigError(f"parallel.expert={p.expert} must divide model.num_memories={m.num_memories} "
                               "(and needs model.arch=mom)")
+        if self.train.cuda_graph:
+            self._check_cuda_graph()
         return self
+
+    def _check_cuda_graph(self) -> None:
+        """What train.cuda_graph cannot replay (megamom/train/cuda_graph.py says why)."""
+        t = self.train
+        why = {"data.reset_at_doc_boundaries=true": (self.data.reset_at_doc_boundaries,
+                                                     "the number of documents per batch changes the shapes"),
+               f"train.zero_stage={t.zero_stage}": (t.zero_stage == 3, "ZeRO-3 gathers parameters around each forward"),
+               "train.activation_checkpointing=true": (t.activation_checkpointing, "not supported with graphs yet"),
+               "train.compile=true": (t.compile, "not supported with graphs yet"),
+               "train.offload_optimizer=true": (t.offload_optimizer, "not supported with graphs yet")}
+        bad = [f"{k} ({reason})" for k, (hit, reason) in why.items() if hit]
+        if bad:
+            raise ConfigError("train.cuda_graph=true cannot be combined with " + "; ".join(bad)
+                              + ": change those settings or set train.cuda_graph=false")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,6 +40,14 @@ def write(tmp_path, text, name="c.yaml"):
     ("model:\n  arch: transformer\n  num_heads: 4\n  num_kv_heads: 3\n", [], ["num_kv_heads", "multiple"]),
     ("parallel:\n  tensor: 3\n", [], ["num_heads=4", "parallel.tensor=3"]),
     ("parallel:\n  expert: 3\n", [], ["parallel.expert=3", "num_memories"]),
+    # CUDA graphs replay fixed shapes and parameter addresses: what would break that is refused
+    ("train:\n  cuda_graph: true\n", [], ["train.cuda_graph=true", "data.reset_at_doc_boundaries=true",
+                                          "number of documents", "train.cuda_graph=false"]),
+    ("train:\n  cuda_graph: true\n  zero_stage: 3\ndata:\n  reset_at_doc_boundaries: false\n", [],
+     ["train.zero_stage=3", "gathers parameters"]),
+    ("train:\n  cuda_graph: true\n  activation_checkpointing: true\n  compile: true\n"
+     "data:\n  reset_at_doc_boundaries: false\n", [],
+     ["train.activation_checkpointing=true", "train.compile=true"]),
     # the same kind of mistakes from the command line
     ("model:\n  topk: 2\n", ["model.topk=9"], ["model.topk=9", "num_memories"]),
     ("model:\n  topk: 2\n", ["model.topkk=1"], ["model.topkk", "did you mean", "model.topk"]),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 # A small model on the default dataset (seq_len 128, so the session's shards are reused).
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.head_dim=16",
@@ -244,6 +245,7 @@ def test_bad_input_errors_before_work(tmp_path, megamom_env, megamom_exe):
     assert "train.global_batch_size=10 is not divisible" in fails("train.global_batch_size=10")
     assert "needs grad_accum=2" in fails("train.global_batch_size=8", "train.grad_accum=3")
     assert "fewer than one optimizer step" in fails("train.micro_batch_size=100000")
+    assert "needs a CUDA device" in fails("train.cuda_graph=true", "data.reset_at_doc_boundaries=false")
     assert "does not exist" in fails(resume=str(tmp_path / "nope"))
     # a checkpoint of another model: refused (names the keys), or with the override, names tensors
     good = tmp_path / "good"
@@ -344,3 +346,19 @@ def test_resume_ignores_implementation_only_model_keys():
     saved["num_memories"] = 8
     assert t._model_config_diff({"config": {"model": saved}}) == [
         f"model.num_memories: checkpoint 8 vs config {t.cfg.model.num_memories}"]
+
+
+def test_cuda_graph_setup_is_checked_before_work():
+    """train.cuda_graph needs a CUDA device and refuses DeepSpeed's ZeRO-1/2 with bf16 weights (and
+    fp16), whose capture failed on the GPU; bf16 ZeRO-0 and fp32 ZeRO-2 pass (tests/test_cuda_graph_gpu.py)."""
+    from megamom.config import ConfigError, TrainConfig
+    from megamom.train.cuda_graph import check_setup
+    t = TrainConfig(cuda_graph=True, zero_stage=1)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        check_setup(t, torch.device("cpu"), "fp32")
+    for stage, precision in ((1, "bf16"), (2, "bf16"), (0, "fp16")):
+        with pytest.raises(ConfigError, match=f"zero_stage={stage} in {precision}.*zero_stage=0 in bf16"):
+            check_setup(TrainConfig(cuda_graph=True, zero_stage=stage), torch.device("cuda"), precision)
+    for stage, precision in ((1, "fp32"), (2, "fp32"), (0, "bf16")):
+        check_setup(TrainConfig(cuda_graph=True, zero_stage=stage), torch.device("cuda"), precision)
+    check_setup(TrainConfig(zero_stage=1), torch.device("cpu"), "bf16")  # graphs off: nothing to check

@@ -21,6 +21,8 @@ from ..model.counting import count_parameters, flops_per_token
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_max_flag, barrier, init_distributed
 from .lr_schedule import WarmupCosine
+from .cuda_graph import GraphedLoss
+from .cuda_graph import check_setup as check_cuda_graph_setup
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_deepspeed_config, build_optimizer, param_groups
 
@@ -93,6 +95,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(device)
         self.batching = resolve_batching(cfg, self.dist.world_size)
         self.precision = _resolve_precision(cfg, self.dist.device)
+        check_cuda_graph_setup(t, self.dist.device, self.precision)
         self.resume_from = self._find_resume(resume)
 
         self._prepare_data()
@@ -306,6 +309,8 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         stopped_by = None
         last_eval = None
+        # captured at the first step, after any resume (its parameter addresses are the graph's)
+        graphed = GraphedLoss(self.model) if t.cuda_graph else None
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             lr = self.scheduler.lr()  # the rate this step's update uses
@@ -313,7 +318,10 @@ class Trainer:
             stats = []
             for _ in range(self.batching.accum):
                 batch = self._to_device(next(it))
-                out = self.engine(**batch, return_logits=False)
+                if graphed is not None:  # no segment_ids: the config refuses them with graphs
+                    out = graphed(batch["input_ids"], batch["labels"])
+                else:
+                    out = self.engine(**batch, return_logits=False)
                 if ckpt.fault_requested("nan_loss", self.step + 1):  # test hook: a poisoned step
                     out.loss = out.loss * float("nan")
                 self.engine.backward(out.loss)

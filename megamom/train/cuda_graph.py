@@ -1,0 +1,137 @@
+"""A micro-batch's forward and backward replayed from CUDA graphs (train.cuda_graph).
+
+Why: the model issues a few thousand small kernels per step from Python. The CPU takes longer to
+issue mom-340m's forward than the GPU takes to run it, so the GPU idles between kernels, and a loop
+that waits on the GPU once a step (a loss read on the host) loses the whole issue time again.
+Replaying a captured graph issues each pass with one launch. H200, mom-340m, B8 T2048 (benchmarks/
+RESULTS.md): 254 -> 239 ms a step, and 271 -> 240 ms when the loop syncs every step.
+
+What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
+- fixed shapes and no host sync: true of the model without document boundaries (memory segment sizes
+  stay on the device). With data.reset_at_doc_boundaries the number of documents per batch sets the
+  shapes, and is read on the host.
+- parameters at fixed addresses: ZeRO-3 gathers and frees them around each forward. The graph reads
+  the addresses it was captured with; `check_parameters` compares them each step, so a run whose
+  parameters moved stops with an error instead of training stale weights.
+- no recomputation outside the graph (activation checkpointing) and no torch.compile: not tested.
+
+torch.cuda.make_graphed_callables captures one graph for the forward and one for the backward, in
+one private memory pool. The backward returns the parameters' gradients as outputs, so they reach
+.grad through the usual accumulation (and DeepSpeed's gradient hooks) outside the graph."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..model.lm import LMOutput
+
+
+def check_setup(train_cfg, device: torch.device, precision: str) -> None:
+    """What train.cuda_graph needs of the run beyond its config (Config refuses the rest): a CUDA
+    device, and 16-bit weights only without ZeRO. DeepSpeed's ZeRO-1 and ZeRO-2 optimizers with bf16
+    weights failed to capture (cudaErrorStreamCaptureInvalidated; DeepSpeed 0.19.8, H200), fp32 ZeRO-2
+    and bf16 ZeRO-0 replay bitwise equal to eager steps (tests/test_cuda_graph_gpu.py); fp16 is
+    not tested."""
+    from ..config import ConfigError
+    if not train_cfg.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph=true needs a CUDA device, this run is on {device.type}; "
+                          f"set train.cuda_graph=false")
+    if precision == "fp16" or (precision == "bf16" and train_cfg.zero_stage > 0):
+        raise ConfigError(f"train.cuda_graph=true does not work with train.zero_stage={train_cfg.zero_stage} in "
+                          f"{precision} (capturing DeepSpeed's ZeRO step fails; fp16 is untested): use "
+                          f"train.zero_stage=0 in bf16 or train.precision=fp32, or set train.cuda_graph=false")
+
+
+class _LossTerms(nn.Module):
+    """model(input_ids, labels) as tensors only (graph outputs): the loss (differentiable), then
+    detached terms for logging: lm_loss, aux_loss, z_loss, per routed layer [aux_loss] and
+    [token fraction per memory]."""
+
+    def __init__(self, model: nn.Module, autocast_dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        # autocast inside the captured forward only: the backward must be captured outside it, as
+        # an eager loss.backward() runs (ops in custom backward functions would otherwise run in
+        # bf16). Its weight cache stays off: cached casts would outlive the capture.
+        with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+            out = self.model(input_ids, labels=labels, return_logits=False)
+        zero = out.lm_loss.detach().new_zeros(())
+        stats = out.router_stats
+        layer_aux = torch.stack([s.aux_loss.detach() for s in stats]) if stats else zero.new_zeros(0)
+        fraction = torch.stack([s.token_fraction for s in stats]) if stats else zero.new_zeros(0, 0)
+        return (out.loss, out.lm_loss.detach(), zero if out.aux_loss is None else out.aux_loss.detach(),
+                zero if out.z_loss is None else out.z_loss.detach(), layer_aux, fraction)
+
+
+class _Stats:
+    """RouterStats as the trainer's logging reads it (aux_loss, token_fraction)."""
+
+    def __init__(self, aux_loss: torch.Tensor, token_fraction: torch.Tensor):
+        self.aux_loss, self.token_fraction = aux_loss, token_fraction
+        self.z_loss = None
+
+
+class GraphedLoss:
+    """Training forward + backward of `model` for input_ids / labels of one shape, from CUDA graphs;
+    autocast_dtype: run the forward under autocast to that dtype (float32 weights), else as is.
+
+    Captured on the first call (a few warm-up passes first, on a side stream, as
+    make_graphed_callables does); later calls copy their inputs into the captured buffers and replay.
+    Returns an LMOutput with loss (backward replays the backward graph), lm_loss, aux_loss, z_loss
+    and router_stats; the tensors are overwritten by the next call, so read them before it."""
+
+    def __init__(self, model: nn.Module, autocast_dtype: Optional[torch.dtype] = None, warmup_iters: int = 3):
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        self.warmup_iters = warmup_iters
+        self.shape: Optional[tuple] = None
+        self._graphed = None
+        self._params: list[tuple[str, int]] = []
+
+    def _capture(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        if input_ids.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the batch on a CUDA device, got {input_ids.device}")
+        self.shape = tuple(input_ids.shape)
+        self._params = [(n, p.data_ptr()) for n, p in self.model.named_parameters()]
+        try:
+            self._graphed = torch.cuda.make_graphed_callables(
+                _LossTerms(self.model, self.autocast_dtype), (input_ids.clone(), labels.clone()),
+                num_warmup_iters=self.warmup_iters)
+        except Exception as e:
+            raise RuntimeError(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); "
+                               f"train with train.cuda_graph=false") from e
+        # The backward graph hands out its own static buffers as the gradients. Autograd keeps such a
+        # buffer as .grad when .grad is None (nobody else references it), and the next replay then
+        # overwrites it, or, with .grad kept for accumulation (micro-batches, DeepSpeed's bf16
+        # optimizer), adds the new gradient to itself. A copy per gradient keeps .grad the caller's.
+        self._hooks = [p.register_hook(lambda g: g.clone()) for p in self.model.parameters() if p.requires_grad]
+
+    def check_parameters(self) -> None:
+        """The graph reads the parameter addresses of its capture: refuse to go on if any moved."""
+        for (name, ptr), p in zip(self._params, self.model.parameters()):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(f"parameter {name} moved in memory since the CUDA graph was captured (its "
+                                   f"storage was replaced): the graph would train stale weights; train with "
+                                   f"train.cuda_graph=false")
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LMOutput:
+        if self._graphed is None:
+            self._capture(input_ids, labels)
+        else:
+            if tuple(input_ids.shape) != self.shape or labels.shape != input_ids.shape:
+                raise ValueError(f"the CUDA graph was captured for batches of shape {list(self.shape)}, got "
+                                 f"input_ids {list(input_ids.shape)} and labels {list(labels.shape)}: graphs replay "
+                                 f"fixed shapes (train with train.cuda_graph=false for batches of changing shape)")
+            self.check_parameters()
+        loss, lm_loss, aux, z, layer_aux, fraction = self._graphed(input_ids, labels)
+        stats = [_Stats(a, f) for a, f in zip(layer_aux, fraction)]
+        return LMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux if stats else None, z_loss=z if stats else None,
+                        router_stats=stats)

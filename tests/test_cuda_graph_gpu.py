@@ -1,0 +1,141 @@
+"""Training steps replayed from CUDA graphs (train.cuda_graph, megamom/train/cuda_graph.py) against
+the same steps run eagerly: the loss and the logged terms, every gradient, and the weights after
+three optimizer steps on different batches, with torch's AdamW and through DeepSpeed's engine as
+the trainer drives it."""
+import json
+import os
+
+import pytest
+import torch
+
+from megamom.config import ModelConfig
+from megamom.model import build_model
+from megamom.train.cuda_graph import GraphedLoss
+
+gpu = pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
+TINY = dict(arch="mom", hidden_size=256, num_heads=2, head_dim=64, num_memories=4, topk=2, vocab_size=512,
+            num_layers=2, kernel_backend="triton")
+B, T = 2, 300
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**TINY)).cuda()
+
+
+def _batches(n=3):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    return [torch.randint(0, TINY["vocab_size"], (B, T + 1), device="cuda", generator=g) for _ in range(n)]
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _log(case, errs):
+    path = os.environ.get("MEGAMOM_ERRLOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": "cuda_graph", "case": case, "errors": errs}) + "\n")
+
+
+def _run(step, model, graphed, n_steps=3, accum=1):
+    """step(out or None, batch, last) runs backward, and the optimizer if `last` micro-batch of a step
+    (the forward too when out is None).
+    -> ([per step: (loss, lm, aux, z), token fractions, {name: grad}], {name: weight after})."""
+    steps = []
+    batches = _batches(n_steps * accum)
+    for i in range(n_steps):
+        for j in range(accum):
+            ids = batches[i * accum + j]
+            out = graphed(ids[:, :-1], ids[:, 1:]) if graphed is not None else None
+            out = step(out, ids, j == accum - 1)
+        fractions = torch.stack([s.token_fraction for s in out.router_stats]).cpu()
+        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        steps.append(((out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()), fractions, grads))
+        model.zero_grad(set_to_none=True)
+    return steps, {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _compare(graph, eager, case, bound_terms, bound_weights):
+    (g_steps, g_w), (e_steps, e_w) = graph, eager
+    errs = {"terms": max(abs(a - b) / max(abs(b), 1e-30) for (gt, _, _), (et, _, _) in zip(g_steps, e_steps)
+                         for a, b in zip(gt, et)),
+            "token_fraction": max((gf - ef).abs().max().item() for (_, gf, _), (_, ef, _) in zip(g_steps, e_steps)),
+            "weights": max(_rel(g_w[n], e_w[n]) for n in e_w)}
+    if g_steps[0][2]:  # gradients as .grad holds them (DeepSpeed may keep them elsewhere)
+        errs["grads"] = max(_rel(gs[2][n], es[2][n]) for gs, es in zip(g_steps, e_steps) for n in es[2])
+    _log(case, errs)
+    assert errs["terms"] <= bound_terms and errs["token_fraction"] <= bound_terms, errs
+    assert errs["weights"] <= bound_weights and errs.get("grads", 0) <= bound_weights, errs
+
+
+@gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
+def test_graphed_steps_match_eager(amp):
+    """torch AdamW over two accumulated micro-batches a step, float32 weights (optionally under bf16
+    autocast). The same kernels run either way (H200: bitwise equal); the bounds leave rounding room
+    (float32 1e-5; bf16 2e-3, a rounding that flips once propagates through three updates)."""
+    runs = {}
+    for graph in (False, True):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(out, ids, last):
+            if out is None:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+            out.loss.backward()
+            if last:
+                opt.step()
+            return out
+        graphed = GraphedLoss(model, torch.bfloat16 if amp else None) if graph else None
+        runs[graph] = _run(step, model, graphed, accum=2)  # .grad accumulates over two replays
+        if graph:  # the captured shape only, with the weights where the capture found them
+            with pytest.raises(ValueError, match="captured for batches of shape"):
+                graphed(torch.zeros(B, T + 1, dtype=torch.long, device="cuda"),
+                        torch.zeros(B, T + 1, dtype=torch.long, device="cuda"))
+            w = next(model.parameters())
+            w.data = w.data.clone()
+            with pytest.raises(RuntimeError, match="moved in memory"):
+                ids = _batches(1)[0]
+                graphed(ids[:, :-1], ids[:, 1:])
+    _compare(runs[True], runs[False], "adamw_" + ("bf16_autocast" if amp else "fp32"),
+             2e-3 if amp else 1e-5, 2e-3 if amp else 1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (2, "fp32")])
+def test_graphed_steps_match_eager_under_deepspeed(stage, precision):
+    """The trainer's engine (its DeepSpeed config, optimizer and parameter groups): the graph's
+    backward hands the gradients to DeepSpeed's hooks outside the graph. (ZeRO-1 and ZeRO-2 with bf16
+    weights failed to capture and are refused: cuda_graph.check_setup.)"""
+    deepspeed = pytest.importorskip("deepspeed")
+    from megamom.config import Config
+    from megamom.train.distributed import init_distributed
+    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    from megamom.train.trainer import Batching
+    init_distributed("cuda")
+    cfg = Config()
+    cfg.model = ModelConfig(**TINY)
+    cfg.data.reset_at_doc_boundaries = False
+    cfg.train.zero_stage, cfg.train.precision, cfg.train.cuda_graph, cfg.train.lr = stage, precision, True, 1e-3
+    cfg.validate()
+    runs = {}
+    for graph in (False, True):
+        model = _model()
+        groups = param_groups(model, cfg.train.weight_decay)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=build_optimizer(groups, cfg.train, precision),
+            config=build_deepspeed_config(cfg, Batching(B, 1, 1), precision), dist_init_required=False)
+
+        def step(out, ids, last):
+            if out is None:
+                out = engine(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+            engine.backward(out.loss)
+            engine.step()
+            return out
+        runs[graph] = _run(step, engine.module, GraphedLoss(engine.module) if graph else None)
+    bound = 2e-3 if precision == "bf16" else 1e-5
+    _compare(runs[True], runs[False], f"deepspeed_zero{stage}_{precision}", bound, bound)
