@@ -93,6 +93,9 @@ def main():
                 dict(BR=br, RB=rb, num_warps=nw, num_stages=ns) for br, rb, nw, ns in
                 itertools.product((2, 4, 8), (16, 32, 64), (4, 8), (1, 2, 3)) if br * rb >= 64]),
         }
+        unknown = set(a.sweep.split(",")) - set(grids) - {"all"}
+        if unknown:
+            raise SystemExit(f"--sweep names unknown kernels {sorted(unknown)}; known: {sorted(grids)}")
         for name, (timed, cfgs) in grids.items():
             if a.sweep != "all" and name not in a.sweep.split(","):
                 continue

@@ -40,8 +40,13 @@ def ms(fn, rep=100):
     return do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
+KEEP = "none"  # --keep: model.scan_keep of every megamom model
+NO_LLAMA = False
+
+
 def cfg_of(name, **overrides):
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).model
+    cfg.scan_keep = KEEP
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -77,7 +82,8 @@ def bench_layer(backends):
             t = ms(fb)
             log(f"layer_megamom_{backend}", {"fwdbwd_ms": round(t, 3), "first_s": round(first, 1),
                                              "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
-            ROWS.append((f"MoM layer fwd+bwd, megamom ({backend})", f"{t:.2f} ms"))
+            ROWS.append((f"MoM layer fwd+bwd, megamom ({backend}{'' if KEEP == 'none' else ', keep ' + KEEP})",
+                         f"{t:.2f} ms"))
         except Exception as e:
             log(f"layer_megamom_{backend}", f"failed: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
@@ -167,6 +173,7 @@ def train_bench(name, model, flops_tok, B=8, T=2048, steps=None, ours=True, grap
     """Tokens/s of `steps` back-to-back training steps (the CPU may run ahead of the GPU), then of
     as many steps that each wait for the loss on the host (as a loop that logs every step does).
     graph: megamom's forward + backward replayed from CUDA graphs (train.cuda_graph)."""
+    assert ours or not graph, "graphs: megamom's GraphedLoss only"
     steps = steps or STEPS
     model = model.to(DEV)
     n = sum(p.numel() for p in model.parameters())
@@ -233,17 +240,19 @@ def bench_train(backends, long=False, graphs=("eager", "graph")):
             for mode in graphs:
                 cfg = cfg_of("mom-340m", kernel_backend=backend)
                 torch.manual_seed(0)
-                train_bench(f"megamom_mom_{backend}" + ("_graph" if mode == "graph" else ""), build_model(cfg),
-                            flops_per_token(cfg, T), B, T, graph=mode == "graph")
+                name = f"megamom_mom_{backend}" + ("_graph" if mode == "graph" else "")
+                name += "" if KEEP == "none" else "_keep_" + KEEP
+                train_bench(name, build_model(cfg), flops_per_token(cfg, T), B, T, graph=mode == "graph")
     if long:
         return
-    from transformers import LlamaConfig, LlamaForCausalLM
-    lcfg = LlamaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                       intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096,
-                       tie_word_embeddings=True)
-    lcfg._attn_implementation = "sdpa"
-    train_bench("hf_llama_sdpa", LlamaForCausalLM(lcfg), flops_per_token(cfg_of("transformer-340m"), 2048),
-                ours=False)
+    if not NO_LLAMA:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        lcfg = LlamaConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                           intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096,
+                           tie_word_embeddings=True)
+        lcfg._attn_implementation = "sdpa"
+        train_bench("hf_llama_sdpa", LlamaForCausalLM(lcfg), flops_per_token(cfg_of("transformer-340m"), 2048),
+                    ours=False)
     if fla_available():
         from fla.models import MomConfig, MomForCausalLM
         fcfg = MomConfig(hidden_size=1024, num_hidden_layers=24, num_heads=4, head_dim=256, expand_v=1,
@@ -319,13 +328,18 @@ def main():
     ap.add_argument("--backends", default="torch,triton")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per model (6 varied by ~5%%)")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--no-llama", action="store_true", help="skip the HF Llama anchor (A/B calls of megamom only)")
     ap.add_argument("--graphs", default="eager,graph",
                     help="megamom's training runs: eager, graph (train.cuda_graph) or both, comma-separated")
+    ap.add_argument("--keep", default="none", help="model.scan_keep of megamom's models: none, states, all")
     a = ap.parse_args()
-    global STEPS
+    global STEPS, KEEP
+    KEEP = a.keep
     STEPS = a.steps
     if a.no_fla:
         globals()["fla_available"] = lambda: False
+    global NO_LLAMA
+    NO_LLAMA = a.no_llama
     stages = set(a.stages.split(","))
     backends = [b for b in a.backends.split(",") if b]
     log("device", torch.cuda.get_device_name())

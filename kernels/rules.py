@@ -91,15 +91,17 @@ def _check_args(rule: UpdateRule, g, beta):
 
 def memory_scan(rule: str | UpdateRule, q, k, v, g=None, beta=None, scale=None, initial_state=None,
                 output_final_state=False, cu_seqlens=None, chunk_size=64, use_qk_l2norm=False,
-                backend: str = "auto"):
-    """Chunked scan over [B, T, H, *] (or varlen with cu_seqlens). Returns (o, final_state)."""
+                backend: str = "auto", keep: str = "none"):
+    """Chunked scan over [B, T, H, *] (or varlen with cu_seqlens). Returns (o, final_state).
+    keep: what the Triton scan's backward takes from its forward instead of recomputing it (more
+    memory, less time; see chunk_scan_triton); the torch path has nothing to recompute."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
     _check_args(rule, g, beta)
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
         from . import triton_ops
         return triton_ops.memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state,
-                                      cu_seqlens, chunk_size, use_qk_l2norm)
+                                      cu_seqlens, chunk_size, use_qk_l2norm, keep)
     return torch_memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                              chunk_size, use_qk_l2norm)
 

@@ -56,7 +56,7 @@ def fallback_reason(rule, q: torch.Tensor, v_dim: int) -> Optional[str]:
 
 
 def memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                use_qk_l2norm):
+                use_qk_l2norm, keep="none"):
     """Chunked scan of `rule` (a rules.UpdateRule). Returns (o [B, T, H, V], final state or None)."""
     reason = fallback_reason(rule, q, v.shape[-1])
     if reason is not None:
@@ -67,7 +67,7 @@ def memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state
         _fallback(f"chunk size {chunk_size} (Triton kernels use 16/32/64; the result does not depend on it)")
         chunk_size = 64
     return chunk_scan_triton(q, k, v, g, beta if rule.delta else None, scale, initial_state, output_final_state,
-                             cu_seqlens, chunk_size, use_qk_l2norm, delta=rule.delta)
+                             cu_seqlens, chunk_size, use_qk_l2norm, delta=rule.delta, keep=keep)
 
 
 def memory_step(rule, q, k, v, g, beta, state, scale=None, use_qk_l2norm=False, out_state=None):

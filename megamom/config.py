@@ -36,7 +36,7 @@ SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
 
 # Model settings that choose an implementation, not the function computed: a checkpoint resumes
 # and converts across them.
-IMPLEMENTATION_ONLY_KEYS = ("kernel_backend", "attn_impl", "loss_chunk_size")
+IMPLEMENTATION_ONLY_KEYS = ("kernel_backend", "attn_impl", "loss_chunk_size", "scan_keep")
 
 
 @dataclass
@@ -82,6 +82,10 @@ class ModelConfig:
     # Rows per chunk of the fused output projection + cross entropy (no [tokens, vocab] logits
     # in training); 0 = plain logits and F.cross_entropy.
     loss_chunk_size: int = 4096
+    # What the Triton scan's backward takes from the forward instead of recomputing it: none (the
+    # least memory), states (chunk states + v_new), all (+ w). mom-340m, B8 T2048, CUDA graphs, H200
+    # (benchmarks/RESULTS.md, session 12): 68.4k / 71.9k / 72.9k tok/s at 37.5 / 48.7 / 50.9 GiB.
+    scan_keep: str = "none"
 
     @property
     def key_dim(self) -> int:
@@ -118,6 +122,7 @@ class ModelConfig:
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
         _choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
         _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _choice("model.scan_keep", self.scan_keep, ("none", "states", "all"))
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "expand_v",
                     "chunk_size", "max_position_embeddings"):
             _positive(f"model.{key}", getattr(self, key))
@@ -280,9 +285,9 @@ class Config:
         why = {"data.reset_at_doc_boundaries=true": (self.data.reset_at_doc_boundaries,
                                                      "the number of documents per batch changes the shapes"),
                f"train.zero_stage={t.zero_stage}": (t.zero_stage == 3, "ZeRO-3 gathers parameters around each forward"),
-               "train.activation_checkpointing=true": (t.activation_checkpointing, "not supported with graphs yet"),
-               "train.compile=true": (t.compile, "not supported with graphs yet"),
-               "train.offload_optimizer=true": (t.offload_optimizer, "not supported with graphs yet")}
+               "train.activation_checkpointing=true": (t.activation_checkpointing, "not tested with graphs"),
+               "train.compile=true": (t.compile, "not tested with graphs"),
+               "train.offload_optimizer=true": (t.offload_optimizer, "not tested with graphs")}
         bad = [f"{k} ({reason})" for k, (hit, reason) in why.items() if hit]
         if bad:
             raise ConfigError("train.cuda_graph=true cannot be combined with " + "; ".join(bad)

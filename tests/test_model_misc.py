@@ -40,6 +40,7 @@ def write(tmp_path, text, name="c.yaml"):
     ("model:\n  arch: transformer\n  num_heads: 4\n  num_kv_heads: 3\n", [], ["num_kv_heads", "multiple"]),
     ("parallel:\n  tensor: 3\n", [], ["num_heads=4", "parallel.tensor=3"]),
     ("parallel:\n  expert: 3\n", [], ["parallel.expert=3", "num_memories"]),
+    ("model:\n  scan_keep: everything\n", [], ["model.scan_keep", "'none', 'states', 'all'"]),
     # CUDA graphs replay fixed shapes and parameter addresses: what would break that is refused
     ("train:\n  cuda_graph: true\n", [], ["train.cuda_graph=true", "data.reset_at_doc_boundaries=true",
                                           "number of documents", "train.cuda_graph=false"]),

@@ -72,16 +72,17 @@ def make_inputs(lens, H, K, V, dtype, device, rule="gated_delta", g_mode="normal
     return ins, (None if cu is None else cu.to(device))
 
 
-def check_scan(rule, ins, cu, l2, chunk_size, seed=1):
+def check_scan(rule, ins, cu, l2, chunk_size, seed=1, keep="none"):
     """Forward + backward (through o AND the final state) of triton_ops.memory_scan vs the float64
-    naive recurrence; returns {name: relative error}."""
+    naive recurrence; returns {name: relative error}. keep: what the backward takes from the
+    forward instead of recomputing it (chunk_scan_triton)."""
     from megamom.kernels import triton_ops
 
     r = get_rule(rule)
     names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if ins[n] is not None]
     leaf = {n: (ins[n].clone().requires_grad_() if n in names else None) for n in ins}
     o, ht = triton_ops.memory_scan(r, leaf["q"], leaf["k"], leaf["v"], leaf["g"], leaf["beta"], None,
-                                   leaf["initial_state"], True, cu, chunk_size, l2)
+                                   leaf["initial_state"], True, cu, chunk_size, l2, keep)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(o.shape, generator=gen).to(o.device)
     dht = torch.randn(ht.shape, generator=gen).to(ht.device)
@@ -426,6 +427,10 @@ INTERP_CASES = {
     "gdr_dense_batch": dict(lens=None, dense_batch=(2, 21)),
     "scalar_decay": dict(lens=[37, 0, 1, 40], rule="scalar_decay"),
     "linear_attn": dict(lens=[37, 0, 1, 40], rule="linear_attn", l2=True),
+    # the backward on what the forward kept (model.scan_keep), with and without delta
+    "gdr_keep_states": dict(lens=LENS, keep="states"),
+    "gdr_keep_all": dict(lens=LENS, keep="all"),
+    "scalar_decay_keep_all": dict(lens=[37, 0, 1, 40], rule="scalar_decay", keep="all"),
 }
 
 
@@ -433,9 +438,9 @@ def run_interp_suite() -> dict:
     out = {}
     for name, c in INTERP_CASES.items():
         c = dict(c)
-        rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
+        rule, l2, keep = c.pop("rule", "gated_delta"), c.pop("l2", True), c.pop("keep", "none")
         ins, cu = make_inputs(c.pop("lens"), 2, 16, 32, torch.float32, "cpu", rule=rule, l2=l2, **c)
-        out[name] = check_scan(rule, ins, cu, l2, 16)
+        out[name] = check_scan(rule, ins, cu, l2, 16, keep=keep)
     # fp16 inputs: the backward keeps float32 intermediates where bf16 inputs store bf16, and must
     # type its products consistently (an fp16 x float32 dot does not compile). bf16 is checked on
     # the GPU only: the interpreter's bf16 arithmetic is not faithful.
@@ -667,6 +672,8 @@ GPU_CASES = {
     "gdr_dense_batch": dict(lens=None, dense_batch=(3, 150)),
     "scalar_decay": dict(lens=GPU_LENS, rule="scalar_decay"),
     "linear_attn": dict(lens=GPU_LENS, rule="linear_attn"),
+    "gdr_keep_states": dict(lens=GPU_LENS, keep="states"),
+    "gdr_keep_all": dict(lens=GPU_LENS, keep="all"),
 }
 FP32_CASES = ("gdr_varlen_h0_l2", "gdr_strong_decay", "delta_nogate", "scalar_decay")
 
@@ -691,9 +698,9 @@ def test_gpu_scan(case, dtype):
     # float32 at K = 64, V = 128 runs the Triton kernels (triton_ops.fallback_reason: float32 above head
     # dim 128 takes the PyTorch path, its tiles exceed shared memory); tf32 dots, hence the 5e-3 bound.
     c = dict(GPU_CASES[case])
-    rule, l2 = c.pop("rule", "gated_delta"), c.pop("l2", True)
+    rule, l2, keep = c.pop("rule", "gated_delta"), c.pop("l2", True), c.pop("keep", "none")
     ins, cu = make_inputs(c.pop("lens"), 3, 64, 128, dtype, "cuda", rule=rule, l2=l2, **c)
-    errs = check_scan(rule, ins, cu, l2, 64)
+    errs = check_scan(rule, ins, cu, l2, 64, keep=keep)
     _log("scan", case, dtype, errs)
     _assert(errs, BOUND[dtype], case)
 

@@ -541,8 +541,9 @@ def _check_dims(K: int, V: int):
 
 
 def _fwd(q, k, v, g, beta, scale, h0, vl: Varlen, BT: int, delta: bool, need_o: bool = True,
-         store_ht: bool = True):
-    """Packed [T, H, D] inputs (contiguous). Returns (o, ht, G, Ainv)."""
+         store_ht: bool = True, keep: Optional[dict] = None):
+    """Packed [T, H, D] inputs (contiguous). Returns (o, ht, G, Ainv); `keep`: a dict that receives
+    w, the chunk states h and v_new, for a backward that then need not recompute them."""
     T, H, K = k.shape
     V = v.shape[-1]
     dev = k.device
@@ -571,6 +572,8 @@ def _fwd(q, k, v, g, beta, scale, h0, vl: Varlen, BT: int, delta: bool, need_o: 
             grid = (triton.cdiv(V, cfg["BV"]), vl.NT, H)
             _fwd_o_kernel[grid](q, k, vn, h, G, o, vl.cu, vl.chunk_indices, scale, H=H, K=K, V=V, BT=BT,
                                 USE_G=use_g, **cfg)
+    if keep is not None:
+        keep.update(w=w, h=h, vn=vn)
     return o, ht, G, Ainv
 
 
@@ -604,18 +607,20 @@ def _cumsum(g, G, vl, BT):
 
 
 def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta: bool,
-         debug: Optional[dict] = None, dqk_dtype: Optional[torch.dtype] = None):
+         debug: Optional[dict] = None, dqk_dtype: Optional[torch.dtype] = None, kept: Optional[dict] = None):
     """Returns (dq, dk, dv, dbeta, dg, dh0) on packed layouts; dq and dk in dqk_dtype (default: the
-    inputs' dtype; float32 when an L2-norm backward still follows). `debug`: a dict that receives
-    every intermediate (stage-by-stage checks in tests)."""
+    inputs' dtype; float32 when an L2-norm backward still follows). `kept`: {w, h, vn} from the
+    forward's `keep`; those that are None (all, without it) are recomputed here. `debug`: a dict
+    that receives every intermediate (stage-by-stage checks in tests)."""
     T, H, K = k.shape
     V = v.shape[-1]
     dev = k.device
     BK = next_pow2(K)
     use_g = G is not None
     dtype = k.dtype
-    w = u = None
-    if delta:
+    w, h, vn = (kept["w"], kept["h"], kept["vn"]) if kept is not None else (None, None, None)
+    u = v
+    if delta and w is None:  # w and u from the forward's A^-1
         w = torch.empty_like(k)
         u = torch.empty_like(v)
         if vl.NT:
@@ -623,9 +628,8 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
             _prep_kernel[(vl.NT, H)](k, v, beta, None, G, Ainv, w, u, vl.cu, vl.chunk_indices, H=H, K=K, V=V, BT=BT,
                                      LOG2_BT=int(math.log2(BT)), USE_G=use_g, COMPUTE_A=False,
                                      INV_PREC=_inv_prec(dtype), **cfg)
-    else:
-        u = v
-    h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
+    if h is None:
+        h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
 
     # dv_local, dvn (dv2) and dw in the inputs' dtype, as fla's. For bf16, dvn and dw only enter bf16
     # products, so storing them rounds nothing further; dv_local adds one rounding to dvn.
@@ -679,12 +683,15 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     return dq, dk, dv, dbeta, dg, dh0
 
 
+KEEP_CHOICES = ("none", "states", "all")
+
+
 class ChunkScanFunction(torch.autograd.Function):
     """Autograd wrapper. Inputs in the public layout [B, T, H, D] (B = 1 with cu_seqlens)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
-                chunk_size, delta):
+                chunk_size, delta, keep):
         B, T, H, K = k.shape
         V = v.shape[-1]
         _check_dims(K, V)
@@ -698,8 +705,11 @@ class ChunkScanFunction(torch.autograd.Function):
             qf, rq = l2norm_fwd(qf)
             kf, rk = l2norm_fwd(kf)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        o, ht, G, Ainv = _fwd(qf, kf, vf, gf, bf, scale, h0, vl, chunk_size, delta, store_ht=output_final_state)
-        ctx.save_for_backward(qf, kf, vf, G, bf, Ainv, h0, rq, rk)
+        kept = {} if keep != "none" else None
+        o, ht, G, Ainv = _fwd(qf, kf, vf, gf, bf, scale, h0, vl, chunk_size, delta, store_ht=output_final_state,
+                              keep=kept)
+        kept = [kept["w"] if keep == "all" else None, kept["h"], kept["vn"]] if kept is not None else []
+        ctx.save_for_backward(qf, kf, vf, G, bf, Ainv, h0, rq, rk, *kept)
         ctx.vl, ctx.scale, ctx.chunk_size, ctx.delta = vl, scale, chunk_size, delta
         ctx.shape = (B, T, H, K, V)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype,
@@ -710,7 +720,7 @@ class ChunkScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, G, bf, Ainv, h0, rq, rk = ctx.saved_tensors
+        qf, kf, vf, G, bf, Ainv, h0, rq, rk, *kept = ctx.saved_tensors
         B, T, H, K, V = ctx.shape
         if do is None:  # only the final state was used
             do = torch.zeros(B, T, H, V, dtype=qf.dtype, device=qf.device)
@@ -718,7 +728,8 @@ class ChunkScanFunction(torch.autograd.Function):
         dht = dht.contiguous() if dht is not None else None
         dq, dk, dv, dbeta, dg, dh0 = _bwd(qf, kf, vf, G, bf, Ainv, ctx.scale, h0, dof, dht, ctx.vl,
                                           ctx.chunk_size, ctx.delta,
-                                          dqk_dtype=torch.float32 if rq is not None else None)
+                                          dqk_dtype=torch.float32 if rq is not None else None,
+                                          kept=dict(zip(("w", "h", "vn"), kept)) if kept else None)
         tq, tk, tv, tg, tb = ctx.dtypes
         if rq is not None:
             dq = l2norm_bwd(qf, rq, dq, tq)
@@ -729,15 +740,21 @@ class ChunkScanFunction(torch.autograd.Function):
         dg = dg.to(tg).view(B, T, H) if ctx.has_g else None
         dbeta = dbeta.to(tb).view(B, T, H) if dbeta is not None else None
         dh0 = dh0.to(ctx.h0_dtype) if dh0 is not None else None
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None, None
 
 
 def chunk_scan_triton(q, k, v, g=None, beta=None, scale: Optional[float] = None, initial_state=None,
                       output_final_state: bool = False, cu_seqlens=None, chunk_size: int = 64,
-                      use_qk_l2norm: bool = False, delta: bool = True):
+                      use_qk_l2norm: bool = False, delta: bool = True, keep: str = "none"):
     """Gated delta rule (delta=True; g None = DeltaNet) or additive scalar-decay / linear attention
     (delta=False, beta unused). q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] float32 log-decay;
-    beta [B, T, H]; states [N, H, K, V] float32. Returns (o [B, T, H, V], final state or None)."""
+    beta [B, T, H]; states [N, H, K, V] float32. Returns (o [B, T, H, V], final state or None).
+    keep: what the backward takes from the forward instead of recomputing it, at the cost of its
+    memory (bf16: 2 bytes an element): "none"; "states" the chunk states h and v_new (skips the
+    backward's state recurrence: K V per chunk and head, V per token and head); "all" w as well
+    (skips its WY recomputation too: K more per token and head)."""
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep={keep!r} is not one of {KEEP_CHOICES}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (packed), got {q.shape[0]}")
     if chunk_size not in (16, 32, 64):
@@ -746,5 +763,5 @@ def chunk_scan_triton(q, k, v, g=None, beta=None, scale: Optional[float] = None,
     if not delta:
         beta = None
     o, ht = ChunkScanFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                    use_qk_l2norm, chunk_size, delta)
+                                    use_qk_l2norm, chunk_size, delta, keep)
     return o, (ht if output_final_state else None)

@@ -210,6 +210,7 @@ class MemoryMixer(nn.Module):
             scale=K ** -0.5, initial_state=initial_state, output_final_state=use_cache or cache is not None,
             cu_seqlens=packing.cu_seqlens, chunk_size=self.cfg.chunk_size,
             use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size, backend=backend,  # else in the conv
+            keep=self.cfg.scan_keep if torch.is_grad_enabled() else "none",
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
         o = self._combine_output(o_rows[0], packing, slot_w, xf, xc, fused)

@@ -3,8 +3,9 @@
 Why: the model issues a few thousand small kernels per step from Python. The CPU takes longer to
 issue mom-340m's forward than the GPU takes to run it, so the GPU idles between kernels, and a loop
 that waits on the GPU once a step (a loss read on the host) loses the whole issue time again.
-Replaying a captured graph issues each pass with one launch. H200, mom-340m, B8 T2048 (benchmarks/
-RESULTS.md): 254 -> 239 ms a step, and 271 -> 240 ms when the loop syncs every step.
+Replaying a captured graph issues each pass with one launch. H200, mom-340m, B8 T2048, five calls
+(benchmarks/RESULTS.md, session 12): 239 ms a step against 244-271 ms eager, and 240-242 against
+267-307 ms when the loop syncs every step.
 
 What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
 - fixed shapes and no host sync: true of the model without document boundaries (memory segment sizes
@@ -13,7 +14,8 @@ What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
 - parameters at fixed addresses: ZeRO-3 gathers and frees them around each forward. The graph reads
   the addresses it was captured with; `check_parameters` compares them each step, so a run whose
   parameters moved stops with an error instead of training stale weights.
-- no recomputation outside the graph (activation checkpointing) and no torch.compile: not tested.
+- activation checkpointing, torch.compile, optimizer offload and fp16: not tested with graphs.
+- DeepSpeed's ZeRO-1, and ZeRO-2 with bf16 weights: their capture failed (check_setup).
 
 torch.cuda.make_graphed_callables captures one graph for the forward and one for the backward, in
 one private memory pool. The backward returns the parameters' gradients as outputs, so they reach
@@ -30,20 +32,24 @@ from ..model.lm import LMOutput
 
 def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     """What train.cuda_graph needs of the run beyond its config (Config refuses the rest): a CUDA
-    device, and 16-bit weights only without ZeRO. DeepSpeed's ZeRO-1 and ZeRO-2 optimizers with bf16
-    weights failed to capture (cudaErrorStreamCaptureInvalidated; DeepSpeed 0.19.8, H200), fp32 ZeRO-2
-    and bf16 ZeRO-0 replay bitwise equal to eager steps (tests/test_cuda_graph_gpu.py); fp16 is
-    not tested."""
+    device and a DeepSpeed setup whose step captures. ZeRO-0 (bf16, fp32) and ZeRO-2 in fp32 replay
+    bitwise equal to eager steps (tests/test_cuda_graph_gpu.py); ZeRO-1 (fp32, bf16) and ZeRO-2 in
+    bf16 failed to capture (cudaErrorStreamCaptureInvalidated; DeepSpeed 0.19.8, H200); fp16 is not
+    tested."""
     from ..config import ConfigError
     if not train_cfg.cuda_graph:
         return
     if device.type != "cuda":
         raise ConfigError(f"train.cuda_graph=true needs a CUDA device, this run is on {device.type}; "
                           f"set train.cuda_graph=false")
-    if precision == "fp16" or (precision == "bf16" and train_cfg.zero_stage > 0):
-        raise ConfigError(f"train.cuda_graph=true does not work with train.zero_stage={train_cfg.zero_stage} in "
-                          f"{precision} (capturing DeepSpeed's ZeRO step fails; fp16 is untested): use "
-                          f"train.zero_stage=0 in bf16 or train.precision=fp32, or set train.cuda_graph=false")
+    if precision == "fp16":
+        raise ConfigError("train.cuda_graph=true is not tested with train.precision=fp16; use bf16 or fp32, or set "
+                          "train.cuda_graph=false")
+    if train_cfg.zero_stage == 1 or (precision == "bf16" and train_cfg.zero_stage > 0):
+        raise ConfigError(f"train.cuda_graph=true does not work with train.zero_stage={train_cfg.zero_stage} and "
+                          f"train.precision={precision} (bf16 is what auto picks on a GPU): capturing the step under "
+                          f"DeepSpeed's ZeRO optimizer fails. Use train.zero_stage=0 (bf16 or fp32) or "
+                          f"train.zero_stage=2 with train.precision=fp32, or set train.cuda_graph=false")
 
 
 class _LossTerms(nn.Module):
@@ -71,12 +77,12 @@ class _LossTerms(nn.Module):
                 zero if out.z_loss is None else out.z_loss.detach(), layer_aux, fraction)
 
 
-class _Stats:
-    """RouterStats as the trainer's logging reads it (aux_loss, token_fraction)."""
+class _GraphedRouterStats:
+    """A routed layer's statistics as the trainer logs them (aux_loss, token_fraction), detached graph
+    outputs; unlike RouterStats it has no per-layer z_loss (the mean over layers is LMOutput.z_loss)."""
 
     def __init__(self, aux_loss: torch.Tensor, token_fraction: torch.Tensor):
         self.aux_loss, self.token_fraction = aux_loss, token_fraction
-        self.z_loss = None
 
 
 class GraphedLoss:
@@ -94,13 +100,14 @@ class GraphedLoss:
         self.warmup_iters = warmup_iters
         self.shape: Optional[tuple] = None
         self._graphed = None
-        self._params: list[tuple[str, int]] = []
+        self._params: list[tuple[str, nn.Parameter, int]] = []
+        self._hooks: list = []
 
     def _capture(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         if input_ids.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the batch on a CUDA device, got {input_ids.device}")
         self.shape = tuple(input_ids.shape)
-        self._params = [(n, p.data_ptr()) for n, p in self.model.named_parameters()]
+        self._params = [(n, p, p.data_ptr()) for n, p in self.model.named_parameters()]
         try:
             self._graphed = torch.cuda.make_graphed_callables(
                 _LossTerms(self.model, self.autocast_dtype), (input_ids.clone(), labels.clone()),
@@ -114,24 +121,41 @@ class GraphedLoss:
         # optimizer), adds the new gradient to itself. A copy per gradient keeps .grad the caller's.
         self._hooks = [p.register_hook(lambda g: g.clone()) for p in self.model.parameters() if p.requires_grad]
 
+    def close(self) -> None:
+        """Remove the gradient hooks (the graphs go with this object)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
     def check_parameters(self) -> None:
         """The graph reads the parameter addresses of its capture: refuse to go on if any moved."""
-        for (name, ptr), p in zip(self._params, self.model.parameters()):
+        for name, p, ptr in self._params:
             if p.data_ptr() != ptr:
                 raise RuntimeError(f"parameter {name} moved in memory since the CUDA graph was captured (its "
                                    f"storage was replaced): the graph would train stale weights; train with "
                                    f"train.cuda_graph=false")
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LMOutput:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {list(labels.shape)} and input_ids {list(input_ids.shape)} differ in shape")
         if self._graphed is None:
             self._capture(input_ids, labels)
         else:
-            if tuple(input_ids.shape) != self.shape or labels.shape != input_ids.shape:
+            if tuple(input_ids.shape) != self.shape:
                 raise ValueError(f"the CUDA graph was captured for batches of shape {list(self.shape)}, got "
-                                 f"input_ids {list(input_ids.shape)} and labels {list(labels.shape)}: graphs replay "
-                                 f"fixed shapes (train with train.cuda_graph=false for batches of changing shape)")
+                                 f"{list(input_ids.shape)}: graphs replay fixed shapes (train with "
+                                 f"train.cuda_graph=false for batches of changing shape)")
             self.check_parameters()
         loss, lm_loss, aux, z, layer_aux, fraction = self._graphed(input_ids, labels)
-        stats = [_Stats(a, f) for a, f in zip(layer_aux, fraction)]
+        stats = [_GraphedRouterStats(a, f) for a, f in zip(layer_aux, fraction)]
         return LMOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux if stats else None, z_loss=z if stats else None,
                         router_stats=stats)
+
+
+def engine_forward(engine, graphed: GraphedLoss, input_ids: torch.Tensor, labels: torch.Tensor) -> LMOutput:
+    """`graphed` in place of engine(input_ids, labels=labels): the replay bypasses engine.forward,
+    whose per-step bookkeeping for the ZeRO-1/2 optimizers (DeepSpeed 0.19.8) is done here."""
+    clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
+    return graphed(input_ids, labels)

@@ -21,7 +21,7 @@ from ..model.counting import count_parameters, flops_per_token
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_max_flag, barrier, init_distributed
 from .lr_schedule import WarmupCosine
-from .cuda_graph import GraphedLoss
+from .cuda_graph import GraphedLoss, engine_forward
 from .cuda_graph import check_setup as check_cuda_graph_setup
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_deepspeed_config, build_optimizer, param_groups
@@ -319,7 +319,7 @@ class Trainer:
             for _ in range(self.batching.accum):
                 batch = self._to_device(next(it))
                 if graphed is not None:  # no segment_ids: the config refuses them with graphs
-                    out = graphed(batch["input_ids"], batch["labels"])
+                    out = engine_forward(self.engine, graphed, batch["input_ids"], batch["labels"])
                 else:
                     out = self.engine(**batch, return_logits=False)
                 if ckpt.fault_requested("nan_loss", self.step + 1):  # test hook: a poisoned step
@@ -386,6 +386,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if graphed is not None:
+            graphed.close()
         if self._last_saved is not None and self._last_saved[0] == self.step:
             # already on disk: a periodic save right before a stop signal, or a resume at max_steps;
             # saving again would rewrite the whole step inside the preemption grace period
