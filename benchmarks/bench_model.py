@@ -331,14 +331,13 @@ def main():
     ap.add_argument("--no-llama", action="store_true", help="skip the HF Llama anchor (A/B calls of megamom only)")
     ap.add_argument("--graphs", default="eager,graph",
                     help="megamom's training runs: eager, graph (train.cuda_graph) or both, comma-separated")
-    ap.add_argument("--keep", default="none", help="model.scan_keep of megamom's models: none, states, all")
+    ap.add_argument("--keep", default="none", choices=("none", "states", "all"), help="model.scan_keep of megamom")
     a = ap.parse_args()
-    global STEPS, KEEP
+    global STEPS, KEEP, NO_LLAMA
     KEEP = a.keep
     STEPS = a.steps
     if a.no_fla:
         globals()["fla_available"] = lambda: False
-    global NO_LLAMA
     NO_LLAMA = a.no_llama
     stages = set(a.stages.split(","))
     backends = [b for b in a.backends.split(",") if b]

@@ -97,6 +97,8 @@ def memory_scan(rule: str | UpdateRule, q, k, v, g=None, beta=None, scale=None, 
     memory, less time; see chunk_scan_triton); the torch path has nothing to recompute."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
     _check_args(rule, g, beta)
+    if keep not in ("none", "states", "all"):
+        raise ValueError(f"keep={keep!r} is not one of 'none', 'states', 'all'")
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
         from . import triton_ops

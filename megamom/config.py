@@ -37,6 +37,7 @@ SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
 # Model settings that choose an implementation, not the function computed: a checkpoint resumes
 # and converts across them.
 IMPLEMENTATION_ONLY_KEYS = ("kernel_backend", "attn_impl", "loss_chunk_size", "scan_keep")
+SCAN_KEEPS = ("none", "states", "all")  # model.scan_keep (kernels/gated_delta_rule/chunk_triton.py: keep)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class ModelConfig:
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
         _choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
         _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        _choice("model.scan_keep", self.scan_keep, ("none", "states", "all"))
+        _choice("model.scan_keep", self.scan_keep, SCAN_KEEPS)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "expand_v",
                     "chunk_size", "max_position_embeddings"):
             _positive(f"model.{key}", getattr(self, key))

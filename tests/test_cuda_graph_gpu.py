@@ -53,7 +53,9 @@ def _run(forward_backward, optimizer_step, grad_of, model, n_steps=3, accum=2):
             if j < accum - 1:
                 optimizer_step(False)
         fractions = torch.stack([s.token_fraction for s in out.router_stats]).cpu()
-        grads = {n: grad_of(p).detach().float().clone() for n, p in model.named_parameters()}
+        grads = {n: grad_of(p) for n, p in model.named_parameters()}
+        assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+        grads = {n: g.detach().float().clone() for n, g in grads.items()}
         steps.append(((out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()), fractions, grads))
         optimizer_step(True)
     return steps, {n: p.detach().float().clone() for n, p in model.named_parameters()}

@@ -66,6 +66,25 @@ def test_bad_configs_name_the_key_and_the_fix(tmp_path, yaml_text, overrides, fr
         assert frag in msg, f"{frag!r} missing from the message: {msg}"
 
 
+@pytest.mark.parametrize("keep", ["states", "all"])
+def test_scan_keep_reaches_the_scan_only_with_gradients(monkeypatch, keep):
+    """model.scan_keep is what the layer asks of the scan when a backward can follow; under no_grad
+    (evaluation, generation) nothing is kept."""
+    import megamom.model.memory_mixer as mm
+    seen = []
+    scan = mm.memory_scan
+    monkeypatch.setattr(mm, "memory_scan", lambda *a, **kw: seen.append(kw["keep"]) or scan(*a, **kw))
+    cfg = ModelConfig(arch="mom", hidden_size=32, num_heads=2, head_dim=8, num_memories=3, topk=2, vocab_size=64,
+                      num_layers=1, chunk_size=16, scan_keep=keep)
+    cfg.validate()
+    layer = MemoryMixer(cfg)
+    x = torch.randn(2, 20, 32)
+    layer(x, torch.arange(2).repeat_interleave(20), 2)
+    with torch.no_grad():
+        layer(x, torch.arange(2).repeat_interleave(20), 2)
+    assert seen == [keep, "none"]
+
+
 def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

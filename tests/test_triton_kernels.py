@@ -97,6 +97,34 @@ def check_scan(rule, ins, cu, l2, chunk_size, seed=1, keep="none"):
     return err
 
 
+def check_keep_equal(rule, ins, cu, chunk_size) -> dict:
+    """The scan with keep = states / all against keep = none on the same inputs: the kept states are
+    the recomputed ones, so outputs and every gradient agree bit for bit (max |difference|), and the
+    backward with kept states never runs the state recurrence again (its _fwd_h calls)."""
+    from megamom.kernels import triton_ops
+    from megamom.kernels.gated_delta_rule import chunk_triton as ct
+
+    r = get_rule(rule)
+    names = [n for n in ("q", "k", "v", "g", "beta", "initial_state") if ins[n] is not None]
+    runs, calls = {}, []
+    fwd_h = ct._fwd_h
+    for keep in ("none", "states", "all"):
+        leaf = {n: (ins[n].clone().requires_grad_() if n in names else None) for n in ins}
+        o, ht = triton_ops.memory_scan(r, leaf["q"], leaf["k"], leaf["v"], leaf["g"], leaf["beta"], None,
+                                       leaf["initial_state"], True, cu, chunk_size, True, keep)
+        ct._fwd_h = lambda *a, **kw: calls.append(keep) or fwd_h(*a, **kw)
+        try:
+            (o.float().sum() + ht.square().sum()).backward()
+        finally:
+            ct._fwd_h = fwd_h
+        runs[keep] = [o, ht] + [leaf[n].grad for n in names]
+    diff = {keep: max((a - b).abs().max().item() for a, b in zip(runs[keep], runs["none"]))
+            for keep in ("states", "all")}
+    return {"diff_states": diff["states"], "diff_all": diff["all"],
+            "bwd_state_passes_kept": float(sum(c != "none" for c in calls)),
+            "bwd_state_passes_none_minus_1": float(calls.count("none") - 1)}
+
+
 def check_step(rule, N, H, K, V, device, dtype, l2, seed=2):
     from megamom.kernels import triton_ops
 
@@ -446,6 +474,9 @@ def run_interp_suite() -> dict:
     # the GPU only: the interpreter's bf16 arithmetic is not faithful.
     ins, cu = make_inputs(LENS, 2, 16, 32, torch.float16, "cpu")
     out["scan_fp16"] = check_scan("gated_delta", ins, cu, True, 16)
+    for rule in ("gated_delta", "scalar_decay"):
+        ins, cu = make_inputs([37, 0, 1, 40], 2, 16, 32, torch.float32, "cpu", rule=rule)
+        out["scan_keep_equal_" + rule] = check_keep_equal(rule, ins, cu, 16)
     for rule in ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn"):
         out["step_" + rule] = check_step(rule, 3, 2, 16, 32, "cpu", torch.float32, l2=True)
     out["transition"] = check_transition([37, 0, 1, 40], 2, 16, 32, "cpu", torch.float32, 16)
@@ -488,7 +519,8 @@ def interp_results():
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", list(INTERP_CASES) + ["scan_fp16"] + ["step_" + r for r in
+@pytest.mark.parametrize("case", list(INTERP_CASES) + ["scan_fp16", "scan_keep_equal_gated_delta",
+                                                       "scan_keep_equal_scalar_decay"] + ["step_" + r for r in
                                                        ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")]
                          + ["transition", "stages", "conv_shared", "conv_shared_silu", "conv_per_memory",
                             "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
@@ -500,7 +532,8 @@ def interp_results():
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
-    bound = BOUND["interp_fp16"] if case == "scan_fp16" else BOUND["interp"]
+    bound = BOUND["interp_fp16"] if case == "scan_fp16" else 0.0 if case.startswith("scan_keep_equal") \
+        else BOUND["interp"]
     bad = {k: v for k, v in errs.items() if not v <= bound}  # NaN fails too
     assert not bad, f"{case}: {bad}"
 

@@ -9,7 +9,7 @@ E_ij = exp(G_i - G_j) (j <= i), S = state at the chunk start ([K, V], float32 in
             w = X (beta exp(G) K),  u = X (beta V)                      [_prep_kernel]
             vn = u - w S;  S <- exp(gl) S + K^T (exp(gl - G) vn)         [_fwd_h_kernel]
             O = exp(G) Q S + (Q K^T * E)_causal vn                       [_fwd_o_kernel]
-  backward  recompute w, u, S, vn; dv_local = (Q K^T * E)_causal^T dO,
+  backward  recompute w, u, S, vn (or take S, vn and w from the forward: keep); dv_local = (Q K^T * E)_causal^T dO,
             dOV = dO vn^T                                                 [_bwd_local_kernel]
             reverse over chunks: dvn = dv_local + exp(gl - G) K dS';
             dS = exp(gl) dS' + (exp(G) Q)^T dO - w^T dvn                  [_bwd_dhu_kernel]
@@ -610,8 +610,8 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
          debug: Optional[dict] = None, dqk_dtype: Optional[torch.dtype] = None, kept: Optional[dict] = None):
     """Returns (dq, dk, dv, dbeta, dg, dh0) on packed layouts; dq and dk in dqk_dtype (default: the
     inputs' dtype; float32 when an L2-norm backward still follows). `kept`: {w, h, vn} from the
-    forward's `keep`; those that are None (all, without it) are recomputed here. `debug`: a dict
-    that receives every intermediate (stage-by-stage checks in tests)."""
+    forward's `keep` (h and vn together; w may be None); what is missing, or all without `kept`, is
+    recomputed here. `debug`: a dict that receives every intermediate (stage-by-stage checks)."""
     T, H, K = k.shape
     V = v.shape[-1]
     dev = k.device
@@ -619,8 +619,10 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     use_g = G is not None
     dtype = k.dtype
     w, h, vn = (kept["w"], kept["h"], kept["vn"]) if kept is not None else (None, None, None)
+    if (h is None) != (vn is None):
+        raise ValueError("kept chunk states need both h and vn")
     u = v
-    if delta and w is None:  # w and u from the forward's A^-1
+    if delta and (w is None or h is None):  # w (for dh) and u (for the states) from the forward's A^-1
         w = torch.empty_like(k)
         u = torch.empty_like(v)
         if vl.NT:
@@ -705,11 +707,11 @@ class ChunkScanFunction(torch.autograd.Function):
             qf, rq = l2norm_fwd(qf)
             kf, rk = l2norm_fwd(kf)
         h0 = initial_state.contiguous() if initial_state is not None else None
-        kept = {} if keep != "none" else None
+        from_fwd = {} if keep != "none" else None
         o, ht, G, Ainv = _fwd(qf, kf, vf, gf, bf, scale, h0, vl, chunk_size, delta, store_ht=output_final_state,
-                              keep=kept)
-        kept = [kept["w"] if keep == "all" else None, kept["h"], kept["vn"]] if kept is not None else []
-        ctx.save_for_backward(qf, kf, vf, G, bf, Ainv, h0, rq, rk, *kept)
+                              keep=from_fwd)
+        saved = [from_fwd["w"] if keep == "all" else None, from_fwd["h"], from_fwd["vn"]] if from_fwd else []
+        ctx.save_for_backward(qf, kf, vf, G, bf, Ainv, h0, rq, rk, *saved)
         ctx.vl, ctx.scale, ctx.chunk_size, ctx.delta = vl, scale, chunk_size, delta
         ctx.shape = (B, T, H, K, V)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype,

@@ -47,7 +47,8 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
                           "train.cuda_graph=false")
     if train_cfg.zero_stage == 1 or (precision == "bf16" and train_cfg.zero_stage > 0):
         raise ConfigError(f"train.cuda_graph=true does not work with train.zero_stage={train_cfg.zero_stage} and "
-                          f"train.precision={precision} (bf16 is what auto picks on a GPU): capturing the step under "
+                          f"train.precision={precision}{' (what auto picks on a GPU)' if precision == 'bf16' else ''}: "
+                          f"capturing the step under "
                           f"DeepSpeed's ZeRO optimizer fails. Use train.zero_stage=0 (bf16 or fp32) or "
                           f"train.zero_stage=2 with train.precision=fp32, or set train.cuda_graph=false")
 
@@ -122,15 +123,20 @@ class GraphedLoss:
         self._hooks = [p.register_hook(lambda g: g.clone()) for p in self.model.parameters() if p.requires_grad]
 
     def close(self) -> None:
-        """Remove the gradient hooks (the graphs go with this object)."""
+        """Drop the graphs and remove the gradient hooks; a later call captures anew."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._graphed = self.shape = None
 
     def check_parameters(self) -> None:
         """The graph reads the parameter addresses of its capture: refuse to go on if any moved."""
-        for name, p, ptr in self._params:
-            if p.data_ptr() != ptr:
+        now = list(self.model.named_parameters())
+        if len(now) != len(self._params):
+            raise RuntimeError(f"the model has {len(now)} parameters, {len(self._params)} when the CUDA graph was "
+                               f"captured; train with train.cuda_graph=false")
+        for (name, p0, ptr), (_, p) in zip(self._params, now):
+            if p is not p0 or p.data_ptr() != ptr:
                 raise RuntimeError(f"parameter {name} moved in memory since the CUDA graph was captured (its "
                                    f"storage was replaced): the graph would train stale weights; train with "
                                    f"train.cuda_graph=false")
@@ -153,8 +159,10 @@ class GraphedLoss:
 
 
 def engine_forward(engine, graphed: GraphedLoss, input_ids: torch.Tensor, labels: torch.Tensor) -> LMOutput:
-    """`graphed` in place of engine(input_ids, labels=labels): the replay bypasses engine.forward,
-    whose per-step bookkeeping for the ZeRO-1/2 optimizers (DeepSpeed 0.19.8) is done here."""
+    """`graphed` in place of engine(input_ids, labels=labels). The replay bypasses engine.forward;
+    of its bookkeeping (DeepSpeed 0.19.8) this does the ZeRO optimizers' per-step flag reset. Its
+    backward hooks on the outputs are not registered, as in the eager path: DeepSpeed finds no
+    tensor in the LMOutput dataclass there, and engine.backward scales the loss itself."""
     clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
     if clear is not None:
         clear()
