@@ -225,7 +225,7 @@ def train_bench(name, model, flops_tok, B=8, T=2048, steps=None, ours=True, grap
         traceback.print_exc()
     del model, opt
     if graph:
-        del graphed
+        graphed.close()
     gc.collect()  # the graphs' memory pool goes back only once nothing references the graphs
     torch.cuda.empty_cache()
     return RESULTS.get(f"train_{name}_B{B}_T{T}")

@@ -17,7 +17,7 @@ import torch
 
 from .gated_delta_rule import chunk_gated_delta_rule_torch, gated_delta_rule_step, naive_recurrent_gated_delta_rule
 from .gla import chunk_gla_torch, gla_step, naive_recurrent_gla
-from .utils import l2norm
+from .utils import SCAN_KEEPS, l2norm
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def memory_scan(rule: str | UpdateRule, q, k, v, g=None, beta=None, scale=None, 
     memory, less time; see chunk_scan_triton); the torch path has nothing to recompute."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
     _check_args(rule, g, beta)
-    if keep not in ("none", "states", "all"):
-        raise ValueError(f"keep={keep!r} is not one of 'none', 'states', 'all'")
+    if keep not in SCAN_KEEPS:
+        raise ValueError(f"keep={keep!r} is not one of {SCAN_KEEPS}")
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
         from . import triton_ops

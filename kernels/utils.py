@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 
 L2NORM_EPS = 1e-6  # the q / k L2 norm's (MoM spec, fla); the Triton kernels use the same
+# What a chunked scan's backward may take from its forward instead of recomputing it
+# (gated_delta_rule/chunk_triton.py: chunk_scan_triton's keep); megamom.config mirrors it.
+SCAN_KEEPS = ("none", "states", "all")
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:

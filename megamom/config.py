@@ -37,7 +37,9 @@ SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
 # Model settings that choose an implementation, not the function computed: a checkpoint resumes
 # and converts across them.
 IMPLEMENTATION_ONLY_KEYS = ("kernel_backend", "attn_impl", "loss_chunk_size", "scan_keep")
-SCAN_KEEPS = ("none", "states", "all")  # model.scan_keep (kernels/gated_delta_rule/chunk_triton.py: keep)
+# model.scan_keep: kernels.utils.SCAN_KEEPS, written out here so that the config imports no torch
+# (tests/test_model_misc.py checks that the two agree)
+SCAN_KEEPS = ("none", "states", "all")
 
 
 @dataclass

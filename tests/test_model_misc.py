@@ -66,6 +66,12 @@ def test_bad_configs_name_the_key_and_the_fix(tmp_path, yaml_text, overrides, fr
         assert frag in msg, f"{frag!r} missing from the message: {msg}"
 
 
+def test_config_scan_keeps_mirror_the_kernels():
+    from megamom.config import SCAN_KEEPS
+    from megamom.kernels.utils import SCAN_KEEPS as KERNEL_SCAN_KEEPS
+    assert SCAN_KEEPS == KERNEL_SCAN_KEEPS
+
+
 @pytest.mark.parametrize("keep", ["states", "all"])
 def test_scan_keep_reaches_the_scan_only_with_gradients(monkeypatch, keep):
     """model.scan_keep is what the layer asks of the scan when a backward can follow; under no_grad

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from ..triton import Varlen, launch_cfg, next_pow2, prepare_varlen
 from ..triton.l2norm import l2norm_bwd, l2norm_fwd
+from ..utils import SCAN_KEEPS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,9 +686,6 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     return dq, dk, dv, dbeta, dg, dh0
 
 
-KEEP_CHOICES = ("none", "states", "all")
-
-
 class ChunkScanFunction(torch.autograd.Function):
     """Autograd wrapper. Inputs in the public layout [B, T, H, D] (B = 1 with cu_seqlens)."""
 
@@ -755,8 +753,8 @@ def chunk_scan_triton(q, k, v, g=None, beta=None, scale: Optional[float] = None,
     memory (bf16: 2 bytes an element): "none"; "states" the chunk states h and v_new (skips the
     backward's state recurrence: K V per chunk and head, V per token and head); "all" w as well
     (skips its WY recomputation too: K more per token and head)."""
-    if keep not in KEEP_CHOICES:
-        raise ValueError(f"keep={keep!r} is not one of {KEEP_CHOICES}")
+    if keep not in SCAN_KEEPS:
+        raise ValueError(f"keep={keep!r} is not one of {SCAN_KEEPS}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (packed), got {q.shape[0]}")
     if chunk_size not in (16, 32, 64):

@@ -46,11 +46,11 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
         raise ConfigError("train.cuda_graph=true is not tested with train.precision=fp16; use bf16 or fp32, or set "
                           "train.cuda_graph=false")
     if train_cfg.zero_stage == 1 or (precision == "bf16" and train_cfg.zero_stage > 0):
+        auto = " (what auto picks on a GPU)" if precision == "bf16" else ""
         raise ConfigError(f"train.cuda_graph=true does not work with train.zero_stage={train_cfg.zero_stage} and "
-                          f"train.precision={precision}{' (what auto picks on a GPU)' if precision == 'bf16' else ''}: "
-                          f"capturing the step under "
-                          f"DeepSpeed's ZeRO optimizer fails. Use train.zero_stage=0 (bf16 or fp32) or "
-                          f"train.zero_stage=2 with train.precision=fp32, or set train.cuda_graph=false")
+                          f"train.precision={precision}{auto}: capturing the step under DeepSpeed's ZeRO optimizer "
+                          f"fails. Use train.zero_stage=0 (bf16 or fp32) or train.zero_stage=2 with "
+                          f"train.precision=fp32, or set train.cuda_graph=false")
 
 
 class _LossTerms(nn.Module):

@@ -20,9 +20,9 @@ from ..model import build_model
 from ..model.counting import count_parameters, flops_per_token
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_max_flag, barrier, init_distributed
-from .lr_schedule import WarmupCosine
 from .cuda_graph import GraphedLoss, engine_forward
 from .cuda_graph import check_setup as check_cuda_graph_setup
+from .lr_schedule import WarmupCosine
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_deepspeed_config, build_optimizer, param_groups
 
