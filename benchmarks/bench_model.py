@@ -40,13 +40,12 @@ def ms(fn, rep=100):
     return do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
-KEEP = "none"  # --keep: model.scan_keep of every megamom model
+KEEPS = ["none"]  # --keep: the model.scan_keep values megamom's layer and training runs are timed with
 NO_LLAMA = False
 
 
 def cfg_of(name, **overrides):
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).model
-    cfg.scan_keep = KEEP
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -67,8 +66,8 @@ def bench_layer(backends):
     B, T = 8, 2048
     x0 = torch.randn(B, T, 1024, device=DEV, dtype=torch.bfloat16)
     doc_ids = torch.arange(B, device=DEV).repeat_interleave(T)
-    for backend in backends:
-        cfg = cfg_of("mom-340m", kernel_backend=backend)
+    for backend, keep in [(b, k) for b in backends for k in KEEPS]:
+        cfg = cfg_of("mom-340m", kernel_backend=backend, scan_keep=keep)
         layer = MemoryMixer(cfg).to(DEV, torch.bfloat16)
         x = x0.clone().requires_grad_()
 
@@ -80,12 +79,13 @@ def bench_layer(backends):
             t0 = time.time(); fb(); torch.cuda.synchronize()
             first = time.time() - t0
             t = ms(fb)
-            log(f"layer_megamom_{backend}", {"fwdbwd_ms": round(t, 3), "first_s": round(first, 1),
-                                             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
-            ROWS.append((f"MoM layer fwd+bwd, megamom ({backend}{'' if KEEP == 'none' else ', keep ' + KEEP})",
+            name = f"layer_megamom_{backend}" + ("" if keep == "none" else "_keep_" + keep)
+            log(name, {"fwdbwd_ms": round(t, 3), "first_s": round(first, 1),
+                       "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
+            ROWS.append((f"MoM layer fwd+bwd, megamom ({backend}{'' if keep == 'none' else ', keep ' + keep})",
                          f"{t:.2f} ms"))
         except Exception as e:
-            log(f"layer_megamom_{backend}", f"failed: {type(e).__name__}: {str(e)[:300]}")
+            log(f"layer_megamom_{backend}_{keep}", f"failed: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
         del layer, x
         torch.cuda.empty_cache()
@@ -235,13 +235,13 @@ def bench_train(backends, long=False, graphs=("eager", "graph")):
     shapes = [(8, 2048)] if not long else [(2, 8192), (1, 32768)]
     mom = cfg_of("mom-340m")
     fast = [b for b in backends if b != "torch"]
-    for backend in fast:
+    for backend, keep in [(b, k) for b in fast for k in KEEPS]:
         for B, T in shapes:
             for mode in graphs:
-                cfg = cfg_of("mom-340m", kernel_backend=backend)
+                cfg = cfg_of("mom-340m", kernel_backend=backend, scan_keep=keep)
                 torch.manual_seed(0)
                 name = f"megamom_mom_{backend}" + ("_graph" if mode == "graph" else "")
-                name += "" if KEEP == "none" else "_keep_" + KEEP
+                name += "" if keep == "none" else "_keep_" + keep
                 train_bench(name, build_model(cfg), flops_per_token(cfg, T), B, T, graph=mode == "graph")
     if long:
         return
@@ -331,10 +331,14 @@ def main():
     ap.add_argument("--no-llama", action="store_true", help="skip the HF Llama anchor (A/B calls of megamom only)")
     ap.add_argument("--graphs", default="eager,graph",
                     help="megamom's training runs: eager, graph (train.cuda_graph) or both, comma-separated")
-    ap.add_argument("--keep", default="none", choices=("none", "states", "all"), help="model.scan_keep of megamom")
+    ap.add_argument("--keep", default="none",
+                    help="model.scan_keep of megamom (none, states, all), or several comma-separated: each is timed")
     a = ap.parse_args()
-    global STEPS, KEEP, NO_LLAMA
-    KEEP = a.keep
+    global STEPS, KEEPS, NO_LLAMA
+    KEEPS = a.keep.split(",")
+    bad = set(KEEPS) - {"none", "states", "all"}
+    if bad:
+        ap.error(f"--keep: unknown {sorted(bad)}; use none, states, all")
     STEPS = a.steps
     if a.no_fla:
         globals()["fla_available"] = lambda: False

@@ -177,3 +177,31 @@ def test_router_stays_float32_under_autocast():
     assert got.logits.dtype == torch.float32
     assert torch.equal(got.topk_index, ref.topk_index)
     assert torch.allclose(got.probs, ref.probs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+def test_grouped_projection_regathers_rows_in_backward():
+    """The grouped-GEMM projection (the GPU bf16 path; float32 runs it on CPU) keeps x, not the packed
+    rows, and gathers them again in its backward: output, dx and dW equal the dense float64
+    projection of every token by every memory (pack_per_memory), with one memory left empty."""
+    from megamom.model.routing import _GroupedProjection
+
+    N, E, k, d, P = DOC_IDS.numel(), 4, 2, 16, 24
+    topk = torch.tensor([0, 2, 3])[random_topk(N, 3, k, 9)]  # memory 1 gets no rows
+    p = build_packing(topk, DOC_IDS, NUM_DOCS, E, True)
+    assert (p.row_memory == 1).sum() == 0 and (p.row_memory == 2).sum() > 0
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, d, generator=gen)
+    w = torch.randn(E + 1, P, d, generator=gen)
+    up = torch.randn(p.row_token.numel(), P, generator=gen)
+    offs = p.cu_seqlens[p.num_docs::p.num_docs].to(torch.int32)
+
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False)
+    (out * up).sum().backward()
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = pack_per_memory(torch.einsum("nd,mpd->nmp", xd, wd), p)
+    (ref * up.double()).sum().backward()
+    for got, want in ((out, ref), (xf.grad, xd.grad), (wf.grad, wd.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+    assert wf.grad[1].abs().max() == 0  # the empty memory's weight gets a zero gradient

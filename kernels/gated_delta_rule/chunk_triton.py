@@ -65,9 +65,10 @@ def _chunk_coords(cu, cidx, i_c, BT: tl.constexpr):
 def _prep_kernel(k, v, beta, g, G, Ainv, w, u, cu, cidx,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, LOG2_BT: tl.constexpr, USE_G: tl.constexpr, COMPUTE_A: tl.constexpr,
-                 INV_PREC: tl.constexpr):
-    """One program per (chunk, head). COMPUTE_A: in-chunk cumsum of g -> G, L, X = (I+L)^-1 (stored,
-    float32, [T, H, BT] rows); else X and G are loaded (backward recompute). Then w and u."""
+                 INV_PREC: tl.constexpr, STORE_U: tl.constexpr):
+    """One program per (chunk, head). COMPUTE_A: in-chunk cumsum of g -> G, L, X = (I+L)^-1 (stored
+    in Ainv's dtype, [T, H, BT] rows); else X and G are loaded (backward recompute). Then w, and u
+    if STORE_U (a backward that has the forward's chunk states needs no u)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, nt = _chunk_coords(cu, cidx, i_c, BT)
     s_t = t0 * H + i_h
@@ -110,9 +111,9 @@ def _prep_kernel(k, v, beta, g, G, Ainv, w, u, cu, cidx,
             band = ((r // (2 * bs)) == (c // (2 * bs))) & ((r // bs) != (c // bs))
             b_X = b_X - tl.dot(b_X, tl.dot(tl.where(band, b_L, 0.0), b_X, input_precision=INV_PREC),
                                input_precision=INV_PREC)
-        tl.store(p_X, b_X, mask=m_t[:, None])
+        tl.store(p_X, b_X.to(Ainv.dtype.element_ty), mask=m_t[:, None])
     else:
-        b_X = tl.load(p_X, mask=m_t[:, None], other=0.0)
+        b_X = tl.load(p_X, mask=m_t[:, None], other=0.0).to(tl.float32)
 
     dt = k.dtype.element_ty
     b_Xd = b_X.to(dt)
@@ -122,12 +123,13 @@ def _prep_kernel(k, v, beta, g, G, Ainv, w, u, cu, cidx,
         b_k = tl.load(kb + r * (H * K) + o_k[None, :], mask=m_tk, other=0.0)
         b_w = tl.dot(b_Xd, (b_k * b_bg[:, None]).to(dt))
         tl.store(w + s_t * K + r * (H * K) + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_tk)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + s_t * V + r * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
-        b_u = tl.dot(b_Xd, (b_v * b_b[:, None]).to(dt))
-        tl.store(u + s_t * V + r * (H * V) + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
+    if STORE_U:
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < V)[None, :]
+            b_v = tl.load(v + s_t * V + r * (H * V) + o_v[None, :], mask=m_tv, other=0.0)
+            b_u = tl.dot(b_Xd, (b_v * b_b[:, None]).to(dt))
+            tl.store(u + s_t * V + r * (H * V) + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -536,6 +538,12 @@ def _wy_lowp(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
+def _ainv_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 inputs: X = (I + L)^-1 enters only bf16 products after its float32 construction (w, u
+    # and the LOWP WY backward), so storing it in bf16 rounds nothing further and halves it.
+    return torch.bfloat16 if _wy_lowp(dtype) else torch.float32
+
+
 def _check_dims(K: int, V: int):
     if K > 256:
         raise NotImplementedError(f"Triton chunk kernels support head dim K <= 256, got {K}")
@@ -554,14 +562,14 @@ def _fwd(q, k, v, g, beta, scale, h0, vl: Varlen, BT: int, delta: bool, need_o: 
     Ainv = w = None
     u = v
     if delta:
-        Ainv = torch.empty(T, H, BT, dtype=torch.float32, device=dev)
+        Ainv = torch.empty(T, H, BT, dtype=_ainv_dtype(k.dtype), device=dev)
         w = torch.empty_like(k)
         u = torch.empty_like(v)
         if vl.NT:
             cfg = launch_cfg("prep", BK=BK, BV=next_pow2(V))
             _prep_kernel[(vl.NT, H)](k, v, beta, g, G, Ainv, w, u, vl.cu, vl.chunk_indices, H=H, K=K, V=V, BT=BT,
                                      LOG2_BT=int(math.log2(BT)), USE_G=use_g, COMPUTE_A=True,
-                                     INV_PREC=_inv_prec(k.dtype), **cfg)
+                                     INV_PREC=_inv_prec(k.dtype), STORE_U=True, **cfg)
     elif use_g and vl.NT:
         _cumsum(g, G, vl, BT)
     h, vn, ht = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht)
@@ -625,12 +633,12 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     u = v
     if delta and (w is None or h is None):  # w (for dh) and u (for the states) from the forward's A^-1
         w = torch.empty_like(k)
-        u = torch.empty_like(v)
+        u = torch.empty_like(v) if h is None else v  # kept states: no u to recompute
         if vl.NT:
             cfg = launch_cfg("prep", BK=BK, BV=next_pow2(V))
             _prep_kernel[(vl.NT, H)](k, v, beta, None, G, Ainv, w, u, vl.cu, vl.chunk_indices, H=H, K=K, V=V, BT=BT,
                                      LOG2_BT=int(math.log2(BT)), USE_G=use_g, COMPUTE_A=False,
-                                     INV_PREC=_inv_prec(dtype), **cfg)
+                                     INV_PREC=_inv_prec(dtype), STORE_U=h is None, **cfg)
     if h is None:
         h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
 
