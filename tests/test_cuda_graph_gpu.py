@@ -114,12 +114,12 @@ def test_graphed_steps_match_eager(amp):
 
 
 @gpu
-@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (0, "fp32"), (2, "fp32")])
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (0, "fp32")])
 def test_graphed_steps_match_eager_under_deepspeed(stage, precision):
     """The trainer's engine (its DeepSpeed config, optimizer and parameter groups, two micro-batches
     a step): the graph's backward hands the gradients to DeepSpeed's hooks outside the graph; the
     gradients are compared as DeepSpeed holds them before each step (safe_get_full_grad). ZeRO-1
-    (fp32 and bf16) and ZeRO-2 with bf16 weights failed to capture and are refused (check_setup)."""
+    and ZeRO-2 failed to capture (ZeRO-2 in fp32 on one machine of two) and are refused (check_setup)."""
     deepspeed = pytest.importorskip("deepspeed")
     from megamom.config import Config
     from megamom.train.distributed import init_distributed
