@@ -46,6 +46,7 @@ NO_LLAMA = False
 
 def cfg_of(name, **overrides):
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml")).model
+    cfg.scan_keep = KEEPS[0]  # the check and profile stages take the first --keep value
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -70,6 +71,7 @@ def bench_layer(backends):
         cfg = cfg_of("mom-340m", kernel_backend=backend, scan_keep=keep)
         layer = MemoryMixer(cfg).to(DEV, torch.bfloat16)
         x = x0.clone().requires_grad_()
+        name = f"layer_megamom_{backend}" + ("" if keep == "none" else "_keep_" + keep)
 
         def fb():
             out = layer(x, doc_ids, B)[0]
@@ -79,13 +81,12 @@ def bench_layer(backends):
             t0 = time.time(); fb(); torch.cuda.synchronize()
             first = time.time() - t0
             t = ms(fb)
-            name = f"layer_megamom_{backend}" + ("" if keep == "none" else "_keep_" + keep)
             log(name, {"fwdbwd_ms": round(t, 3), "first_s": round(first, 1),
                        "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
             ROWS.append((f"MoM layer fwd+bwd, megamom ({backend}{'' if keep == 'none' else ', keep ' + keep})",
                          f"{t:.2f} ms"))
         except Exception as e:
-            log(f"layer_megamom_{backend}_{keep}", f"failed: {type(e).__name__}: {str(e)[:300]}")
+            log(name, f"failed: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
         del layer, x
         torch.cuda.empty_cache()
@@ -332,10 +333,11 @@ def main():
     ap.add_argument("--graphs", default="eager,graph",
                     help="megamom's training runs: eager, graph (train.cuda_graph) or both, comma-separated")
     ap.add_argument("--keep", default="none",
-                    help="model.scan_keep of megamom (none, states, all), or several comma-separated: each is timed")
+                    help="model.scan_keep of megamom (none, states, all), or several comma-separated: the layer "
+                         "and training stages time each, check and profile take the first")
     a = ap.parse_args()
     global STEPS, KEEPS, NO_LLAMA
-    KEEPS = a.keep.split(",")
+    KEEPS = list(dict.fromkeys(a.keep.split(",")))
     bad = set(KEEPS) - {"none", "states", "all"}
     if bad:
         ap.error(f"--keep: unknown {sorted(bad)}; use none, states, all")

@@ -181,9 +181,10 @@ def test_router_stays_float32_under_autocast():
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
 def test_grouped_projection_regathers_rows_in_backward():
-    """The grouped-GEMM projection (the GPU bf16 path; float32 runs it on CPU) keeps x, not the packed
+    """The grouped-GEMM projection (the GPU bf16 path; float32 runs it on CPU) saves x, not the packed
     rows, and gathers them again in its backward: output, dx and dW equal the dense float64
-    projection of every token by every memory (pack_per_memory), with one memory left empty."""
+    projection of every token by every memory (pack_per_memory), with one memory left empty (an
+    exact zero gradient)."""
     from megamom.model.routing import _GroupedProjection
 
     N, E, k, d, P = DOC_IDS.numel(), 4, 2, 16, 24
@@ -197,7 +198,10 @@ def test_grouped_projection_regathers_rows_in_backward():
     offs = p.cu_seqlens[p.num_docs::p.num_docs].to(torch.int32)
 
     xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
-    out = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False)
+    assert (N, d) in saved and (p.row_token.numel(), d) not in saved  # the token rows, not the packed ones
     (out * up).sum().backward()
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
     ref = pack_per_memory(torch.einsum("nd,mpd->nmp", xd, wd), p)

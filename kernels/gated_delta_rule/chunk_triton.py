@@ -541,7 +541,7 @@ def _wy_lowp(dtype: torch.dtype) -> bool:
 def _ainv_dtype(dtype: torch.dtype) -> torch.dtype:
     # bf16 inputs: X = (I + L)^-1 enters only bf16 products after its float32 construction (w, u
     # and the LOWP WY backward), so storing it in bf16 rounds nothing further and halves it.
-    return torch.bfloat16 if _wy_lowp(dtype) else torch.float32
+    return dtype if _wy_lowp(dtype) else torch.float32
 
 
 def _check_dims(K: int, V: int):
@@ -633,12 +633,12 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     u = v
     if delta and (w is None or h is None):  # w (for dh) and u (for the states) from the forward's A^-1
         w = torch.empty_like(k)
-        u = torch.empty_like(v) if h is None else v  # kept states: no u to recompute
+        u = torch.empty_like(v) if h is None else None  # kept states: no u to recompute
         if vl.NT:
             cfg = launch_cfg("prep", BK=BK, BV=next_pow2(V))
             _prep_kernel[(vl.NT, H)](k, v, beta, None, G, Ainv, w, u, vl.cu, vl.chunk_indices, H=H, K=K, V=V, BT=BT,
                                      LOG2_BT=int(math.log2(BT)), USE_G=use_g, COMPUTE_A=False,
-                                     INV_PREC=_inv_prec(dtype), STORE_U=h is None, **cfg)
+                                     INV_PREC=_inv_prec(dtype), STORE_U=u is not None, **cfg)
     if h is None:
         h, vn, _ = _fwd_h(k, u, w, G, h0, vl, BT, delta, store_ht=False)
 

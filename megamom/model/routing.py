@@ -180,6 +180,10 @@ class _GroupedProjection(torch.autograd.Function):
             dx = sum_token_rows(torch._grouped_mm(grad, weight, offs=offs), slot_row, ctx.fused)
         if ctx.needs_input_grad[1]:
             dw = torch._grouped_mm(grad.t(), x.index_select(0, row_token), offs=offs)
+            # a memory without rows gets an exact zero (zeros on sm90; not guaranteed by every
+            # backend, e.g. pytorch#172439 on sm100), without reading the group sizes on the host
+            sizes = offs.diff(prepend=offs.new_zeros(1))
+            dw = torch.where((sizes > 0)[:, None, None], dw, 0)
         return dx, dw, None, None, None, None
 
 

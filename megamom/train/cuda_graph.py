@@ -15,7 +15,7 @@ What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
   the addresses it was captured with; `check_parameters` compares them each step, so a run whose
   parameters moved stops with an error instead of training stale weights.
 - activation checkpointing, torch.compile, optimizer offload and fp16: not tested with graphs.
-- DeepSpeed's ZeRO-1 and ZeRO-2: their capture failed (check_setup).
+- DeepSpeed's ZeRO-1 and ZeRO-2: their capture failed (see check_setup).
 
 torch.cuda.make_graphed_callables captures one graph for the forward and one for the backward, in
 one private memory pool. The backward returns the parameters' gradients as outputs, so they reach
@@ -31,12 +31,12 @@ from ..model.lm import LMOutput
 
 
 def check_setup(train_cfg, device: torch.device, precision: str) -> None:
-    """What train.cuda_graph needs of the run beyond its config (Config refuses the rest): a CUDA
-    device and a DeepSpeed setup whose step captures. ZeRO-0 (bf16, fp32) replays bitwise equal to
-    eager steps (tests/test_cuda_graph_gpu.py, and the trainer's own loop on an H200); ZeRO-1 (fp32,
-    bf16) and ZeRO-2 in bf16 failed to capture, ZeRO-2 in fp32 captured on one H200 machine and failed
-    on another, also with the same code (cudaErrorStreamCaptureImplicit: an operation on the legacy
-    stream during capture; DeepSpeed 0.19.8). fp16 is not tested."""
+    """What train.cuda_graph needs of the run beyond its config: a CUDA device, and not fp16 (not
+    tested). The config refuses the rest, ZeRO stages included: ZeRO-0 (bf16, fp32) replays bitwise
+    equal to eager steps (tests/test_cuda_graph_gpu.py, and the trainer's own loop on an H200);
+    ZeRO-1 (fp32, bf16) and ZeRO-2 in bf16 failed to capture, ZeRO-2 in fp32 captured on one H200
+    machine and failed on another, with the same code (cudaErrorStreamCaptureImplicit: an operation
+    on the legacy stream during capture; DeepSpeed 0.19.8)."""
     from ..config import ConfigError
     if not train_cfg.cuda_graph:
         return
@@ -46,10 +46,6 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     if precision == "fp16":
         raise ConfigError("train.cuda_graph=true is not tested with train.precision=fp16; use bf16 or fp32, or set "
                           "train.cuda_graph=false")
-    if train_cfg.zero_stage in (1, 2):
-        raise ConfigError(f"train.cuda_graph=true does not work with train.zero_stage={train_cfg.zero_stage} "
-                          f"(train.precision={precision}): capturing the step under DeepSpeed's ZeRO optimizer "
-                          f"fails. Use train.zero_stage=0 (bf16 or fp32), or set train.cuda_graph=false")
 
 
 class _LossTerms(nn.Module):
