@@ -18,7 +18,7 @@ import traceback
 import torch
 from triton.testing import do_bench
 
-from megamom.config import load_config
+from megamom.config import SCAN_KEEPS, load_config
 from megamom.model import MemoryMixer, build_model
 from megamom.model.counting import flops_per_token
 
@@ -338,9 +338,9 @@ def main():
     a = ap.parse_args()
     global STEPS, KEEPS, NO_LLAMA
     KEEPS = list(dict.fromkeys(a.keep.split(",")))
-    bad = set(KEEPS) - {"none", "states", "all"}
+    bad = set(KEEPS) - set(SCAN_KEEPS)
     if bad:
-        ap.error(f"--keep: unknown {sorted(bad)}; use none, states, all")
+        ap.error(f"--keep: unknown {sorted(bad)}; use {', '.join(SCAN_KEEPS)}")
     STEPS = a.steps
     if a.no_fla:
         globals()["fla_available"] = lambda: False

@@ -87,7 +87,7 @@ class ModelConfig:
     loss_chunk_size: int = 4096
     # What the Triton scan's backward takes from the forward instead of recomputing it: none (the
     # least memory), states (chunk states + v_new), all (+ w). mom-340m, B8 T2048, CUDA graphs, H200
-    # (benchmarks/RESULTS.md, session 12): 68.4k / 71.9k / 72.9k tok/s at 37.5 / 48.7 / 50.9 GiB.
+    # (benchmarks/RESULTS.md, session 13): 68.3k-68.7k / 72.0k / 72.7k-73.2k tok/s at 34.7 / <= 49.8 / 48.1 GiB.
     scan_keep: str = "none"
 
     @property

@@ -46,7 +46,7 @@ def _announce_kernels(rule, backend: str) -> None:
     if backend == "triton":
         scan = "Triton" if rule.decay != "vector" else "PyTorch reference (no Triton GLA chunk kernel yet)"
         log.info("memory layers (%s): scan %s; short conv, combine + norm: Triton; per-memory projections: "
-                 "grouped GEMM under bf16 on sm90+", rule.name, scan)
+                 "grouped GEMM under bf16 on sm90", rule.name, scan)
     else:
         log.info("memory layers (%s): PyTorch reference kernels (CPU, or kernel_backend / MEGAMOM_KERNELS=torch)",
                  rule.name)

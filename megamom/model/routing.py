@@ -151,12 +151,17 @@ def grouped_projection(x: torch.Tensor, weight: torch.Tensor, packing: Packing, 
     M, P, _ = weight.shape
     dtype = _grouped_mm_dtype(x, weight)
     if dtype is not None:
-        offs = packing.cu_seqlens[packing.num_docs::packing.num_docs].to(torch.int32)  # end row of each memory
+        offs = memory_row_ends(packing)
         # cast, then gather: half the bytes moved under autocast
         return _GroupedProjection.apply(x.to(dtype), weight.to(dtype), packing.row_token, packing.slot_row, offs,
                                         fused)
     y = F.linear(x, weight.reshape(M * P, d)).view(N, M, P)
     return pack_per_memory(y, packing)
+
+
+def memory_row_ends(packing: Packing) -> torch.Tensor:
+    """int32 [M]: the packed row after each memory's last row (the grouped GEMM's group offsets)."""
+    return packing.cu_seqlens[packing.num_docs::packing.num_docs].to(torch.int32)
 
 
 class _GroupedProjection(torch.autograd.Function):
@@ -180,20 +185,18 @@ class _GroupedProjection(torch.autograd.Function):
             dx = sum_token_rows(torch._grouped_mm(grad, weight, offs=offs), slot_row, ctx.fused)
         if ctx.needs_input_grad[1]:
             dw = torch._grouped_mm(grad.t(), x.index_select(0, row_token), offs=offs)
-            # a memory without rows gets an exact zero (zeros on sm90; not guaranteed by every
-            # backend, e.g. pytorch#172439 on sm100), without reading the group sizes on the host
-            sizes = offs.diff(prepend=offs.new_zeros(1))
-            dw = torch.where((sizes > 0)[:, None, None], dw, 0)
         return dx, dw, None, None, None, None
 
 
 def _grouped_mm_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
-    """The compute dtype when torch's grouped GEMM applies (bf16 on sm90+, 16-byte aligned rows),
-    else None."""
+    """The compute dtype when torch's grouped GEMM applies (bf16 on sm90, 16-byte aligned rows),
+    else None. Only sm90 (where the GPU tests run it, a memory without rows included): on Blackwell
+    torch's grouped GEMM has open correctness bugs (pytorch#172439: non-zero weight gradients for
+    empty groups; #193633: NaN gradients), so other cards take the dense projection."""
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return None
     dtype = compute_dtype(x)
-    ok = (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    ok = (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9
           and x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0)
     return dtype if ok else None
 
