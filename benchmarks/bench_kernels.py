@@ -12,7 +12,7 @@ B2 T2048 H4 K=V=256, and a per-kernel time breakdown (torch profiler).
 
 Usage (GPU machine; fla importable, e.g. from carried wheels):
   python benchmarks/bench_kernels.py [--no-check] [--no-profile] [--no-fla] [--sweep SECONDS]
-      [--sweep-case dense|mom] [--cases dense,mom] [--out DIR]
+      [--sweep-case dense|mom] [--cases dense,mom] [--keep none|states|all] [--out DIR]
 A full run (check + both cases + profile, no sweep) takes ~4 min on an H100, most of it compiling
 and fla's autotuning; --sweep adds its budget.
 Works from a source checkout without installing: megamom.kernels is mapped to ./kernels.
@@ -116,9 +116,12 @@ def fla_fn():
     return run
 
 
+KEEP = "none"  # --keep: what the backward takes from the forward (model.scan_keep; training runs use "all")
+
+
 def ours_fn(q, k, v, g, beta, cu=None, h0=None, final=False):
     return chunk_scan_triton(q, k, v, g, beta, initial_state=h0, output_final_state=final, cu_seqlens=cu,
-                             use_qk_l2norm=True)
+                             use_qk_l2norm=True, keep=KEEP)
 
 
 def time_pair(name, fn, ins, cu):
@@ -289,8 +292,12 @@ def main():
     ap.add_argument("--sweep", type=float, default=0.0, help="seconds for a launch-parameter sweep (0: none)")
     ap.add_argument("--sweep-case", default="dense", choices=["dense", "mom"], help="shape the sweep times")
     ap.add_argument("--cases", default="dense,mom", help="comma-separated subset of dense,mom")
+    ap.add_argument("--keep", default="none", choices=["none", "states", "all"],
+                    help="chunk_scan_triton(keep=...): states the backward takes from the forward")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
+    global KEEP
+    KEEP = args.keep
     log("device", "cpu (interpreter smoke run)" if SMOKE else torch.cuda.get_device_name())
     log("versions", {"torch": torch.__version__, "triton": triton.__version__})
     log("date_utc", time.strftime("%Y-%m-%d %H:%M", time.gmtime()))

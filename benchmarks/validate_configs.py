@@ -28,7 +28,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("configs", nargs="*", help='JSON overrides, e.g. \'{"bwd_wy": {"num_warps": 2}}\'')
     ap.add_argument("--repeats", type=int, default=12, help="runs that must agree bitwise")
+    ap.add_argument("--keep", default="none", choices=["none", "states", "all"],
+                    help="the scan's keep (training runs use all): validated and timed with it")
     a = ap.parse_args()
+    bk.KEEP = a.keep
     candidates = [{}]
     for text in a.configs:
         try:

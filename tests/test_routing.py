@@ -212,3 +212,19 @@ def test_grouped_projection_regathers_rows_in_backward():
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
     assert wf.grad[1].abs().max() == 0  # the empty memory's weight gets a zero gradient (sm90 and CPU; see
     # _grouped_mm_dtype for the cards without it)
+
+
+def test_stacked_projection_weights_cast_and_gradients():
+    """_StackWeights (the grouped projection's k | v | beta | decay weights, cast for the GEMM): the
+    cast concatenation forward, and each part's gradient contiguous in its own dtype, equal to the
+    slices of the stacked gradient (what cat + cast would give)."""
+    from megamom.model.routing import _StackWeights
+
+    gen = torch.Generator().manual_seed(5)
+    parts = [torch.randn(3, n, 8, generator=gen, dtype=torch.float64).requires_grad_() for n in (6, 4, 2)]
+    out = _StackWeights.apply(torch.float32, *parts)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.cat(parts, 1).float())
+    grad = torch.randn(3, 12, 8, generator=gen)
+    out.backward(grad)
+    for p, want in zip(parts, grad.split([6, 4, 2], 1)):
+        assert p.grad.dtype == torch.float64 and p.grad.is_contiguous() and torch.equal(p.grad, want.double())

@@ -313,8 +313,9 @@ def check_add_rmsnorm(M, D, device, dtype, seed=12):
 
 
 def check_swiglu(M, D, device, dtype, seed=10):
-    """The MLP's fused silu(gate) * up, forward and both gradients, vs float64."""
-    from megamom.kernels.triton.swiglu import swiglu
+    """The MLP's fused silu(gate) * up, forward and both gradients, vs float64: on two tensors, and
+    packed as [gate | up] in one (the MLP's path: one GEMM, one gradient buffer)."""
+    from megamom.kernels.triton.swiglu import swiglu, swiglu_packed
 
     gen = torch.Generator().manual_seed(seed)
     gate, up, dy = (torch.randn(M, D, generator=gen) * 3 for _ in range(3))
@@ -324,7 +325,13 @@ def check_swiglu(M, D, device, dtype, seed=10):
     ref = [t.to(device, dtype).detach().double().requires_grad_() for t in (gate, up)]
     yr = F.silu(ref[0]) * ref[1]
     yr.backward(dy.to(device, dtype).double())
-    return {"y": rel(y, yr), "dgate": rel(xs[0].grad, ref[0].grad), "dup": rel(xs[1].grad, ref[1].grad)}
+    gu = torch.cat([gate, up], 1).view(M, 1, 2 * D).to(device, dtype).detach().requires_grad_()  # a batch dim
+    yp = swiglu_packed(gu)
+    yp.backward(dy.to(device, dtype).view(M, 1, D))
+    dgu = gu.grad.view(M, 2 * D)
+    return {"y": rel(y, yr), "dgate": rel(xs[0].grad, ref[0].grad), "dup": rel(xs[1].grad, ref[1].grad),
+            "packed_y": rel(yp.view(M, D), yr), "packed_dgate": rel(dgu[:, :D], ref[0].grad),
+            "packed_dup": rel(dgu[:, D:], ref[1].grad)}
 
 
 def check_cross_entropy(R, V, device, dtype, seed=11):
@@ -678,9 +685,10 @@ with compile_only(ptxas_report=False) as recs:
         (sy[0].sum() + sy[1].float().sum()).backward()
         from megamom.kernels.triton.gather_sum import gather_sum
         gather_sum(torch.randn(30, 1024, dtype=dt), torch.randperm(30).view(10, 3))
-        from megamom.kernels.triton.swiglu import swiglu
+        from megamom.kernels.triton.swiglu import swiglu, swiglu_packed
         g = torch.randn(10, 2816, dtype=dt, requires_grad=True)
         swiglu(g, torch.randn_like(g, requires_grad=True)).float().sum().backward()
+        swiglu_packed(torch.randn(10, 2 * 2816, dtype=dt, requires_grad=True)).float().sum().backward()
         from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
         cross_entropy_loss_grad_(torch.randn(10, 32000, dtype=dt), torch.randint(0, 32000, (10,)))
 big = [(r.name, r.shared) for r in recs if r.shared > 232448]  # H100/H200 limit per block

@@ -319,15 +319,39 @@ def _bwd_dhu_kernel(q, k, w, G, do, dv, dh, dv2, dht, dh0, cu, coff, scale,
 
 
 @triton.jit
+def _dqkwg_value_tiles(h, dh, do, vn, dv2, hb, s_t, r, o_k, m_t, m_k, i_v, H: tl.constexpr, V: tl.constexpr,
+                       BV: tl.constexpr, DELTA: tl.constexpr):
+    """Value block i_v of _bwd_dqkwg_kernel's loop: S^T and dS'^T blocks [BV, BK], dO, vn, dvn [BT, BV]
+    (dvn = dO without DELTA: unused). i_v past the last block loads nothing (every mask is off)."""
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    m_vk = m_v[:, None] & m_k[None, :]
+    p_tv = s_t * V + r * (H * V) + o_v[None, :]
+    p_vk = hb + o_v[:, None] + o_k[None, :] * V
+    b_ht = tl.load(h + p_vk, mask=m_vk, other=0.0)
+    b_dht = tl.load(dh + p_vk, mask=m_vk, other=0.0)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+    b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.0)
+    if DELTA:
+        b_dv = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
+    else:
+        b_dv = b_do
+    return b_ht, b_dht, b_do, b_vn, b_dv
+
+
+@triton.jit
 def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dov, dq, dk, dw, dGp, cu, cidx, scale, T,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr):
+                      BV: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr, PREFETCH: tl.constexpr):
     """One program per (key block, chunk, head):
         dQ = exp(G) dO S^T + (dO vn^T * E)_causal K
         dK = (dO vn^T * E)_causal^T Q + exp(gl - G) vn dS'^T      (direct terms)
         dw = -dvn S^T
     and this key block's share of dG (written to dGp[i_k]; summed in _bwd_wy_kernel). dO vn^T and its
-    transpose are read from dov (_bwd_local_kernel), not recomputed per key block."""
+    transpose are read from dov (_bwd_local_kernel), not recomputed per key block.
+    PREFETCH: the value loop loads block i_v + 1 before its products on block i_v, by hand (Triton's
+    own pipelining, num_stages >= 2, compiles this kernel wrong on Hopper: see the launch table)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, nt = _chunk_coords(cu, cidx, i_c, BT)
     s_t = t0 * H + i_h
@@ -344,21 +368,20 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dov, dq, dk, dw, dGp, cu, cid
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
+    if PREFETCH:
+        n_ht, n_dht, n_do, n_vn, n_dv = _dqkwg_value_tiles(h, dh, do, vn, dv2, hb, s_t, r, o_k, m_t, m_k, 0,
+                                                           H, V, BV, DELTA)
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_vk = m_v[:, None] & m_k[None, :]
-        p_tv = s_t * V + r * (H * V) + o_v[None, :]
-        p_vk = hb + o_v[:, None] + o_k[None, :] * V
-        b_ht = tl.load(h + p_vk, mask=m_vk, other=0.0)  # S^T block
-        b_dht = tl.load(dh + p_vk, mask=m_vk, other=0.0)
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-        b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.0)
+        if PREFETCH:
+            b_ht, b_dht, b_do, b_vn, b_dv = n_ht, n_dht, n_do, n_vn, n_dv
+            n_ht, n_dht, n_do, n_vn, n_dv = _dqkwg_value_tiles(h, dh, do, vn, dv2, hb, s_t, r, o_k, m_t, m_k,
+                                                               i_v + 1, H, V, BV, DELTA)
+        else:
+            b_ht, b_dht, b_do, b_vn, b_dv = _dqkwg_value_tiles(h, dh, do, vn, dv2, hb, s_t, r, o_k, m_t, m_k,
+                                                               i_v, H, V, BV, DELTA)
         b_dq += tl.dot(b_do, b_ht.to(b_do.dtype))
         b_dk += tl.dot(b_vn, b_dht.to(b_vn.dtype))
         if DELTA:
-            b_dv = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
             b_dw += tl.dot(b_dv.to(b_ht.dtype), b_ht)
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
@@ -400,6 +423,17 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dov, dq, dk, dw, dGp, cu, cid
     tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:
         tl.store(dw + p_tk, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def _load_in(ptr, mask, LOWP: tl.constexpr):
+    """k / v tiles for the WY backward: as stored for LOWP (every product then takes them as bf16
+    operands, and bf16 -> float32 in elementwise math is exact), float32 otherwise. Upcasting them
+    all at the load kept float32 copies live next to the bf16 ones: 255 registers and spills."""
+    x = tl.load(ptr, mask=mask, other=0.0)
+    if not LOWP:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -463,8 +497,8 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             m_kt = m_k[:, None] & m_t[None, :]
             p_tk = s_t * K + r * (H * K) + o_k[None, :]
             p_kt = s_t * K + c * (H * K) + o_k[:, None]
-            b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-            b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+            b_k = _load_in(k + p_tk, m_tk, LOWP)
+            b_kt = _load_in(k + p_kt, m_kt, LOWP)
             b_dw = _load_wy(dw + p_tk, m_tk, LOWP)
             b_kk += _mm(b_k, b_kt, PREC, LOWP)
             b_dX += _mm(b_dw, b_kt * b_bg[None, :], PREC, LOWP)
@@ -480,8 +514,8 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             m_vt = m_v[:, None] & m_t[None, :]
             p_tv = s_t * V + r * (H * V) + o_v[None, :]
             p_vt = s_t * V + c * (H * V) + o_v[:, None]
-            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-            b_vt = tl.load(v + p_vt, mask=m_vt, other=0.0).to(tl.float32)
+            b_v = _load_in(v + p_tv, m_tv, LOWP)
+            b_vt = _load_in(v + p_vt, m_vt, LOWP)
             b_du = _load_wy(dv2 + p_tv, m_tv, LOWP)
             b_dX += _mm(b_du, b_vt * b_b[None, :], PREC, LOWP)
             b_dvb = _mm(b_Xt, b_du, PREC, LOWP)
@@ -507,7 +541,7 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             o_k = i_k * BK + tl.arange(0, BK)
             m_tk = m_t[:, None] & (o_k < K)[None, :]
             p_tk = s_t * K + r * (H * K) + o_k[None, :]
-            b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+            b_k = _load_in(k + p_tk, m_tk, LOWP)
             b_dw = _load_wy(dw + p_tk, m_tk, LOWP)
             b_dk = tl.load(dkd + p_tk, mask=m_tk, other=0.0).to(tl.float32)
             b_dk += _mm(b_Xt, b_dw, PREC, LOWP) * b_bg[:, None]

@@ -131,8 +131,10 @@ _DEFAULT_CFG = {
     # 2026-11-26); BV 64 with 2 stages and BV 32 with 3 stages fail (shared memory / NaN)
     "bwd_dhu": dict(BV=32, num_warps=8, num_stages=2),
     # 2+ stages: wrong / irreproducible dw. BK 128 (two key blocks: dO, vn, dvn read twice, not 4x):
-    # 4.99 vs 5.18 ms MoM fwd+bwd, 8 runs bitwise equal, 4.06e-3 vs float64 (H200, 2026-11-26)
-    "bwd_dqkwg": dict(BK=128, BV=64, num_warps=8, num_stages=1),
+    # 4.99 vs 5.18 ms MoM fwd+bwd, 8 runs bitwise equal, 4.06e-3 vs float64 (H200, 2026-11-26).
+    # PREFETCH (the next value block loaded by hand before this one's products): 3.967 vs 4.029 ms
+    # MoM fwd+bwd with keep=all, 12 runs bitwise equal, 4.06e-3 (H200, session 14)
+    "bwd_dqkwg": dict(BK=128, BV=64, num_warps=8, num_stages=1, PREFETCH=True),
     "bwd_wy": dict(BK=64, BV=64, num_warps=4, num_stages=1),
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),

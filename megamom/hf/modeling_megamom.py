@@ -349,8 +349,11 @@ class MegaMoMForCausalLM(MegaMoMPreTrainedModel, GenerationMixin):
             return
         states: list = []
         hooks = [self.model.embeddings.register_forward_hook(lambda m, a, o: states.append(o))]
-        hooks += [blk.register_forward_hook(lambda m, a, o: states.append(o[0])) for blk in self.model.layers]
-        hooks.append(self.model.norm.register_forward_hook(lambda m, a, o: states.append(o)))
+        # a block returns (x, MLP output, ...): the stream leaving it is their sum (the next norm adds them)
+        hooks += [blk.register_forward_hook(lambda m, a, o: states.append(o[0] + o[1])) for blk in self.model.layers]
+        # the final norm returns (stream, normed) when it also adds the last block's MLP output
+        hooks.append(self.model.norm.register_forward_hook(
+            lambda m, a, o: states.append(o[1] if isinstance(o, tuple) else o)))
         try:
             yield states
         finally:

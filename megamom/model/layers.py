@@ -39,7 +39,20 @@ class RMSNorm(nn.Module):
         self.backend = backend  # model.kernel_backend: auto = Triton on CUDA
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None):
+        """RMSNorm(x) in out_dtype (default: x's). With `residual`: (s = x + residual, RMSNorm(s)), in one
+        Triton kernel each way on the GPU: a pre-norm model's residual add fused with the next norm,
+        so each residual tensor has one consumer (no separate add, no gradient accumulation)."""
+        if residual is not None:
+            if use_triton(x, self.backend):
+                from megamom.kernels.triton.rmsnorm import add_rms_norm
+                return add_rms_norm(x, residual, self.weight, self.eps, out_dtype or x.dtype)
+            s = x + residual
+            return s, self._norm(s).to(out_dtype or s.dtype)
+        return self._norm(x).to(out_dtype or x.dtype)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(x, self.backend):
             from megamom.kernels.triton.rmsnorm import rms_norm  # one kernel each way
             return rms_norm(x, self.weight, self.eps)
@@ -48,23 +61,12 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype)).to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + h, this norm of it in the matmul dtype): a pre-norm block's residual add and its next
-        norm, one Triton kernel each way on the GPU. The norm's output goes straight into matmuls,
-        so it is cast where the matmul would cast it (same values, one pass less)."""
-        out_dtype = autocast_target_dtype(x)
-        if use_triton(x, self.backend):
-            from megamom.kernels.triton.rmsnorm import add_rms_norm
-            return add_rms_norm(x, h, self.weight, self.eps, out_dtype)
-        s = x + h
-        return s, self(s).to(out_dtype)
-
 
 class GatedRMSNorm(RMSNorm):
     """Per-head output norm of the memory layers: RMSNorm(o) * weight * swish(gate)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = super().forward(x)
+        y = self._norm(x)
         return y if gate is None else y * F.silu(gate.to(y.dtype))
 
 
@@ -78,8 +80,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = cast_for_autocast(x)
+        if use_triton(x, self.backend):
+            # one GEMM by the stacked weights: the input is read once and its gradient comes out of
+            # one GEMM (two would be summed); the fused activation writes [dgate | dup] in one buffer
+            from megamom.kernels.triton.swiglu import swiglu_packed
+            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            return self.down_proj(swiglu_packed(gate_up))
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if use_triton(gate, self.backend):
-            from megamom.kernels.triton.swiglu import swiglu
-            return self.down_proj(swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)

@@ -1,5 +1,6 @@
 """Causal language model shared by all architectures: embeddings, pre-norm blocks
-(h = x + mixer(norm(x)); out = h + SwiGLU(norm(h))), final norm, (tied) LM head.
+(h = x + mixer(norm(x)); out = h + SwiGLU(norm(h)); each residual add fused into the next norm), final
+norm, (tied) LM head.
 
 Module names follow flash-linear-attention's (model.embeddings, model.layers.{i}.attn_norm /
 attn / mlp_norm / mlp, model.norm, lm_head) so checkpoint conversion is a renaming."""
@@ -16,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import ModelCache
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, autocast_target_dtype
 from .loss import linear_cross_entropy
 from .memory_mixer import MemoryMixer
 
@@ -40,14 +41,21 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernel_backend)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_hidden_size, cfg.kernel_backend)
 
-    def forward(self, x, ctx: dict, cache=None, use_cache: bool = False):
-        if isinstance(self.attn, Attention):
-            h, stats, new_cache = self.attn(self.attn_norm(x), ctx["positions"], ctx["segment_ids"], cache, use_cache)
+    def forward(self, x, ctx: dict, cache=None, use_cache: bool = False, residual=None):
+        """The residual stream entering the block is x + residual (residual: the previous block's MLP
+        output, None for the first block), added inside the attention norm's kernel. Returns (x, MLP
+        output, router stats, cache): the stream leaving the block is x + MLP output, added by the
+        next norm. One fused add + norm per residual add, no gradient sums on the stream."""
+        if residual is None:
+            a = self.attn_norm(x)
         else:
-            h, stats, new_cache = self.attn(self.attn_norm(x), ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
-        x, y = self.mlp_norm.add_forward(x, h)  # x = x + h; y = mlp_norm(x)
-        x = x + self.mlp(y)
-        return x, stats, new_cache
+            x, a = self.attn_norm(x, residual)
+        if isinstance(self.attn, Attention):
+            h, stats, new_cache = self.attn(a, ctx["positions"], ctx["segment_ids"], cache, use_cache)
+        else:
+            h, stats, new_cache = self.attn(a, ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
+        x, y = self.mlp_norm(x, h, out_dtype=autocast_target_dtype(x))  # y goes straight into matmuls
+        return x, self.mlp(y), stats, new_cache
 
 
 class Backbone(nn.Module):
@@ -141,15 +149,16 @@ class CausalLM(nn.Module):
         ctx = {"doc_ids": doc_ids, "num_docs": num_docs, "positions": positions, "segment_ids": segment_ids}
         layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
         new_caches, stats = [], []
+        residual = None
         for block, layer_cache in zip(self.model.layers, layer_caches):
             if self.activation_checkpointing and self.training and layer_cache is None and not use_cache:
-                x, st, nc = checkpoint(block, x, ctx, None, False, use_reentrant=False)
+                x, residual, st, nc = checkpoint(block, x, ctx, None, False, residual, use_reentrant=False)
             else:
-                x, st, nc = block(x, ctx, layer_cache, use_cache)
+                x, residual, st, nc = block(x, ctx, layer_cache, use_cache, residual)
             new_caches.append(nc)
             if st is not None:
                 stats.append(st)
-        x = self.model.norm(x)
+        x = self.model.norm(x) if residual is None else self.model.norm(x, residual)[1]
         out = LMOutput(router_stats=stats)
         if use_cache or cache is not None:
             out.cache = ModelCache(new_caches, offset + T)

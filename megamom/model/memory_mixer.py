@@ -126,9 +126,10 @@ class MemoryMixer(nn.Module):
         return {"A_log", "dt_bias"}
 
     # ------------------------------------------------------------------------------ pieces
-    def _stacked_weight(self) -> tuple[torch.Tensor, list[int]]:
+    def _projection_weights(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The per-memory weights [M, P_i, d] one grouped projection applies (k | v | beta | decay), and P_i."""
         parts = [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
-        return torch.cat(parts, 1), [p.shape[1] for p in parts]
+        return parts, [p.shape[1] for p in parts]
 
     def _split(self, rows: torch.Tensor, sizes: list[int]):
         """[.., k | v | beta | decay] -> k, v, beta or None, decay or None."""
@@ -188,8 +189,8 @@ class MemoryMixer(nn.Module):
         fused = use_triton(xf, backend)  # the Triton kernels of the packing, conv, combine + norm
         xc = cast_for_autocast(xf)  # one cast for the q, memory and gate projections; the router reads xf
         q_rows = pack(self.q_proj(xc), packing, fused)
-        W, sizes = self._stacked_weight()
-        rows = grouped_projection(xc, W, packing, fused)  # [A, k | v | beta | decay]
+        parts, sizes = self._projection_weights()
+        rows = grouped_projection(xc, parts, packing, fused)  # [A, k | v | beta | decay]
 
         conv_state = None
         if self.conv_size:
@@ -213,7 +214,8 @@ class MemoryMixer(nn.Module):
             keep=self.cfg.scan_keep if torch.is_grad_enabled() else "none",
         )
         slot_w = self._slot_weights(r, N, x.device, x.dtype)
-        o = self._combine_output(o_rows[0], packing, slot_w, xf, xc, fused)
+        # squeeze, a view: indexing o_rows[0] would backward through a zero-filled full-size copy
+        o = self._combine_output(o_rows.squeeze(0), packing, slot_w, xf, xc, fused)
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
@@ -279,8 +281,8 @@ class MemoryMixer(nn.Module):
         if self.shared:
             selected[:, -1] = True
             weight[:, -1] = 1.0
-        W, sizes = self._stacked_weight()
-        y = F.linear(xf, W.reshape(-1, d)).view(B, M, -1)
+        parts, sizes = self._projection_weights()
+        y = F.linear(xf, torch.cat(parts, 1).reshape(-1, d)).view(B, M, -1)
         k, v, b, a = self._split(y, sizes)
         q = self.q_proj(xf)[:, None].expand(B, M, -1)
         conv_state = None
