@@ -83,9 +83,6 @@ def main():
         grids = {
             "conv_fwd": (plain(False), [dict(BR=br, BD=bd, num_warps=nw) for br, bd, nw in
                                         itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]),
-            "conv_bwd_shared": (plain(True), [dict(BR=br, BD=bd, RB=rb, num_warps=nw, num_stages=ns)
-                                              for br, bd, rb, nw, ns in itertools.product(
-                                                  (4, 8, 16, 32), (64, 128), (16, 32), (4, 8), (1, 2, 3))]),
             # the normalised q / k convs, timed as the layer's fused q / k / v step
             "conv_fwd_norm": (lambda: kernel_ms(fused_fwd)[0], [dict(BR=br, num_warps=nw) for br, nw in
                                                                 itertools.product((4, 8, 16, 32), (4, 8))]),
@@ -93,6 +90,9 @@ def main():
                 dict(BR=br, RB=rb, num_warps=nw, num_stages=ns) for br, rb, nw, ns in
                 itertools.product((2, 4, 8), (16, 32, 64), (4, 8), (1, 2, 3)) if br * rb >= 64]),
         }
+        grids["conv_bwd_slide"] = (plain(True), [  # the one-pass backward (one weight, no norm: the v conv)
+            dict(R=r, L=l, BD=bd, num_warps=nw, num_stages=2)
+            for r, l, bd, nw in itertools.product((2, 4, 8), (32, 128), (64, 128), (4, 8))])
         unknown = set(a.sweep.split(",")) - set(grids) - {"all"}
         if unknown:
             raise SystemExit(f"--sweep names unknown kernels {sorted(unknown)}; known: {sorted(grids)}")

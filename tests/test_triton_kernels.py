@@ -29,10 +29,13 @@ from megamom.kernels.rules import get_rule, memory_scan_naive, memory_step
 INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "bwd_local": {"BK": 16, "BV": 16}, "bwd_dhu": {"BV": 16},
                  "prep": {"BV": 16}, "bwd_dqkwg": {"BK": 16, "BV": 16}, "bwd_wy": {"BK": 16, "BV": 16},
                  "step": {"BV": 16}, "conv_fwd": {"BR": 16, "BD": 16}, "conv_bwd": {"BR": 16, "BD": 16},
-                 "conv_bwd_dx": {"BR": 16, "BD": 16}, "conv_bwd_shared": {"BR": 16, "BD": 16, "RB": 2},
+                 "conv_bwd_dx": {"BR": 16, "BD": 16},
                  "conv_fwd_norm": {"BR": 16}, "conv_bwd_norm": {"BR": 16}, "conv_bwd_shared_norm": {"BR": 16, "RB": 2},
+                 "conv_bwd_slide": {"R": 4, "L": 4, "BD": 16},
                  "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256},
-                 "cross_entropy": {"BLOCK_V": 256}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3}}
+                 "cross_entropy": {"BLOCK_V": 256}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3},
+                 "router_fwd": {"BM": 4, "BD": 16}, "router_bwd": {"BM": 4, "BD": 16, "RB": 2},
+                 "router_dlogits": {"BM": 4}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2, "interp_fp16": 5e-3}
 
 
@@ -312,6 +315,45 @@ def check_add_rmsnorm(M, D, device, dtype, seed=12):
             "dweight": rel(w.grad, ref.weight.grad)}
 
 
+def check_rmsnorm_route(M, D, E, K, device, dtype, seed=13, add=True):
+    """RMSNorm in `dtype` (the MoM layer's projections) and the router on its float32 value, after an
+    optional residual add, in one kernel each way, vs float64 (the torch norm, then `routing.route`):
+    s, y, the router's outputs (the same memories chosen) and the gradients of x, h, the norm weight
+    and the router weight, with gradients arriving at every output."""
+    from megamom.kernels.triton.rmsnorm import rms_norm_route
+    from megamom.model.layers import RMSNorm
+    from megamom.model.routing import route
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(M, D, generator=gen)).to(device).requires_grad_()
+    h = torch.randn(M, D, generator=gen).to(device, dtype).requires_grad_() if add else None
+    w = (1 + 0.1 * torch.randn(D, generator=gen)).to(device).requires_grad_()
+    wr = (torch.randn(E, D, generator=gen) * 0.3).to(device).requires_grad_()
+    ds, dy = (torch.randn(M, D, generator=gen).to(device) for _ in range(2))
+    dl, dp, dtw = (torch.randn(M, n, generator=gen).to(device) for n in (E, E, K))
+    out = rms_norm_route(x, h, w, 1e-6, dtype, wr, K)
+    s, y, logits, probs, topw, topi = out if add else (x, *out)
+    assert y.dtype == dtype and logits.dtype == probs.dtype == topw.dtype == torch.float32
+    ((s * ds).sum() * add + (y.float() * dy).sum() + (logits * dl).sum() + (probs * dp).sum()
+     + (topw * dtw).sum()).backward()
+    ref = RMSNorm(D, eps=1e-6).double().to(device)
+    ref.weight = torch.nn.Parameter(w.detach().double())
+    xr, wrr = x.detach().double().requires_grad_(), wr.detach().double().requires_grad_()
+    hr = h.detach().double().requires_grad_() if add else None
+    sr = xr + hr if add else xr
+    yr = ref(sr)
+    r = route(yr, wrr, K)
+    ((sr * ds.double()).sum() * add + (yr * dy.double()).sum() + (r.logits * dl.double()).sum()
+     + (r.probs * dp.double()).sum() + (r.topk_weight * dtw.double()).sum()).backward()
+    assert torch.equal(topi, r.topk_index), "the fused router chose other memories than torch.topk"
+    errs = {"s": rel(s, sr), "y": rel(y, yr), "logits": rel(logits, r.logits), "probs": rel(probs, r.probs),
+            "topw": rel(topw, r.topk_weight), "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, ref.weight.grad),
+            "drouter": rel(wr.grad, wrr.grad)}
+    if add:
+        errs["dh"] = rel(h.grad, hr.grad)
+    return errs
+
+
 def check_swiglu(M, D, device, dtype, seed=10):
     """The MLP's fused silu(gate) * up, forward and both gradients, vs float64: on two tensors, and
     packed as [gate | up] in one (the MLP's path: one GEMM, one gradient buffer)."""
@@ -332,6 +374,34 @@ def check_swiglu(M, D, device, dtype, seed=10):
     return {"y": rel(y, yr), "dgate": rel(xs[0].grad, ref[0].grad), "dup": rel(xs[1].grad, ref[1].grad),
             "packed_y": rel(yp.view(M, D), yr), "packed_dgate": rel(dgu[:, :D], ref[0].grad),
             "packed_dup": rel(dgu[:, D:], ref[1].grad)}
+
+
+def check_router(N, D, E, K, device, dtype, seed=12, z_loss=True):
+    """The MoM router (logits, softmax, top-k, renormalised weights) forward and backward vs float64
+    torch (`routing.route`): the same memories chosen, the values, and the gradients of x and W through
+    the logits (z loss), the probabilities (balance loss) and the top-k weights."""
+    from megamom.kernels.triton.router import route_fused
+    from megamom.model.routing import route
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(E, D, generator=gen) * 0.3).to(device).requires_grad_()
+    dl, dp, dw = torch.randn(N, E, generator=gen), torch.randn(N, E, generator=gen), torch.randn(N, K, generator=gen)
+    logits, probs, topw, topi = route_fused(x, w, K)
+    loss = (probs * dp.to(device)).sum() + (topw * dw.to(device)).sum()
+    if z_loss:
+        loss = loss + (logits * dl.to(device)).sum()
+    loss.backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = route(xr, wr, K)
+    loss_r = (ref.probs * dp.double().to(device)).sum() + (ref.topk_weight * dw.double().to(device)).sum()
+    if z_loss:
+        loss_r = loss_r + (ref.logits * dl.double().to(device)).sum()
+    loss_r.backward()
+    assert torch.equal(topi, ref.topk_index), "the router chose other memories than torch.topk"
+    assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
+    return {"logits": rel(logits, ref.logits), "probs": rel(probs, ref.probs), "topw": rel(topw, ref.topk_weight),
+            "dx": rel(x.grad, xr.grad), "dweight": rel(w.grad, wr.grad)}
 
 
 def check_cross_entropy(R, V, device, dtype, seed=11):
@@ -505,9 +575,13 @@ def run_interp_suite() -> dict:
                                                    False, True)
     out["rmsnorm"] = check_rmsnorm(37, 40, "cpu", torch.float32)
     out["add_rmsnorm"] = check_add_rmsnorm(37, 40, "cpu", torch.float32)
+    out["rmsnorm_route_add"] = check_rmsnorm_route(37, 40, 4, 2, "cpu", torch.float32)  # (interpreter: float32 only)
+    out["rmsnorm_route_e5k3"] = check_rmsnorm_route(19, 24, 5, 3, "cpu", torch.float32, add=False)
     out["gather_sum"] = check_gather_sum(19, 3, 40, "cpu", torch.float32)
     out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
     out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
+    out["router_e4k2"] = check_router(37, 40, 4, 2, "cpu", torch.float32)  # rows / columns: partial blocks
+    out["router_e5k3_noz"] = check_router(19, 24, 5, 3, "cpu", torch.float32, z_loss=False)  # E, K not powers of 2
     out["combine_norm_gate"] = check_combine_norm(19, 3, 2, 24, "cpu", torch.float32)
     out["combine_norm_nogate"] = check_combine_norm(19, 2, 2, 24, "cpu", torch.float32, gate=False)
     # one slot (arch linear): the norm makes y independent of the slot weight (true dslot_w = 0)
@@ -535,7 +609,8 @@ def interp_results():
                             "conv_shared_norm20", "conv_per_memory_silu_norm8", "conv_per_memory_silu_norm20",
                             "conv_per_memory_norm20", "conv_split_shared", "conv_split_per_memory", "rmsnorm",
                             "combine_norm_gate", "combine_norm_nogate",
-                            "combine_norm_r1", "gather_sum", "swiglu", "cross_entropy", "add_rmsnorm"])
+                            "combine_norm_r1", "gather_sum", "swiglu", "cross_entropy", "add_rmsnorm",
+                            "router_e4k2", "router_e5k3_noz", "rmsnorm_route_add", "rmsnorm_route_e5k3"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
@@ -810,6 +885,10 @@ def test_gpu_short_conv(dtype, per_memory):
     errs = check_conv_split(GPU_LENS + [1000, 3], [512, 512], [256, None], 8, 4, "cuda", dtype, per_memory)
     _log("conv", ("per_memory" if per_memory else "shared") + "_split", dtype, errs)
     _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv column blocks")
+    for W in (2, 3) if not per_memory else ():  # the shared weight's sliding window with fewer taps
+        errs = check_conv(GPU_LENS + [1000, 3], 200, W, "cuda", dtype, False, silu=True)
+        _log("conv", f"shared_w{W}", dtype, errs)
+        _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], f"short conv, {W} taps")
 
 
 # The fused kernels outside the scan at their shapes in mom-340m, vs float64: (check, its arguments
@@ -821,12 +900,16 @@ FUSED_KERNELS = {
     "rmsnorm": (check_rmsnorm, (1001, 1024), "D1024", 1e-5),
     # the block's residual add + norm (float32 stream, layer output and norm output in the dtype)
     "add_rmsnorm": (check_add_rmsnorm, (1001, 1024), "D1024", 1e-5),
+    # the MoM block's attention norm with its router (4 memories, top-2) on the float32 value
+    "rmsnorm_route": (check_rmsnorm_route, (1001, 1024, 4, 2), "D1024_E4K2", 1e-5),
     # the packing's backward (3 rows per token, D = 1024): the torch path's float32 sum
     "gather_sum": (check_gather_sum, (1001, 3, 1024), "R3_D1024", 1e-6),
     # the MLP activation at the MLP width (2816): elements not a multiple of the block
     "swiglu": (check_swiglu, (1001, 2816), "D2816", 1e-6),
     # the loss's cross entropy + gradient at the vocabulary of mom-340m (32000: a partial block)
     "cross_entropy": (check_cross_entropy, (257, 32000), "V32000", 1e-6),
+    # the MoM router at mom-340m's width: 4 memories, top-2, float32 input (the layer's norm output)
+    "router": (check_router, (1001, 1024, 4, 2), "E4K2_D1024", 1e-5),
 }
 
 

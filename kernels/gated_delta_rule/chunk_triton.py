@@ -14,7 +14,7 @@ E_ij = exp(G_i - G_j) (j <= i), S = state at the chunk start ([K, V], float32 in
             reverse over chunks: dvn = dv_local + exp(gl - G) K dS';
             dS = exp(gl) dS' + (exp(G) Q)^T dO - w^T dvn                  [_bwd_dhu_kernel]
             dq, dk (direct), dw = -dvn S^T, dG partials                  [_bwd_dqkwg_kernel]
-            WY backward (dX = dw Kb^T + dvn Vb^T, dL = -X^T dX X^T),
+            WY backward (dX = dw Kb^T + dvn Vb^T, dL = -X^T dX X^T; (dL * E)^T via a store and a transposed load),
             dk, dv, dbeta, dg = reverse in-chunk cumsum of dG             [_bwd_wy_kernel]
 
 Non-delta rules (S <- exp(g) S + k v^T) skip the WY parts: vn = v, w = 0 (DELTA=False).
@@ -319,6 +319,12 @@ def _bwd_dhu_kernel(q, k, w, G, do, dv, dh, dv2, dht, dh0, cu, coff, scale,
 
 
 @triton.jit
+def _tk_offsets(s_t, r, o_k, H: tl.constexpr, K: tl.constexpr):
+    """Offsets of a [BT, BK] tile of a [T, H, K] tensor: rows r of the chunk at s_t, keys o_k."""
+    return s_t * K + r * (H * K) + o_k[None, :]
+
+
+@triton.jit
 def _dqkwg_value_tiles(h, dh, do, vn, dv2, hb, s_t, r, o_k, m_t, m_k, i_v, H: tl.constexpr, V: tl.constexpr,
                        BV: tl.constexpr, DELTA: tl.constexpr):
     """Value block i_v of _bwd_dqkwg_kernel's loop: S^T and dS'^T blocks [BV, BK], dO, vn, dvn [BT, BV]
@@ -386,43 +392,46 @@ def _bwd_dqkwg_kernel(q, k, vn, h, G, do, dh, dv2, dov, dq, dk, dw, dGp, cu, cid
         if USE_G:
             b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
 
+    # The epilogue in an order that lets each accumulator die early (stored as soon as it is final):
+    # all of them live next to the [BT, BT] tiles spilled registers. Same operations as before.
+    if DELTA:
+        tl.store(dw + _tk_offsets(s_t, r, o_k, H, K), (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
     m_tt = m_t[:, None] & m_t[None, :]
-    b_ds = tl.load(dov + s_t * BT + r * (H * BT) + c, mask=m_tt, other=0.0)  # dO vn^T
-    b_dst = tl.load(dov + s_t * BT + c * (H * BT) + r, mask=m_tt, other=0.0)  # its transpose
-    p_tk = s_t * K + r * (H * K) + o_k[None, :]
+    p_tk = _tk_offsets(s_t, r, o_k, H, K)
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    b_ds = tl.load(dov + s_t * BT + r * (H * BT) + c, mask=m_tt, other=0.0)  # dO vn^T
     if USE_G:
-        b_kt = tl.load(k + s_t * K + c * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        b_qk = tl.dot(b_q, b_kt)  # this key block's share of q k^T
         b_G = tl.load(G + s_t + o_t * H, mask=m_t, other=0.0)
         b_gl = tl.load(G + s_t + tl.maximum(nt - 1, 0) * H, mask=nt > 0, other=0.0)  # nt = 0: surplus slot
         b_eG = tl.where(m_t, tl.exp(b_G), 0.0)
         b_e = tl.where(m_t, tl.exp(b_gl - b_G), 0.0)
-        b_ds = tl.where(r >= c, b_ds * tl.exp(tl.where((r >= c) & m_t[:, None] & m_t[None, :],
-                                                       b_G[:, None] - b_G[None, :], 0.0)), 0.0)
-        b_dst = tl.where(r <= c, b_dst * tl.exp(tl.where((r <= c) & m_t[:, None] & m_t[None, :],
-                                                         b_G[None, :] - b_G[:, None], 0.0)), 0.0)
         # Terms that cancel exactly (the diagonal of P in its row and column sums; the last row's
         # t3 in dG_last and dgl) are left out: with strong decay the true dG is ~exp(g) << 1 and
         # those O(1) pairs would leave rounding noise far above it.
         b_t1 = tl.sum(b_q.to(tl.float32) * b_dq, 1) * b_eG * scale
-        b_P = tl.where(r > c, b_ds * b_qk * scale, 0.0)
         b_t3 = tl.where(o_t < nt - 1, tl.sum(b_k.to(tl.float32) * b_dk, 1) * b_e, 0.0)
+        b_dq = b_dq * b_eG[:, None]
+        b_dk = b_dk * b_e[:, None]
+        b_ds = tl.where(r >= c, b_ds * tl.exp(tl.where((r >= c) & m_t[:, None] & m_t[None, :],
+                                                       b_G[:, None] - b_G[None, :], 0.0)), 0.0)
+        b_kt = tl.load(k + s_t * K + c * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_P = tl.where(r > c, b_ds * tl.dot(b_q, b_kt) * scale, 0.0)  # q k^T: this key block's share
         b_dgl = tl.sum(b_hdh, 0) * tl.exp(b_gl) + tl.sum(b_t3, 0)
         b_dG = b_t1 + tl.sum(b_P, 1) - tl.sum(b_P, 0) - b_t3 + tl.where(o_t == nt - 1, b_dgl, 0.0)
         tl.store(dGp + i_k.to(tl.int64) * T * H + s_t + o_t * H, b_dG, mask=m_t)
-        b_dq = b_dq * b_eG[:, None]
-        b_dk = b_dk * b_e[:, None]
     else:
         b_ds = tl.where(r >= c, b_ds, 0.0)
-        b_dst = tl.where(r <= c, b_dst, 0.0)
     b_dq = (b_dq + tl.dot(b_ds.to(b_k.dtype), b_k)) * scale
-    b_dk = b_dk + tl.dot(b_dst.to(b_q.dtype), b_q) * scale
     tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    b_dst = tl.load(dov + s_t * BT + c * (H * BT) + r, mask=m_tt, other=0.0)  # (dO vn^T)^T
+    if USE_G:
+        b_dst = tl.where(r <= c, b_dst * tl.exp(tl.where((r <= c) & m_t[:, None] & m_t[None, :],
+                                                         b_G[None, :] - b_G[:, None], 0.0)), 0.0)
+    else:
+        b_dst = tl.where(r <= c, b_dst, 0.0)
+    b_dk = b_dk + tl.dot(b_dst.to(b_q.dtype), b_q) * scale
     tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    if DELTA:
-        tl.store(dw + p_tk, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -456,13 +465,18 @@ def _mm(a, b, PREC: tl.constexpr, LOWP: tl.constexpr):
 
 
 @triton.jit
-def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu, cidx, T,
+def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, scr, dk, dv, dbeta, dg, cu, cidx, T,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, NKP: tl.constexpr, USE_G: tl.constexpr, DELTA: tl.constexpr,
                    PREC: tl.constexpr, LOWP: tl.constexpr):
     """One program per (chunk, head). DELTA: backward of w = X (beta exp(G) K), u = X (beta V)
     with X = (I + L)^-1, L = tril_strict(beta K K^T * E); adds the direct dk; then sums the dG
     partials and turns dG into dg (reverse in-chunk cumsum). Not DELTA: only the dg part.
+    The transpose of dL * E (for dk's K^T-side term) goes through `scr` ([T, H, BT] float32 rows,
+    this chunk's own rows: no other program touches them): stored, then loaded transposed. Computing
+    it as a second product chain (dX^T accumulated from the transposed operands) cost 10 more dots,
+    two more loads per block and an accumulator that made the kernel spill; tl.trans of the dot
+    result is what Triton 3.6 miscompiles on Hopper.
     PREC: tf32x3 for float32 inputs: tf32 rounding of float32 operands here, amplified by the
     cancellation in dk (and the L2-norm backward's projection), gave 1.5e-2 relative error on an
     H100; 16-bit inputs are exact in tf32. LOWP: every product on bf16 operands (float32
@@ -487,7 +501,6 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
         b_bg = b_b * b_eG
         b_Xt = tl.load(Ainv + s_t * BT + c * (H * BT) + r, mask=m_t[None, :], other=0.0)
         b_dX = tl.zeros([BT, BT], dtype=tl.float32)
-        b_dXt = tl.zeros([BT, BT], dtype=tl.float32)
         b_kk = tl.zeros([BT, BT], dtype=tl.float32)
         b_db = tl.zeros([BT], dtype=tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
@@ -505,8 +518,6 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             b_tk = tl.sum(_mm(b_Xt, b_dw, PREC, LOWP) * b_k, 1)
             b_db += b_tk * b_eG
             b_dG += b_tk * b_bg
-            b_dwt = _load_wy(dw + p_kt, m_kt, LOWP)
-            b_dXt += _mm(b_k * b_bg[:, None], b_dwt, PREC, LOWP)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
@@ -521,16 +532,14 @@ def _bwd_wy_kernel(k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, cu
             b_dvb = _mm(b_Xt, b_du, PREC, LOWP)
             tl.store(dv + p_tv, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tv)
             b_db += tl.sum(b_dvb * b_v, 1)
-            b_dut = _load_wy(dv2 + p_vt, m_vt, LOWP)
-            b_dXt += _mm(b_v * b_b[:, None], b_dut, PREC, LOWP)
-        # dL = tril_strict(-X^T dX X^T) and its transpose -X dX^T X (computed, not transposed)
+        # dL = tril_strict(-X^T dX X^T) * E, and its transpose through scr
         b_dL = tl.where(r > c, -_mm(b_Xt, _mm(b_dX, b_Xt, PREC, LOWP), PREC, LOWP), 0.0)
-        b_X = tl.load(Ainv + s_t * BT + r * (H * BT) + c, mask=m_t[:, None], other=0.0)
-        b_dLt = tl.where(r < c, -_mm(b_X, _mm(b_dXt, b_X, PREC, LOWP), PREC, LOWP), 0.0)
         if USE_G:
             b_dL = b_dL * tl.exp(tl.where((r > c) & m_t[:, None] & m_t[None, :], b_G[:, None] - b_G[None, :], 0.0))
-            b_dLt = b_dLt * tl.exp(tl.where((r < c) & m_t[:, None] & m_t[None, :], b_G[None, :] - b_G[:, None], 0.0))
-        # now b_dL = dL * E and b_dLt = (dL * E)^T
+        m_tt = m_t[:, None] & m_t[None, :]
+        tl.store(scr + s_t * BT + r * (H * BT) + c, b_dL, mask=m_tt)
+        tl.debug_barrier()  # this program's stores are visible to all of its threads
+        b_dLt = tl.load(scr + s_t * BT + c * (H * BT) + r, mask=m_tt, other=0.0)
         b_db += tl.sum(b_dL * b_kk, 1)
         if USE_G:
             b_P = b_dL * b_kk * b_b[:, None]  # dL * L
@@ -710,7 +719,8 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
     if debug is not None:
         debug.update(w=w, u=u, h=h, vn=vn, dv_local=dv_local, dov=dov, dh=dh, dv2=dv2, dh0=dh0, dq=dq, dkd=dkd, dw=dw,
                      dGp=dGp)
-    del h, dh, dov
+    del h, dh
+    scratch = dov if debug is None else torch.empty_like(dov)  # dov is dead after _bwd_dqkwg_kernel
     dg = torch.empty(T, H, dtype=torch.float32, device=dev) if use_g else None
     if delta:
         dk = torch.empty(T, H, K, dtype=dqk_dtype, device=dev)
@@ -720,7 +730,7 @@ def _bwd(q, k, v, G, beta, Ainv, scale, h0, do, dht, vl: Varlen, BT: int, delta:
         dk, dv, dbeta = dkd, dv2, None
     if vl.NT and (delta or use_g):
         cfg = launch_cfg("bwd_wy", BK=BK, BV=next_pow2(V))
-        _bwd_wy_kernel[(vl.NT, H)](k, v, beta, G, Ainv, dw, dv2, dkd, dGp, dk, dv, dbeta, dg, vl.cu,
+        _bwd_wy_kernel[(vl.NT, H)](k, v, beta, G, Ainv, dw, dv2, dkd, dGp, scratch, dk, dv, dbeta, dg, vl.cu,
                                    vl.chunk_indices, T, H=H, K=K, V=V, BT=BT, NKP=NKP, USE_G=use_g, DELTA=delta,
                                    PREC=_inv_prec(dtype), LOWP=_wy_lowp(dtype), **cfg)
     if debug is not None:

@@ -10,7 +10,8 @@ and the per-row weight index picks one of G weights (per-memory convolutions).
   backward  dy_t = r_t (dout_t - out_t <out_t, dout_t>) with NORM (r_t = 1 / norm, recomputed),
             dz_t = dy_t silu'(z_t)  (z recomputed from x: nothing but x is saved), and
             dW[W-1-s] = sum_t dz_t x_{t-s}   (per block of rows, summed in torch: deterministic)
-            dx_t = sum_s W[W-1-s] dz_{t+s}  over rows t+s of t's segment      (a second kernel)
+            dx_t = sum_s W[W-1-s] dz_{t+s}  over rows t+s of t's segment      (a second kernel; or,
+            for one weight without the norm, the same pass: `_conv_bwd_slide_kernel`, dz never stored)
 
 One program per (block of BR rows, block of CS channels: BD = next power of two >= CS); the kernels
 are memory-bound, the shifted loads of a tile hit the cache. x's row stride is rounded down to its
@@ -55,6 +56,17 @@ def _row_tile(pos, N, i_r, BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr,
 def _rnorm(y, eps):
     """1 / L2 norm of each row of y ([BR, 1]; masked entries of y are 0)."""
     return (1.0 / tl.sqrt(tl.sum(y * y, 1) + eps))[:, None]
+
+
+@triton.jit
+def _tap(w_row, j, m_rd, m_d, PER_ROW_W: tl.constexpr):
+    """Tap j of the weights (float32): [BR, BD] per-row weights, or one [1, BD] row for all rows
+    (masked by the columns only: a [BR, BD] mask would load the shared row once per row)."""
+    if PER_ROW_W:
+        w = tl.load(w_row + j, mask=m_rd, other=0.0)
+    else:
+        w = tl.load(w_row + j, mask=m_d[None, :], other=0.0)
+    return w.to(tl.float32)
 
 
 @triton.jit
@@ -124,7 +136,7 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.co
         for s in tl.static_range(W):
             xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
                          mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-            z += xs * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
+            z += xs * _tap(w_row, W - 1 - s, m_rd, m_d, PER_ROW_W)
         b_dz = _act_bwd(z, b_dz, eps, SILU, NORM)
     tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
     for s in tl.static_range(W):
@@ -140,10 +152,20 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.co
 
 
 @triton.jit
+def _shared_taps(w, cols, m_d, W: tl.constexpr):
+    """The one weight's taps as [1, BD] float32 rows, w0 multiplying x_t, w1 x_{t-1}, ... (zero past W)."""
+    w0 = tl.load(w + cols * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(w + cols * W + (W - 2), mask=m_d & (W > 1), other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w + cols * W + (W - 3), mask=m_d & (W > 2), other=0.0).to(tl.float32)[None, :]
+    w3 = tl.load(w + cols * W + (W - 4), mask=m_d & (W > 3), other=0.0).to(tl.float32)[None, :]
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
                                BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
                                RB: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
-    """_conv_bwd_dz_kernel for one weight shared by all rows and W <= 4: each program walks RB row
+    """_conv_bwd_dz_kernel for one weight shared by all rows, W <= 4 and the L2 norm: each program walks RB row
     tiles, keeps the shifted x tiles of a tile for dW, and accumulates dz * x per tap elementwise,
     reducing over rows once at the end (a reduction per tile made this kernel 4x slower than its
     memory traffic)."""
@@ -151,10 +173,7 @@ def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, eps, D: tl.c
     i_r = tl.program_id(0)
     cols, m_d = _cols(BD, CS, D)
     o_r = tl.arange(0, BR)
-    w0 = tl.load(w + cols * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[None, :]
-    w1 = tl.load(w + cols * W + (W - 2), mask=m_d & (W > 1), other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w + cols * W + (W - 3), mask=m_d & (W > 2), other=0.0).to(tl.float32)[None, :]
-    w3 = tl.load(w + cols * W + (W - 4), mask=m_d & (W > 3), other=0.0).to(tl.float32)[None, :]
+    w0, w1, w2, w3 = _shared_taps(w, cols, m_d, W)
     acc0 = tl.zeros([BR, BD], dtype=tl.float32)
     acc1 = tl.zeros([BR, BD], dtype=tl.float32)
     acc2 = tl.zeros([BR, BD], dtype=tl.float32)
@@ -209,8 +228,79 @@ def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, stride_dx, D: tl.constexpr, W: 
         inside = o_r + s < N - r0
         same = m_r & inside & (tl.load(pos + r0 + o_r + s, mask=m_r & inside, other=-1) == p + s)
         b_dz = tl.load(zb + (o_r + s)[:, None] * D + cols[None, :], mask=same[:, None] & m_d[None, :], other=0.0)
-        b_dx += b_dz.to(tl.float32) * tl.load(w_row + (W - 1 - s), mask=m_rd, other=0.0).to(tl.float32)
+        b_dx += b_dz.to(tl.float32) * _tap(w_row, W - 1 - s, m_rd, m_d, PER_ROW_W)
     tl.store(dx + r0 * stride_dx + o_r[:, None] * stride_dx + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=m_rd)
+
+
+@triton.jit
+def _slide_rows(t, N, c0, o_c, pos):
+    """Row t of each of a program's R chunks (offsets o_c from its first row c0): -> (offsets from c0,
+    in-range mask, segment positions; 0 out of range, which reads as a segment start)."""
+    o_t = o_c + t
+    m_t = (o_t >= -c0) & (o_t < N - c0)
+    return o_t, m_t, tl.load(pos + c0 + o_t, mask=m_t, other=0)
+
+
+@triton.jit
+def _conv_bwd_slide_kernel(x, w, pos, dy, dx, dwp, N, stride_x, stride_dx, eps, D: tl.constexpr, W: tl.constexpr,
+                           R: tl.constexpr, L: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
+                           SAX: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
+    """The whole backward for one weight shared by all rows, W <= 4, in one pass (dz never leaves
+    registers): walking R chunks of L rows as the forward does, step t recomputes z_t from the x
+    window, forms dz_t, adds dz_t x_{t-s} to this program's dW, and emits dx_{t-3} =
+    sum_s W[W-1-s] dz_{t-3+s} from the window of the last four dz (dz_{t-3+s} counts if row t-3+s
+    is s or more rows into its segment). Steps t < 0 fill the x window, steps t >= L the dz window."""
+    stride_x = stride_x // SA * SA
+    stride_dx = stride_dx // SAX * SAX
+    i_r = tl.program_id(0)
+    cols, m_d = _cols(BD, CS, D)
+    c0 = i_r.to(tl.int64) * (R * L)
+    o_c = tl.arange(0, R) * L
+    xb, dyb, dxb = x + c0 * stride_x + cols[None, :], dy + c0 * D + cols[None, :], dx + c0 * stride_dx + cols[None, :]
+    w0, w1, w2, w3 = _shared_taps(w, cols, m_d, W)
+    x0 = tl.zeros([R, BD], dtype=tl.float32)
+    x1 = tl.zeros([R, BD], dtype=tl.float32)
+    x2 = tl.zeros([R, BD], dtype=tl.float32)
+    e0 = tl.zeros([R, BD], dtype=tl.float32)  # dz_t, dz_{t-1}, dz_{t-2}, dz_{t-3}
+    e1 = tl.zeros([R, BD], dtype=tl.float32)
+    e2 = tl.zeros([R, BD], dtype=tl.float32)
+    p0 = tl.zeros([R], dtype=tl.int32)  # positions of rows t, t-1, t-2
+    p1 = tl.zeros([R], dtype=tl.int32)
+    acc0 = tl.zeros([R, BD], dtype=tl.float32)
+    acc1 = tl.zeros([R, BD], dtype=tl.float32)
+    acc2 = tl.zeros([R, BD], dtype=tl.float32)
+    acc3 = tl.zeros([R, BD], dtype=tl.float32)
+    for t in range(1 - W, L + 3):
+        o_t, m_t, p = _slide_rows(t, N, c0, o_c, pos)
+        m_td = m_t[:, None] & m_d[None, :]
+        keep = (p > 0)[:, None]
+        x3 = tl.where(keep, x2, 0.0)
+        x2 = tl.where(keep, x1, 0.0)
+        x1 = tl.where(keep, x0, 0.0)
+        x0 = tl.load(xb + o_t[:, None] * stride_x, mask=m_td, other=0.0).to(tl.float32)
+        b_dz = tl.load(dyb + o_t[:, None] * D, mask=m_td & (o_t >= o_c)[:, None], other=0.0).to(tl.float32)
+        if SILU or NORM:
+            b_dz = _act_bwd(x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3, b_dz, eps, SILU, NORM)
+        e3, e2, e1, e0 = e2, e1, e0, b_dz
+        p2, p1, p0 = p1, p0, p
+        dz_w = tl.where((o_t - o_c < L)[:, None], b_dz, 0.0)  # rows past the chunk feed dx only
+        acc0 += dz_w * x0
+        acc1 += dz_w * x1
+        acc2 += dz_w * x2
+        acc3 += dz_w * x3
+        b_dx = (e3 * w0 + tl.where((p2 >= 1)[:, None], e2, 0.0) * w1 + tl.where((p1 >= 2)[:, None], e1, 0.0) * w2
+                + tl.where((p0 >= 3)[:, None], e0, 0.0) * w3)
+        o_e = o_t - 3
+        m_e = (o_e >= -c0) & (o_e < N - c0) & (o_e >= o_c)
+        tl.store(dxb + o_e[:, None] * stride_dx, b_dx.to(dx.dtype.element_ty), mask=m_e[:, None] & m_d[None, :])
+    p_w = dwp + (i_r * D + cols) * W
+    tl.store(p_w + (W - 1), tl.sum(acc0, 0), mask=m_d)
+    if W > 1:
+        tl.store(p_w + (W - 2), tl.sum(acc1, 0), mask=m_d)
+    if W > 2:
+        tl.store(p_w + (W - 3), tl.sum(acc2, 0), mask=m_d)
+    if W > 3:
+        tl.store(p_w + (W - 4), tl.sum(acc3, 0), mask=m_d)
 
 
 def _blocks(name: str, D: int, group: int) -> tuple[dict, int, int, int]:
@@ -223,6 +313,14 @@ def _blocks(name: str, D: int, group: int) -> tuple[dict, int, int, int]:
     cfg = launch_cfg(name)
     BR, BD = cfg.pop("BR"), min(cfg.pop("BD"), triton.next_power_of_2(D))
     return cfg, BR, BD, BD
+
+
+def _slides(weight: torch.Tensor, group: int) -> bool:
+    """The one-pass sliding-window backward: one weight for all rows, at most 4 taps, no L2 norm.
+    (H200, 2026-11-27, bench_conv.py: 0.50 vs 0.57 ms for the v slice's backward. A sliding forward
+    was slower than the tile kernel, 0.105-0.112 vs 0.095 ms, and so was the sliding backward with the
+    norm, 1.42 vs 1.37 ms for the layer's q / k / v step: both dropped.)"""
+    return weight.dim() == 2 and weight.shape[-1] <= 4 and not group
 
 
 def _stride_alignment(x: torch.Tensor) -> int:
@@ -250,9 +348,19 @@ def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tens
     G = weight.shape[0] if weight.dim() == 3 else 1
     if N == 0 or D == 0:
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    common = dict(D=D, W=W, SA=_stride_alignment(x), SILU=silu, NORM=group > 0)
+    if _slides(weight, group):
+        cfg = launch_cfg("conv_bwd_slide")
+        R, L, BD = cfg.pop("R"), cfg.pop("L"), min(cfg.pop("BD"), triton.next_power_of_2(D))
+        CS = BD
+        nb = triton.cdiv(N, R * L)
+        dwp = torch.empty(nb, D, W, dtype=torch.float32, device=x.device)
+        _conv_bwd_slide_kernel[(nb, triton.cdiv(D, CS))](
+            x, weight, pos, dy, dx, dwp, N, x.stride(0), dx.stride(0), L2NORM_EPS, R=R, L=L, BD=BD, CS=CS,
+            SAX=_stride_alignment(dx), **common, **cfg)
+        return dwp.sum(0).view(weight.shape)
     dz = torch.empty(N, D, dtype=dy.dtype, device=x.device)  # dW is summed from float32 dz in-kernel
     widx = widx if widx is not None else pos
-    common = dict(D=D, W=W, SA=_stride_alignment(x), SILU=silu, NORM=group > 0)
     if weight.dim() == 2 and W <= 4:
         cfg, BR, BD, CS = _blocks("conv_bwd_shared", D, group)
         RB = cfg.pop("RB")

@@ -125,31 +125,43 @@ _DEFAULT_CFG = {
     # reproducible. Re-validate before changing any of these (tests: test_gpu_mom_head_size).
     "prep": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "fwd_h": dict(BV=32, num_warps=4, num_stages=2),
-    "fwd_o": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    # BV 128 / 8 warps (q k^T recomputed per value block half as often): 3.643 vs 3.695 ms MoM fwd+bwd,
+    # keep=all (BV 256 / 8 warps 3.671, BV 128 / 4 warps 3.658; H200, session 14, each 12 runs bitwise equal)
+    "fwd_o": dict(BK=64, BV=128, num_warps=8, num_stages=2),
     "bwd_local": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     # BV 32 / 2 stages: 4.60 vs 4.80-4.82 ms MoM fwd+bwd, 6 runs bitwise equal, 4.06e-3 vs float64 (H200,
     # 2026-11-26); BV 64 with 2 stages and BV 32 with 3 stages fail (shared memory / NaN)
     "bwd_dhu": dict(BV=32, num_warps=8, num_stages=2),
     # 2+ stages: wrong / irreproducible dw. BK 128 (two key blocks: dO, vn, dvn read twice, not 4x):
     # 4.99 vs 5.18 ms MoM fwd+bwd, 8 runs bitwise equal, 4.06e-3 vs float64 (H200, 2026-11-26).
-    # PREFETCH (the next value block loaded by hand before this one's products): 3.967 vs 4.029 ms
-    # MoM fwd+bwd with keep=all, 12 runs bitwise equal, 4.06e-3 (H200, session 14)
-    "bwd_dqkwg": dict(BK=128, BV=64, num_warps=8, num_stages=1, PREFETCH=True),
+    # Session 14 (H200, MoM fwd+bwd with keep=all, each 12 runs bitwise equal, 4.06e-3): PREFETCH (the
+    # next value block loaded by hand before this one's products) 3.967 vs 4.029 ms; with the epilogue
+    # storing each accumulator once final (fewer spills), BK 64 / 4 warps 3.770-3.789 vs 3.924-3.963 at
+    # BK 128 / 8 warps; without PREFETCH 3.845, BV 32 3.997, 8 warps 4.200. BK 32 / 4 warps failed with an
+    # error that left the process's CUDA context unusable (not examined; the candidates after it in that
+    # run, BK 128 / 4 warps, BV 128, 2 stages, could not be judged)
+    "bwd_dqkwg": dict(BK=64, BV=64, num_warps=4, num_stages=1, PREFETCH=True),
     "bwd_wy": dict(BK=64, BV=64, num_warps=4, num_stages=1),
     "l2norm": dict(BM=16, num_warps=4, num_stages=1),
     "step": dict(BV=32, num_warps=4, num_stages=1),
     "conv_fwd": dict(BR=16, BD=128, num_warps=4, num_stages=1),  # H200 sweeps 2026-11-26 (bench_conv.py --sweep)
     "conv_bwd": dict(BR=32, BD=64, num_warps=4, num_stages=1),  # dz + partial dW, per-row weights (or W > 4)
-    "conv_bwd_shared": dict(BR=16, BD=64, RB=32, num_warps=4, num_stages=3),  # dz + dW, one weight, W <= 4
     "conv_bwd_dx": dict(BR=32, BD=128, num_warps=4, num_stages=1),
     # with the q / k L2 norm a program covers one head (BD = next_pow2(head dim)): rows only
     "conv_fwd_norm": dict(BR=32, num_warps=4, num_stages=1),
     "conv_bwd_norm": dict(BR=8, num_warps=4, num_stages=1),
     "conv_bwd_shared_norm": dict(BR=4, RB=64, num_warps=4, num_stages=3),
+    # one-pass backward, one weight, no norm: H200 sweep 2026-11-27 (0.610 ms v-slice fwd+bwd; R 4 / L 32 0.633)
+    "conv_bwd_slide": dict(R=8, L=128, BD=128, num_warps=4, num_stages=2),
     "combine_norm": dict(BN=8, num_warps=4, num_stages=1),
     "swiglu": dict(BLOCK=2048, num_warps=8, num_stages=1),
     "cross_entropy": dict(BLOCK_V=4096, num_warps=8, num_stages=1),
     "gather_sum": dict(BN=4, BD=1024, num_warps=4, num_stages=1),
+    # bench_router.py --sweep (H200, 2026-11-27): 0.024 ms vs 0.086 (in the step's profile) for the tile that
+    # reduced over the columns at every step
+    "router_fwd": dict(BM=16, BD=64, num_warps=4, num_stages=3),
+    "router_bwd": dict(BM=16, BD=256, RB=16, num_warps=4, num_stages=1),  # sweep: 0.1065 vs 0.1135 ms at RB 8
+    "router_dlogits": dict(BM=64, num_warps=4, num_stages=1),
     "rmsnorm_fwd": dict(BM=4, num_warps=4, num_stages=1),
     "rmsnorm_bwd": dict(BM=4, RB=16, num_warps=8, num_stages=1),
 }

@@ -46,14 +46,21 @@ class Block(nn.Module):
         output, None for the first block), added inside the attention norm's kernel. Returns (x, MLP
         output, router stats, cache): the stream leaving the block is x + MLP output, added by the
         next norm. One fused add + norm per residual add, no gradient sums on the stream."""
-        if residual is None:
-            a = self.attn_norm(x)
+        lowp = autocast_target_dtype(x)
+        if isinstance(self.attn, MemoryMixer) and self.attn.router is not None and lowp != x.dtype:
+            # the router reads the norm's output in float32, the projections in bf16: routed in the norm
+            x, a, a_lowp, routed = self.attn_norm.route(x, residual, lowp, self.attn.router.weight, self.attn.topk)
+            h, stats, new_cache = self.attn(a if a is not None else a_lowp, ctx["doc_ids"], ctx["num_docs"], cache,
+                                            use_cache, x_lowp=a_lowp, routed=routed)
         else:
-            x, a = self.attn_norm(x, residual)
-        if isinstance(self.attn, Attention):
-            h, stats, new_cache = self.attn(a, ctx["positions"], ctx["segment_ids"], cache, use_cache)
-        else:
-            h, stats, new_cache = self.attn(a, ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
+            if residual is None:
+                a = self.attn_norm(x)
+            else:
+                x, a = self.attn_norm(x, residual)
+            if isinstance(self.attn, Attention):
+                h, stats, new_cache = self.attn(a, ctx["positions"], ctx["segment_ids"], cache, use_cache)
+            else:
+                h, stats, new_cache = self.attn(a, ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
         x, y = self.mlp_norm(x, h, out_dtype=autocast_target_dtype(x))  # y goes straight into matmuls
         return x, self.mlp(y), stats, new_cache
 

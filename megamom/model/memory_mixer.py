@@ -31,7 +31,8 @@ from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, causal_co
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
 from .layers import GatedRMSNorm, cast_for_autocast
-from .routing import build_packing, combine, grouped_projection, load_balancing_loss, pack, route, router_z_loss
+from .routing import (RouterOutput, build_packing, combine, grouped_projection, load_balancing_loss, pack, route,
+                      router_z_loss)
 
 
 log = logging.getLogger(__name__)
@@ -169,9 +170,12 @@ class MemoryMixer(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, num_docs: int,
-                cache: Optional[MemoryLayerCache] = None, use_cache: bool = False):
-        """x: [B, T, d]; doc_ids: [B*T] global document index (non-decreasing); returns
-        (out [B, T, d], RouterStats or None, new cache or None)."""
+                cache: Optional[MemoryLayerCache] = None, use_cache: bool = False,
+                x_lowp: Optional[torch.Tensor] = None, routed: Optional[RouterOutput] = None):
+        """x: [B, T, d]; doc_ids: [B*T] global document index (non-decreasing); x_lowp: x already in
+        the autocast dtype, else cast here; routed: the router's output on x, else routed here (the
+        block's norm does both: `RMSNorm.route`). Returns (out [B, T, d], RouterStats or None, new
+        cache or None)."""
         B, T, d = x.shape
         if cache is not None and T == 1:
             return self._decode_step(x, cache)
@@ -181,13 +185,16 @@ class MemoryMixer(nn.Module):
         backend = resolve_backend(self.cfg.kernel_backend, x.device)  # once per forward
         _announce_kernels(self.rule, backend)
 
-        r = route(xf, self.router.weight, self.topk) if self.router is not None else None
+        fused = use_triton(xf, backend)  # the Triton kernels of the router, packing, conv, combine + norm
+        r = routed
+        if r is None and self.router is not None:
+            r = route(xf, self.router.weight, self.topk, fused)
         packing = build_packing(r.topk_index if r is not None else None, doc_ids, num_docs,
                                 self.num_routed, self.shared)
         A = packing.row_token.numel()
 
-        fused = use_triton(xf, backend)  # the Triton kernels of the packing, conv, combine + norm
-        xc = cast_for_autocast(xf)  # one cast for the q, memory and gate projections; the router reads xf
+        # one cast for the q, memory and gate projections (the router reads xf)
+        xc = x_lowp.reshape(N, d) if x_lowp is not None else cast_for_autocast(xf)
         q_rows = pack(self.q_proj(xc), packing, fused)
         parts, sizes = self._projection_weights()
         rows = grouped_projection(xc, parts, packing, fused)  # [A, k | v | beta | decay]

@@ -5,7 +5,7 @@ once per selected memory (top-k) and once more for the shared memory, which is m
 A segment is one (memory, document) pair; all segments of a layer go to ONE scan call through
 `cu_seqlens` (empty segments included, so segment m * D + d is always memory m, document d).
 
-Everything is vectorised: one sort, one count, gathers, and nothing reads back to the host (the
+Everything is vectorised: one sort, a binary search, gathers, and nothing reads back to the host (the
 scan bounds its chunk count on the device). The exchange of rows between expert-parallel ranks plugs in
 between `pack` and `combine` (see megamom.parallel)."""
 from __future__ import annotations
@@ -27,9 +27,13 @@ class RouterOutput:
     topk_index: torch.Tensor  # [N, k]
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, topk: int) -> RouterOutput:
+def route(x: torch.Tensor, weight: torch.Tensor, topk: int, fused: bool = False) -> RouterOutput:
     """x: [N, d]; weight: [E, d]. Softmax in float32 (float64 inputs stay float64, the reference
-    precision of the tests), top-k, renormalise to sum 1."""
+    precision of the tests), top-k, renormalise to sum 1. fused (the caller's `use_triton`): one
+    Triton kernel each way, float32 (kernels/triton/router.py; ties go to the lower memory index)."""
+    if fused:
+        from megamom.kernels.triton.router import route_fused
+        return RouterOutput(*route_fused(x, weight, topk))
     dt = torch.promote_types(x.dtype, torch.float32)
     # autocast would run this linear in bf16 whatever its inputs: near-ties then pick other memories
     with torch.autocast(x.device.type, enabled=False):
@@ -72,12 +76,14 @@ def build_packing(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num
     slot_mem = torch.cat(mems).long()  # assignment order: routed slots token-major, then shared
     slot_tok = torch.cat(toks)
     M = num_routed + int(shared)
-    # (memory, token) pairs are unique, so this key sorts them into a unique, stable order.
-    order = torch.argsort(slot_mem * N + slot_tok)
+    # (memory, token) pairs are unique, so this key sorts them into a unique, stable order; int32
+    # keys when they fit: a radix sort's passes scale with the key's bits
+    key = slot_mem * N + slot_tok
+    order = torch.argsort(key.to(torch.int32) if M * N < 2**31 else key)
     row_token, row_memory = slot_tok[order], slot_mem[order]
     row_segment = row_memory * num_docs + doc_ids[row_token]
-    counts = count_indices(row_segment, M * num_docs)
-    cu = F.pad(counts.cumsum(0), (1, 0))
+    # rows are sorted by segment: each segment's first row by binary search (no atomics, no count)
+    cu = torch.searchsorted(row_segment, torch.arange(M * num_docs + 1, device=device))
     slot_row = torch.empty_like(order)
     slot_row[order] = torch.arange(order.numel(), device=device)
     # assignment a = slot * N + token for the shared slot, token * k + j for routed ones
