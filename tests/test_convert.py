@@ -155,6 +155,29 @@ def test_export_layout(exports, runs):
     assert not list(d.parent.glob(".*tmp*"))  # nothing left from staging
 
 
+def test_export_code_has_no_import_cycle(exports):
+    """transformers 4.x walks the remote code's relative imports (indented ones too) in a loop that
+    never ends on a cycle (`dynamic_module_utils.get_relative_import_files` compares names with and
+    without ".py"): loading then hangs, so the shipped modules must import each other acyclically."""
+    import re
+    d = exports["mom-zero1"]
+    graph = {f.stem: set(re.findall(r"^\s*from\s+\.(\S+)\s+import", f.read_text(), flags=re.MULTILINE))
+             for f in d.glob("*.py")}
+    assert "megamom_model_routing" in graph["megamom_model_memory_mixer"]  # (the walk sees the real imports)
+    state: dict = {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            raise AssertionError("import cycle in the exported code: " + " -> ".join(path + [m]))
+        if state.get(m) is None:
+            state[m] = "open"
+            for n in sorted(graph.get(m, ())):
+                visit(n, path + [m])
+            state[m] = "done"
+    for m in sorted(graph):
+        visit(m, [])
+
+
 # ------------------------------------------------------------------------------------------- transformers
 OLDER = {  # transformers 4.x releases checked besides the installed one, with the pins they need
     "4.57": ["transformers==4.57.6", "huggingface_hub==0.36.2", "tokenizers==0.22.2"],

@@ -173,29 +173,40 @@ def check_transition(lens, H, K, V, device, dtype, chunk_size, seed=3):
     return err
 
 
-def check_conv(lens, D, W, device, dtype, per_memory, silu, strided=True, G=3, seed=5, l2norm_group=None):
+def check_conv(lens, D, W, device, dtype, per_memory, silu, strided=True, G=3, seed=5, l2norm_group=None, gather=0):
     """Triton short conv (+ SiLU, + per-group L2 norm) over varlen rows vs the float64 torch path:
     y, dx, dW. The input is a column slice of a wider tensor (as the k / v slices of the projection
-    output)."""
+    output). gather = R > 0: the input is N / R source rows, each packed R times at random rows (a
+    token's q for each of its memories), read through the index; dx is the source rows' gradient."""
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen
     from megamom.kernels.short_conv.conv_triton import causal_conv1d_varlen_triton
 
     gen = torch.Generator().manual_seed(seed)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     N = int(cu[-1])
-    wide = torch.randn(N, D + 8, generator=gen).to(device, dtype).requires_grad_()
+    T = N // gather if gather else N
+    wide = torch.randn(T, D + 8, generator=gen).to(device, dtype).requires_grad_()
     x = wide[:, 3:3 + D] if strided else wide[:, :D].contiguous()
     w = (torch.randn(G, D, W, generator=gen) if per_memory else torch.randn(D, W, generator=gen)) / W ** 0.5
     ridx = (torch.randint(0, G, (len(lens),), generator=gen).repeat_interleave(torch.tensor(lens)).to(device)
             if per_memory else None)
     wl = w.to(device).clone().requires_grad_()  # float32 weight, as the model's parameters
-    (y,), _ = causal_conv1d_varlen_triton(x, [wl], cu.to(device), ridx, silu=silu, l2norm_groups=[l2norm_group])
+    packing = None
+    if gather:  # slot j of source row t sits at packed row dest[t * R + j]
+        assert N % gather == 0, "gather: the rows must be a multiple of R"
+        dest = torch.randperm(N, generator=gen)
+        slot_row = dest.view(T, gather)
+        row_source = torch.empty(N, dtype=torch.long)
+        row_source[dest] = torch.arange(N) // gather
+        packing = (row_source.to(device), slot_row.to(device))
+    (y,), _ = causal_conv1d_varlen_triton(x, [wl], cu.to(device), ridx, silu=silu, l2norm_groups=[l2norm_group],
+                                          gather=packing)
     dy = torch.randn(N, D, generator=gen).to(device, dtype)
     (y.float() * dy.float()).sum().backward()
     xr = x.detach().double().requires_grad_()
     wr = w.detach().double().to(device).requires_grad_()
-    yr, _ = causal_conv1d_varlen(xr, wr, cu.to(device), ridx, activation="silu" if silu else None, backend="torch",
-                                 l2norm_group=l2norm_group)
+    yr, _ = causal_conv1d_varlen(xr[packing[0]] if gather else xr, wr, cu.to(device), ridx,
+                                 activation="silu" if silu else None, backend="torch", l2norm_group=l2norm_group)
     (yr * dy.double()).sum().backward()
     dx = wide.grad[:, 3:3 + D] if strided else wide.grad[:, :D]
     return {"y": rel(y, yr), "dx": rel(dx, xr.grad), "dw": rel(wl.grad, wr.grad)}
@@ -570,6 +581,11 @@ def run_interp_suite() -> dict:
     for per_memory in (False, True):  # k | v | gates: normalised keys, plain values, 5 columns passed through
         out[f"conv_split_{'per_memory' if per_memory else 'shared'}"] = check_conv_split(
             [0, 1, 2, 5, 37, 0, 3, 20], [32, 24], [16, None], 5, 4, "cpu", torch.float32, per_memory)
+    for per_memory, silu, group in ((False, True, 8), (False, True, None), (True, True, 8), (True, False, None)):
+        # q read through the packing (2 rows per source row): every conv kernel's gathered loads
+        out[f"conv_gather_{'per_memory' if per_memory else 'shared'}{'_silu' if silu else ''}_norm{group}"] = \
+            check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, 4, "cpu", torch.float32, per_memory, silu,
+                       l2norm_group=group, gather=2)
     for W in (2, 3, 5):  # the shared-weight backward kernel covers W <= 4; W = 5 takes the general one
         out[f"conv_shared_silu_w{W}"] = check_conv([0, 1, 2, 5, 37, 0, 3, 20], 40, W, "cpu", torch.float32,
                                                    False, True)
@@ -607,6 +623,8 @@ def interp_results():
                             "conv_per_memory_silu", "conv_shared_silu_w2", "conv_shared_silu_w3",
                             "conv_shared_silu_w5", "conv_shared_silu_norm8", "conv_shared_silu_norm20",
                             "conv_shared_norm20", "conv_per_memory_silu_norm8", "conv_per_memory_silu_norm20",
+                            "conv_gather_shared_silu_norm8", "conv_gather_shared_silu_normNone",
+                            "conv_gather_per_memory_silu_norm8", "conv_gather_per_memory_normNone",
                             "conv_per_memory_norm20", "conv_split_shared", "conv_split_per_memory", "rmsnorm",
                             "combine_norm_gate", "combine_norm_nogate",
                             "combine_norm_r1", "gather_sum", "swiglu", "cross_entropy", "add_rmsnorm",
@@ -885,6 +903,12 @@ def test_gpu_short_conv(dtype, per_memory):
     errs = check_conv_split(GPU_LENS + [1000, 3], [512, 512], [256, None], 8, 4, "cuda", dtype, per_memory)
     _log("conv", ("per_memory" if per_memory else "shared") + "_split", dtype, errs)
     _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv column blocks")
+    # q read through the MoM packing: 3 rows per source row (top-2 + shared), with and without the norm
+    for group in (256, None):
+        errs = check_conv(GPU_LENS + [1000, 2], 512, 4, "cuda", dtype, per_memory, silu=True, l2norm_group=group,
+                          gather=3)
+        _log("conv", ("per_memory" if per_memory else "shared") + f"_gather_norm{group}", dtype, errs)
+        _assert(errs, {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype], "short conv through the packing")
     for W in (2, 3) if not per_memory else ():  # the shared weight's sliding window with fewer taps
         errs = check_conv(GPU_LENS + [1000, 3], 200, W, "cuda", dtype, False, silu=True)
         _log("conv", f"shared_w{W}", dtype, errs)

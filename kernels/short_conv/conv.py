@@ -25,8 +25,9 @@ def causal_conv1d_varlen(
     backend: str = "auto",
     positions: Optional[torch.Tensor] = None,
     l2norm_group: Optional[int] = None,
+    gather: Optional[tuple] = None,
 ):
-    """x: [N, D] packed rows; weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
+    """x: [N, D] packed rows (or, with gather, the source rows they copy: see the split); weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
     the weight of each row (per-memory convolutions); cu_seqlens: [S+1]; initial_state [S, W-1, D].
     activation: None or "silu" (applied to the output). positions: [N] int32 position of each row
     in its segment, if the caller has it (saves recomputing it from cu_seqlens). l2norm_group: after
@@ -40,7 +41,7 @@ def causal_conv1d_varlen(
                          "(causal_conv1d_varlen_split convolves column blocks of wider rows)")
     ys, _, finals = causal_conv1d_varlen_split(
         x, [weight], cu_seqlens, row_weight_index, None if initial_state is None else [initial_state],
-        output_final_state, activation, backend, positions, [l2norm_group])
+        output_final_state, activation, backend, positions, [l2norm_group], gather)
     return ys[0], (finals[0] if finals is not None else None)
 
 
@@ -55,16 +56,23 @@ def causal_conv1d_varlen_split(
     backend: str = "auto",
     positions: Optional[torch.Tensor] = None,
     l2norm_groups: Optional[list] = None,
+    gather: Optional[tuple] = None,
 ):
     """causal_conv1d_varlen of consecutive column blocks of rows [N, D] from column 0, block i with
     weights[i] ([C_i, W] or [G, C_i, W]), initial_states[i] and l2norm_groups[i]; the columns after
     them are passed through. -> ([y_i [N, C_i]], rows[:, sum C_i:], [final tails_i] or None).
     On the Triton path all of rows takes one autograd node, so its gradient is written in one buffer
-    (a split's backward would concatenate the pieces: one more pass over them)."""
+    (a split's backward would concatenate the pieces: one more pass over them).
+    gather (row_source [N] long, slot_row [T, R]): rows holds T source rows, packed row i being
+    rows[row_source[i]], and slot_row lists each source row's packed rows (every packed row once: the
+    MoM packing of a token's q projection). The Triton path reads through the index and sums each
+    source row's gradient in slot order; the other paths convolve an explicit copy."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation {activation!r} is not one of None, 'silu'")
     groups = check_split(rows, weights, l2norm_groups, row_weight_index)
-    N = rows.shape[0]
+    if gather is not None and (initial_states is not None or output_final_state or not use_triton(rows, backend)):
+        rows, gather = rows.index_select(0, gather[0]), None
+    N = rows.shape[0] if gather is None else gather[0].numel()
     bounds = [0]
     for w in weights:
         bounds.append(bounds[-1] + w.shape[-2])
@@ -76,7 +84,8 @@ def causal_conv1d_varlen_split(
     if on_triton:
         from .conv_triton import causal_conv1d_varlen_triton
         ys, rest = causal_conv1d_varlen_triton(rows, weights, cu_seqlens, row_weight_index,
-                                               silu=activation == "silu", pos=positions, l2norm_groups=groups)
+                                               silu=activation == "silu", pos=positions, l2norm_groups=groups,
+                                               gather=gather)
     else:
         S = lens.numel()
         seg = torch.repeat_interleave(torch.arange(S, device=rows.device), lens, output_size=N)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without Triton)
+from ..triton.gather_sum import gather_sum
 from ..utils import L2NORM_EPS
 from .conv import row_positions
 
@@ -50,6 +51,18 @@ def _row_tile(pos, N, i_r, BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr,
     m_r = o_r < N - r0
     p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
     return r0, o_r, cols, m_r, m_d, p
+
+
+@triton.jit
+def _x_tile(x, xb, src, r0, o_r, s, m_row, cols, m_d, stride_x, GATHER: tl.constexpr):
+    """x's rows r0 + o_r - s as float32 ([BR, BD], 0 where m_row is off): the packed rows themselves
+    (xb: x's row r0), or with GATHER the source rows src[r] they stand for (the q projection of the
+    token a memory's row belongs to: read through the index, never copied into packed rows)."""
+    m = m_row[:, None] & m_d[None, :]
+    if GATHER:
+        rs = tl.load(src + r0 + o_r - s, mask=m_row, other=0)
+        return tl.load(x + rs[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -87,9 +100,9 @@ def _act_bwd(z, dout, eps, SILU: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+def _conv_fwd_kernel(x, src, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
                      BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr, PER_ROW_W: tl.constexpr,
-                     SILU: tl.constexpr, NORM: tl.constexpr):
+                     SILU: tl.constexpr, NORM: tl.constexpr, GATHER: tl.constexpr):
     stride_x = stride_x // SA * SA
     r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, CS, D)
     xb = x + r0 * stride_x
@@ -98,13 +111,12 @@ def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr, W: t
         w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
     acc = tl.zeros([BR, BD], dtype=tl.float32)
     for s in tl.static_range(W):
-        m = (m_r & (p >= s))[:, None] & m_d[None, :]
-        xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        xs = _x_tile(x, xb, src, r0, o_r, s, m_r & (p >= s), cols, m_d, stride_x, GATHER)
         if PER_ROW_W:
             ws = tl.load(w_row + (W - 1 - s), mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         else:
             ws = tl.load(w + cols * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[None, :]
-        acc += xs.to(tl.float32) * ws
+        acc += xs * ws
     if SILU:
         acc = acc * tl.sigmoid(acc)
     if NORM:
@@ -114,9 +126,9 @@ def _conv_fwd_kernel(x, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr, W: t
 
 
 @triton.jit
-def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
+def _conv_bwd_dz_kernel(x, src, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
                         G: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
-                        PER_ROW_W: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
+                        PER_ROW_W: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, GATHER: tl.constexpr):
     """dz = the gradient through the norm (NORM) and SiLU of z (recomputed; stored in dy's dtype),
     and this block's partial dW = sum_t dz_t x_{t-s} from the float32 dz."""
     stride_x = stride_x // SA * SA
@@ -134,15 +146,12 @@ def _conv_bwd_dz_kernel(x, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: tl.co
     if SILU or NORM:
         z = tl.zeros([BR, BD], dtype=tl.float32)
         for s in tl.static_range(W):
-            xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
-                         mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            xs = _x_tile(x, xb, src, r0, o_r, s, m_r & (p >= s), cols, m_d, stride_x, GATHER)
             z += xs * _tap(w_row, W - 1 - s, m_rd, m_d, PER_ROW_W)
         b_dz = _act_bwd(z, b_dz, eps, SILU, NORM)
     tl.store(dz + p_rd, b_dz.to(dz.dtype.element_ty), mask=m_rd)
     for s in tl.static_range(W):
-        xs = tl.load(xb + (o_r - s)[:, None] * stride_x + cols[None, :],
-                     mask=(m_r & (p >= s))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        prod = b_dz * xs
+        prod = b_dz * _x_tile(x, xb, src, r0, o_r, s, m_r & (p >= s), cols, m_d, stride_x, GATHER)
         for g in tl.static_range(G):
             if PER_ROW_W:
                 part = tl.sum(tl.where((gi == g)[:, None], prod, 0.0), 0)
@@ -162,9 +171,9 @@ def _shared_taps(w, cols, m_d, W: tl.constexpr):
 
 
 @triton.jit
-def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
+def _conv_bwd_dz_shared_kernel(x, src, w, pos, dy, dz, dwp, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr,
                                BR: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
-                               RB: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
+                               RB: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, GATHER: tl.constexpr):
     """_conv_bwd_dz_kernel for one weight shared by all rows, W <= 4 and the L2 norm: each program walks RB row
     tiles, keeps the shifted x tiles of a tile for dW, and accumulates dz * x per tap elementwise,
     reducing over rows once at the end (a reduction per tile made this kernel 4x slower than its
@@ -183,13 +192,11 @@ def _conv_bwd_dz_shared_kernel(x, w, pos, dy, dz, dwp, N, stride_x, eps, D: tl.c
         m_r = o_r < N - r0
         m_rd = m_r[:, None] & m_d[None, :]
         p = tl.load(pos + r0 + o_r, mask=m_r, other=0)
-        p_x = x + r0 * stride_x + o_r[:, None] * stride_x + cols[None, :]
-        x0 = tl.load(p_x, mask=m_rd, other=0.0).to(tl.float32)
-        x1 = tl.load(p_x - stride_x, mask=(m_r & (p >= 1) & (W > 1))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        x2 = tl.load(p_x - 2 * stride_x, mask=(m_r & (p >= 2) & (W > 2))[:, None] & m_d[None, :],
-                     other=0.0).to(tl.float32)
-        x3 = tl.load(p_x - 3 * stride_x, mask=(m_r & (p >= 3) & (W > 3))[:, None] & m_d[None, :],
-                     other=0.0).to(tl.float32)
+        xb = x + r0 * stride_x
+        x0 = _x_tile(x, xb, src, r0, o_r, 0, m_r, cols, m_d, stride_x, GATHER)
+        x1 = _x_tile(x, xb, src, r0, o_r, 1, m_r & (p >= 1) & (W > 1), cols, m_d, stride_x, GATHER)
+        x2 = _x_tile(x, xb, src, r0, o_r, 2, m_r & (p >= 2) & (W > 2), cols, m_d, stride_x, GATHER)
+        x3 = _x_tile(x, xb, src, r0, o_r, 3, m_r & (p >= 3) & (W > 3), cols, m_d, stride_x, GATHER)
         p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
         b_dz = tl.load(dy + p_rd, mask=m_rd, other=0.0).to(tl.float32)
         if SILU or NORM:
@@ -242,9 +249,10 @@ def _slide_rows(t, N, c0, o_c, pos):
 
 
 @triton.jit
-def _conv_bwd_slide_kernel(x, w, pos, dy, dx, dwp, N, stride_x, stride_dx, eps, D: tl.constexpr, W: tl.constexpr,
-                           R: tl.constexpr, L: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr,
-                           SAX: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr):
+def _conv_bwd_slide_kernel(x, src, w, pos, dy, dx, dwp, N, stride_x, stride_dx, eps, D: tl.constexpr,
+                           W: tl.constexpr, R: tl.constexpr, L: tl.constexpr, BD: tl.constexpr, CS: tl.constexpr,
+                           SA: tl.constexpr, SAX: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
+                           GATHER: tl.constexpr):
     """The whole backward for one weight shared by all rows, W <= 4, in one pass (dz never leaves
     registers): walking R chunks of L rows as the forward does, step t recomputes z_t from the x
     window, forms dz_t, adds dz_t x_{t-s} to this program's dW, and emits dx_{t-3} =
@@ -256,7 +264,7 @@ def _conv_bwd_slide_kernel(x, w, pos, dy, dx, dwp, N, stride_x, stride_dx, eps, 
     cols, m_d = _cols(BD, CS, D)
     c0 = i_r.to(tl.int64) * (R * L)
     o_c = tl.arange(0, R) * L
-    xb, dyb, dxb = x + c0 * stride_x + cols[None, :], dy + c0 * D + cols[None, :], dx + c0 * stride_dx + cols[None, :]
+    xb, dyb, dxb = x + c0 * stride_x, dy + c0 * D + cols[None, :], dx + c0 * stride_dx + cols[None, :]
     w0, w1, w2, w3 = _shared_taps(w, cols, m_d, W)
     x0 = tl.zeros([R, BD], dtype=tl.float32)
     x1 = tl.zeros([R, BD], dtype=tl.float32)
@@ -277,7 +285,7 @@ def _conv_bwd_slide_kernel(x, w, pos, dy, dx, dwp, N, stride_x, stride_dx, eps, 
         x3 = tl.where(keep, x2, 0.0)
         x2 = tl.where(keep, x1, 0.0)
         x1 = tl.where(keep, x0, 0.0)
-        x0 = tl.load(xb + o_t[:, None] * stride_x, mask=m_td, other=0.0).to(tl.float32)
+        x0 = _x_tile(x, xb, src, c0, o_t, 0, m_t, cols, m_d, stride_x, GATHER)
         b_dz = tl.load(dyb + o_t[:, None] * D, mask=m_td & (o_t >= o_c)[:, None], other=0.0).to(tl.float32)
         if SILU or NORM:
             b_dz = _act_bwd(x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3, b_dz, eps, SILU, NORM)
@@ -328,27 +336,31 @@ def _stride_alignment(x: torch.Tensor) -> int:
     return math.gcd(x.stride(0), 16 // x.element_size()) if x.shape[0] > 1 else 1
 
 
-def _launch_fwd(x, weight, widx, pos, silu: bool, group: int):
-    N, D = x.shape
+def _launch_fwd(x, weight, widx, pos, silu: bool, group: int, src=None):
+    """-> y [N, D] for the N packed rows of `pos`: x's rows, or with src the rows x[src]."""
+    N, D = pos.shape[0], x.shape[1]
     W = weight.shape[-1]
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N == 0 or D == 0:
         return y
     cfg, BR, BD, CS = _blocks("conv_fwd", D, group)
     _conv_fwd_kernel[(triton.cdiv(N, BR), triton.cdiv(D, CS))](
-        x, weight, widx if widx is not None else pos, pos, y, N, x.stride(0), L2NORM_EPS, D=D, W=W, BR=BR, BD=BD,
-        CS=CS, SA=_stride_alignment(x), PER_ROW_W=weight.dim() == 3, SILU=silu, NORM=group > 0, **cfg)
+        x, src if src is not None else pos, weight, widx if widx is not None else pos, pos, y, N, x.stride(0),
+        L2NORM_EPS, D=D, W=W, BR=BR, BD=BD, CS=CS, SA=_stride_alignment(x), PER_ROW_W=weight.dim() == 3, SILU=silu,
+        NORM=group > 0, GATHER=src is not None, **cfg)
     return y
 
 
-def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tensor):
-    """Writes the input's gradient into dx ([N, D], rows may be strided); returns dW (float32)."""
-    N, D = x.shape
+def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tensor, src=None):
+    """Writes the packed rows' gradient into dx ([N, D], rows may be strided); returns dW (float32).
+    src: x's rows are read through it, as in _launch_fwd."""
+    N, D = pos.shape[0], x.shape[1]
     W = weight.shape[-1]
     G = weight.shape[0] if weight.dim() == 3 else 1
     if N == 0 or D == 0:
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-    common = dict(D=D, W=W, SA=_stride_alignment(x), SILU=silu, NORM=group > 0)
+    common = dict(D=D, W=W, SA=_stride_alignment(x), SILU=silu, NORM=group > 0, GATHER=src is not None)
+    src = src if src is not None else pos
     if _slides(weight, group):
         cfg = launch_cfg("conv_bwd_slide")
         R, L, BD = cfg.pop("R"), cfg.pop("L"), min(cfg.pop("BD"), triton.next_power_of_2(D))
@@ -356,7 +368,7 @@ def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tens
         nb = triton.cdiv(N, R * L)
         dwp = torch.empty(nb, D, W, dtype=torch.float32, device=x.device)
         _conv_bwd_slide_kernel[(nb, triton.cdiv(D, CS))](
-            x, weight, pos, dy, dx, dwp, N, x.stride(0), dx.stride(0), L2NORM_EPS, R=R, L=L, BD=BD, CS=CS,
+            x, src, weight, pos, dy, dx, dwp, N, x.stride(0), dx.stride(0), L2NORM_EPS, R=R, L=L, BD=BD, CS=CS,
             SAX=_stride_alignment(dx), **common, **cfg)
         return dwp.sum(0).view(weight.shape)
     dz = torch.empty(N, D, dtype=dy.dtype, device=x.device)  # dW is summed from float32 dz in-kernel
@@ -367,13 +379,13 @@ def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tens
         nb = triton.cdiv(N, BR * RB)
         dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
         _conv_bwd_dz_shared_kernel[(nb, triton.cdiv(D, CS))](
-            x, weight, pos, dy, dz, dwp, N, x.stride(0), L2NORM_EPS, BR=BR, BD=BD, CS=CS, RB=RB, **common, **cfg)
+            x, src, weight, pos, dy, dz, dwp, N, x.stride(0), L2NORM_EPS, BR=BR, BD=BD, CS=CS, RB=RB, **common, **cfg)
     else:
         cfg, BR, BD, CS = _blocks("conv_bwd", D, group)
         nb = triton.cdiv(N, BR)
         dwp = torch.empty(nb, G, D, W, dtype=torch.float32, device=x.device)
         _conv_bwd_dz_kernel[(nb, triton.cdiv(D, CS))](
-            x, weight, widx, pos, dy, dz, dwp, N, x.stride(0), L2NORM_EPS, G=G, BR=BR, BD=BD, CS=CS,
+            x, src, weight, widx, pos, dy, dz, dwp, N, x.stride(0), L2NORM_EPS, G=G, BR=BR, BD=BD, CS=CS,
             PER_ROW_W=weight.dim() == 3, **common, **cfg)
     cfg, BR, BD, _ = _blocks("conv_bwd_dx", D, 0)
     _conv_bwd_dx_kernel[(triton.cdiv(N, BR), triton.cdiv(D, BD))](
@@ -387,45 +399,61 @@ class ShortConvFunction(torch.autograd.Function):
     its groups of `groups[i]` channels if non-zero), the columns after them passed through as a
     copy: the k / v / beta / decay columns of the projection output take ONE autograd node, whose
     backward writes the whole input gradient into one buffer (a split's backward would concatenate
-    the pieces: one more pass over them). Outputs: (y_1, ..., y_n, rest)."""
+    the pieces: one more pass over them). Outputs: (y_1, ..., y_n, rest).
+    With src (and slot_row): rows are source rows, packed row i reads rows[src[i]] (no packed copy
+    is made or saved); the backward sums each source row's packed-row gradients in slot_row order
+    (the packing's own backward: deterministic)."""
 
     @staticmethod
-    def forward(ctx, rows, pos, row_weight_index, silu, groups, *weights):
+    def forward(ctx, rows, pos, row_weight_index, silu, groups, src, slot_row, *weights):
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         weights = [w.contiguous() for w in weights]
         ys, c0 = [], 0
         for w, group in zip(weights, groups):
-            ys.append(_launch_fwd(rows[:, c0:c0 + w.shape[-2]], w, row_weight_index, pos, silu, group))
+            ys.append(_launch_fwd(rows[:, c0:c0 + w.shape[-2]], w, row_weight_index, pos, silu, group, src))
             c0 += w.shape[-2]
-        ctx.save_for_backward(rows, pos, row_weight_index, *weights)
+        ctx.save_for_backward(rows, pos, row_weight_index, src, slot_row, *weights)
         ctx.silu, ctx.groups = silu, groups
-        return (*ys, rows[:, c0:].clone())
+        return (*ys, rows[:, c0:].clone() if src is None else rows.new_empty(pos.shape[0], 0))
 
     @staticmethod
     def backward(ctx, *grads):
-        rows, pos, widx, *weights = ctx.saved_tensors
-        drows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        rows, pos, widx, src, slot_row, *weights = ctx.saved_tensors
+        drows = torch.empty(pos.shape[0], rows.shape[1], dtype=rows.dtype, device=rows.device)
         dws, c0 = [], 0
         for w, group, dy in zip(weights, ctx.groups, grads):  # unused outputs get zero gradients (autograd)
             C = w.shape[-2]
             dws.append(_launch_bwd(rows[:, c0:c0 + C], w, widx, pos, dy.contiguous(), ctx.silu, group,
-                                   drows[:, c0:c0 + C]).to(w.dtype))
+                                   drows[:, c0:c0 + C], src).to(w.dtype))
             c0 += C
-        drows[:, c0:] = grads[-1]
-        return (drows, None, None, None, None, *dws)
+        if src is None:
+            drows[:, c0:] = grads[-1]
+        else:
+            drows = gather_sum(drows, slot_row)
+        return (drows, None, None, None, None, None, None, *dws)
 
 
 def causal_conv1d_varlen_triton(rows: torch.Tensor, weights: list, cu_seqlens: torch.Tensor,
                                 row_weight_index: Optional[torch.Tensor] = None, silu: bool = False,
-                                pos: Optional[torch.Tensor] = None, l2norm_groups: Optional[list] = None):
+                                pos: Optional[torch.Tensor] = None, l2norm_groups: Optional[list] = None,
+                                gather: Optional[tuple] = None):
     """rows [N, D] (rows may be strided, channels contiguous); weights: [C_i, W] or [G, C_i, W] with
     row_weight_index [N], for consecutive column blocks from column 0 (sum C_i <= D);
     l2norm_groups[i]: L2-normalise block i's output per group of that many channels (a head), or
-    None. -> ([y_i [N, C_i] in rows' dtype], rows[:, sum C_i:] as a copy); float32 accumulation
-    whatever the weight dtype. Arguments as checked by conv.causal_conv1d_varlen_split."""
+    None. gather (row_source [N], slot_row [T, R]): rows are T source rows and packed row i is
+    rows[row_source[i]]; the blocks must cover all columns. -> ([y_i [N, C_i] in rows' dtype],
+    rows[:, sum C_i:] as a copy); float32 accumulation whatever the weight dtype. Arguments as
+    checked by conv.causal_conv1d_varlen_split."""
     groups = l2norm_groups if l2norm_groups is not None else [None] * len(weights)
-    pos = row_positions(cu_seqlens, rows.shape[0]) if pos is None else pos
+    src, slot_row = gather if gather is not None else (None, None)
+    if src is not None and sum(w.shape[-2] for w in weights) != rows.shape[1]:
+        raise ValueError(f"a gathered conv must cover all {rows.shape[1]} columns of its source rows, the weights "
+                         f"cover {sum(w.shape[-2] for w in weights)}")
+    N = src.numel() if src is not None else rows.shape[0]
+    pos = row_positions(cu_seqlens, N) if pos is None else pos
     widx = row_weight_index.to(torch.int32).contiguous() if row_weight_index is not None else None
-    *ys, rest = ShortConvFunction.apply(rows, pos, widx, silu, tuple(g or 0 for g in groups), *weights)
+    *ys, rest = ShortConvFunction.apply(rows, pos, widx, silu, tuple(g or 0 for g in groups),
+                                        src.contiguous() if src is not None else None,
+                                        slot_row.contiguous() if slot_row is not None else None, *weights)
     return ys, rest

@@ -52,21 +52,6 @@ class RMSNorm(nn.Module):
             return s, self._norm(s).to(out_dtype or s.dtype)
         return self._norm(x).to(out_dtype or x.dtype)
 
-    def route(self, x: torch.Tensor, residual: torch.Tensor | None, dtype: torch.dtype, router_weight: torch.Tensor,
-              topk: int):
-        """The MoM block's attention norm and its layer's router: -> (s = x + residual, or x without one;
-        RMSNorm(s) in float32, or None on the GPU; the same in dtype (the projections' input); the
-        router's `RouterOutput` on the float32 one). On the GPU one Triton kernel each way does the add,
-        the norm and the router (logits, softmax, top-k): the float32 output the router reads never
-        leaves registers. Elsewhere the norm, a cast and `routing.route`."""
-        from .routing import RouterOutput, route
-        if use_triton(x, self.backend):
-            from megamom.kernels.triton.rmsnorm import rms_norm_route
-            out = rms_norm_route(x, residual, self.weight, self.eps, dtype, router_weight, topk)
-            return (out[0] if residual is not None else x), None, out[-5], RouterOutput(*out[-4:])
-        s, y = self(x, residual) if residual is not None else (x, self(x))
-        return s, y, y.to(dtype), route(y.reshape(-1, y.shape[-1]), router_weight, topk)
-
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(x, self.backend):
             from megamom.kernels.triton.rmsnorm import rms_norm  # one kernel each way

@@ -14,12 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megamom.kernels import use_triton
+
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import ModelCache
 from .layers import RMSNorm, SwiGLU, autocast_target_dtype
 from .loss import linear_cross_entropy
 from .memory_mixer import MemoryMixer
+from .routing import RouterOutput, route
 
 
 @dataclass
@@ -49,7 +52,8 @@ class Block(nn.Module):
         lowp = autocast_target_dtype(x)
         if isinstance(self.attn, MemoryMixer) and self.attn.router is not None and lowp != x.dtype:
             # the router reads the norm's output in float32, the projections in bf16: routed in the norm
-            x, a, a_lowp, routed = self.attn_norm.route(x, residual, lowp, self.attn.router.weight, self.attn.topk)
+            x, a, a_lowp, routed = norm_and_route(self.attn_norm, x, residual, lowp, self.attn.router.weight,
+                                                  self.attn.topk)
             h, stats, new_cache = self.attn(a if a is not None else a_lowp, ctx["doc_ids"], ctx["num_docs"], cache,
                                             use_cache, x_lowp=a_lowp, routed=routed)
         else:
@@ -63,6 +67,21 @@ class Block(nn.Module):
                 h, stats, new_cache = self.attn(a, ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
         x, y = self.mlp_norm(x, h, out_dtype=autocast_target_dtype(x))  # y goes straight into matmuls
         return x, self.mlp(y), stats, new_cache
+
+
+def norm_and_route(norm: RMSNorm, x: torch.Tensor, residual: Optional[torch.Tensor], dtype: torch.dtype,
+                   router_weight: torch.Tensor, topk: int):
+    """The MoM block's attention norm and its layer's router: -> (s = x + residual, or x without one;
+    RMSNorm(s) in float32, or None on the GPU; the same in dtype (the projections' input); the
+    router's `RouterOutput` on the float32 one). On the GPU one Triton kernel each way does the add,
+    the norm and the router (logits, softmax, top-k): the float32 output the router reads never
+    leaves registers. Elsewhere the norm, a cast and `routing.route`."""
+    if use_triton(x, norm.backend):
+        from megamom.kernels.triton.rmsnorm import rms_norm_route
+        out = rms_norm_route(x, residual, norm.weight, norm.eps, dtype, router_weight, topk)
+        return (out[0] if residual is not None else x), None, out[-5], RouterOutput(*out[-4:])
+    s, y = norm(x, residual) if residual is not None else (x, norm(x))
+    return s, y, y.to(dtype), route(y.reshape(-1, y.shape[-1]), router_weight, topk)
 
 
 class Backbone(nn.Module):

@@ -195,18 +195,20 @@ class MemoryMixer(nn.Module):
 
         # one cast for the q, memory and gate projections (the router reads xf)
         xc = x_lowp.reshape(N, d) if x_lowp is not None else cast_for_autocast(xf)
-        q_rows = pack(self.q_proj(xc), packing, fused)
+        q = self.q_proj(xc)  # [N, H*K]: one q per token, shared by its memories
         parts, sizes = self._projection_weights()
         rows = grouped_projection(xc, parts, packing, fused)  # [A, k | v | beta | decay]
 
         conv_state = None
         if self.conv_size:
             init = cache.conv if cache is not None else None
-            q_rows, k_rows, v_rows, rest, conv_state = self._conv(q_rows, rows, packing, init,
+            # the conv reads each memory row's q through the packing (no packed copy on the Triton path)
+            q_rows, k_rows, v_rows, rest, conv_state = self._conv(q, rows, packing, init,
                                                                   use_cache or cache is not None, backend)
             b_rows, a_rows = self._split_gates(rest, sizes[2:])
         else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
             k_rows, v_rows, b_rows, a_rows = self._split(rows, sizes)
+            q_rows = pack(q, packing, fused)
             q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
         g, beta = self._gates(b_rows, a_rows)
         initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
@@ -248,10 +250,12 @@ class MemoryMixer(nn.Module):
         return self.o_proj(o.reshape(o.shape[0], -1))
 
     def _conv(self, q, rows, packing, init: Optional[dict], want_state: bool, backend: str):
-        """Step 4 for q [A, H*K] and the k / v columns of the projection rows [A, k | v | ...]; the
-        beta / decay columns come back as `rest` (on the Triton path all of rows takes one autograd
-        node, so its gradient is written in one buffer). -> q, k, v, rest, conv state (the last
-        inputs of each segment) or None."""
+        """Step 4 for q [N, H*K] (one per token) and the k / v columns of the projection rows
+        [A, k | v | ...]; the beta / decay columns come back as `rest` (on the Triton path all of rows
+        takes one autograd node, so its gradient is written in one buffer). On the Triton path the
+        conv reads each memory row's q through the packing (no packed copy of q is written or saved);
+        elsewhere q is packed first. -> q, k, v, rest (packed rows), conv state (the last inputs of
+        each segment) or None."""
         M = self.num_memories
         per_mem = self.cfg.per_memory_conv
         qk_group = self.head_dim if self.cfg.qk_norm == "l2" else None  # the scan's q / k norm, fused here
@@ -262,8 +266,12 @@ class MemoryMixer(nn.Module):
                       output_final_state=want_state, activation="silu", backend=backend,
                       positions=packing.row_position)
         wq, wk, wv = (w if per_mem else w[0] for w in (self.q_conv, self.k_conv, self.v_conv))
+        gather_q = tails is None and not want_state and use_triton(q, backend)
+        if not gather_q:
+            q = pack(q, packing, use_triton(q, backend))
         q, final_q = causal_conv1d_varlen(q, wq, initial_state=None if tails is None else tails["q"],
-                                          l2norm_group=qk_group, **kwargs)
+                                          l2norm_group=qk_group, **kwargs,
+                                          gather=(packing.row_token, packing.slot_row) if gather_q else None)
         (k, v), rest, final_kv = causal_conv1d_varlen_split(
             rows, [wk, wv], initial_states=None if tails is None else [tails["k"], tails["v"]],
             l2norm_groups=[qk_group, None], **kwargs)
