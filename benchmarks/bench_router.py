@@ -68,7 +68,8 @@ def main():
                     continue
                 print("sweep", name, json.dumps(c), f"{t:.4f} ms", flush=True)
                 best = min(best or (t, c), (t, c), key=lambda tc: tc[0])
-            print("best", name, json.dumps(best[1]), f"{best[0]:.4f} ms", flush=True)
+            if best is not None:
+                print("best", name, json.dumps(best[1]), f"{best[0]:.4f} ms", flush=True)
         mt._ENV_CFG.clear()
 
 

@@ -27,7 +27,8 @@ def causal_conv1d_varlen(
     l2norm_group: Optional[int] = None,
     gather: Optional[tuple] = None,
 ):
-    """x: [N, D] packed rows (or, with gather, the source rows they copy: see the split); weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
+    """x: [N, D] packed rows (or, with gather, the source rows they copy: see the split);
+    weight: [D, W], or [G, D, W] with `row_weight_index` [N] picking
     the weight of each row (per-memory convolutions); cu_seqlens: [S+1]; initial_state [S, W-1, D].
     activation: None or "silu" (applied to the output). positions: [N] int32 position of each row
     in its segment, if the caller has it (saves recomputing it from cu_seqlens). l2norm_group: after
@@ -66,11 +67,17 @@ def causal_conv1d_varlen_split(
     gather (row_source [N] long, slot_row [T, R]): rows holds T source rows, packed row i being
     rows[row_source[i]], and slot_row lists each source row's packed rows (every packed row once: the
     MoM packing of a token's q projection). The Triton path reads through the index and sums each
-    source row's gradient in slot order; the other paths convolve an explicit copy."""
+    source row's gradient in slot order; the other paths convolve an explicit copy. With gather the
+    weights cover all columns and `rest` is empty ([N, 0])."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation {activation!r} is not one of None, 'silu'")
     groups = check_split(rows, weights, l2norm_groups, row_weight_index)
+    if gather is not None and sum(w.shape[-2] for w in weights) != rows.shape[1]:
+        raise ValueError(f"with gather the weights must cover all {rows.shape[1]} columns of the source rows, "
+                         f"they cover {sum(w.shape[-2] for w in weights)}")
     if gather is not None and (initial_states is not None or output_final_state or not use_triton(rows, backend)):
+        # (index_select's backward is an index_add: atomics on CUDA, so not bitwise reproducible there;
+        # the model gathers only on the Triton path and packs q itself otherwise)
         rows, gather = rows.index_select(0, gather[0]), None
     N = rows.shape[0] if gather is None else gather[0].numel()
     bounds = [0]

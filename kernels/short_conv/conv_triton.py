@@ -258,6 +258,7 @@ def _conv_bwd_slide_kernel(x, src, w, pos, dy, dx, dwp, N, stride_x, stride_dx, 
     window, forms dz_t, adds dz_t x_{t-s} to this program's dW, and emits dx_{t-3} =
     sum_s W[W-1-s] dz_{t-3+s} from the window of the last four dz (dz_{t-3+s} counts if row t-3+s
     is s or more rows into its segment). Steps t < 0 fill the x window, steps t >= L the dz window."""
+    tl.static_assert(not NORM, "the sliding backward has no L2 norm (a head would span programs' tiles)")
     stride_x = stride_x // SA * SA
     stride_dx = stride_dx // SAX * SAX
     i_r = tl.program_id(0)
@@ -373,7 +374,7 @@ def _launch_bwd(x, weight, widx, pos, dy, silu: bool, group: int, dx: torch.Tens
         return dwp.sum(0).view(weight.shape)
     dz = torch.empty(N, D, dtype=dy.dtype, device=x.device)  # dW is summed from float32 dz in-kernel
     widx = widx if widx is not None else pos
-    if weight.dim() == 2 and W <= 4:
+    if weight.dim() == 2 and W <= 4 and group:  # one weight with the L2 norm (the q / k convs)
         cfg, BR, BD, CS = _blocks("conv_bwd_shared", D, group)
         RB = cfg.pop("RB")
         nb = triton.cdiv(N, BR * RB)
@@ -443,7 +444,7 @@ def causal_conv1d_varlen_triton(rows: torch.Tensor, weights: list, cu_seqlens: t
     l2norm_groups[i]: L2-normalise block i's output per group of that many channels (a head), or
     None. gather (row_source [N], slot_row [T, R]): rows are T source rows and packed row i is
     rows[row_source[i]]; the blocks must cover all columns. -> ([y_i [N, C_i] in rows' dtype],
-    rows[:, sum C_i:] as a copy); float32 accumulation whatever the weight dtype. Arguments as
+    rows[:, sum C_i:] as a copy, empty with gather); float32 accumulation whatever the weight dtype. Arguments as
     checked by conv.causal_conv1d_varlen_split."""
     groups = l2norm_groups if l2norm_groups is not None else [None] * len(weights)
     src, slot_row = gather if gather is not None else (None, None)

@@ -132,12 +132,12 @@ _DEFAULT_CFG = {
     # BV 32 / 2 stages: 4.60 vs 4.80-4.82 ms MoM fwd+bwd, 6 runs bitwise equal, 4.06e-3 vs float64 (H200,
     # 2026-11-26); BV 64 with 2 stages and BV 32 with 3 stages fail (shared memory / NaN)
     "bwd_dhu": dict(BV=32, num_warps=8, num_stages=2),
-    # 2+ stages: wrong / irreproducible dw. BK 128 (two key blocks: dO, vn, dvn read twice, not 4x):
-    # 4.99 vs 5.18 ms MoM fwd+bwd, 8 runs bitwise equal, 4.06e-3 vs float64 (H200, 2026-11-26).
-    # Session 14 (H200, MoM fwd+bwd with keep=all, each 12 runs bitwise equal, 4.06e-3): PREFETCH (the
-    # next value block loaded by hand before this one's products) 3.967 vs 4.029 ms; with the epilogue
-    # storing each accumulator once final (fewer spills), BK 64 / 4 warps 3.770-3.789 vs 3.924-3.963 at
-    # BK 128 / 8 warps; without PREFETCH 3.845, BV 32 3.997, 8 warps 4.200. BK 32 / 4 warps failed with an
+    # BK 64 / 4 warps with PREFETCH (the next value block loaded by hand before this one's products) and
+    # the epilogue storing each accumulator once final (fewer spills): 3.770-3.789 vs 3.924-3.963 ms at
+    # session 11's BK 128 / 8 warps (H200, session 14, MoM fwd+bwd with keep=all, each 12 runs bitwise
+    # equal, 4.06e-3 vs float64); without PREFETCH 3.845, BV 32 3.997, 8 warps 4.200. 2+ stages: wrong /
+    # irreproducible dw (session 9). History: BK 128 (two key blocks: dO, vn, dvn read twice, not 4x) beat
+    # BK 64 / 8 warps, 4.99 vs 5.18 ms, before the epilogue change (session 11). BK 32 / 4 warps failed with an
     # error that left the process's CUDA context unusable (not examined; the candidates after it in that
     # run, BK 128 / 4 warps, BV 128, 2 stages, could not be judged)
     "bwd_dqkwg": dict(BK=64, BV=64, num_warps=4, num_stages=1, PREFETCH=True),
@@ -160,7 +160,8 @@ _DEFAULT_CFG = {
     # bench_router.py --sweep (H200, 2026-11-27): 0.024 ms vs 0.086 (in the step's profile) for the tile that
     # reduced over the columns at every step
     "router_fwd": dict(BM=16, BD=64, num_warps=4, num_stages=3),
-    "router_bwd": dict(BM=16, BD=256, RB=16, num_warps=4, num_stages=1),  # sweep: 0.1065 vs 0.1135 ms at RB 8
+    # bench_router.py --sweep (fwd+bwd, H200, 2026-11-27): 0.1065 ms; the previous RB 8 0.1135 (same call)
+    "router_bwd": dict(BM=16, BD=256, RB=16, num_warps=4, num_stages=1),
     "router_dlogits": dict(BM=64, num_warps=4, num_stages=1),
     "rmsnorm_fwd": dict(BM=4, num_warps=4, num_stages=1),
     "rmsnorm_bwd": dict(BM=4, RB=16, num_warps=8, num_stages=1),

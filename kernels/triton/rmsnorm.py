@@ -1,13 +1,15 @@
 """RMSNorm y = x / sqrt(mean(x^2) + eps) * weight over the last dim, forward and backward in one
 kernel each (the block norms; the torch version is 5 kernels forward and ~8 backward over float32
-copies of the residual stream). Output in x's dtype (add_rms_norm: in out_dtype), statistics in float32.
+copies of the residual stream). Output in x's dtype (add_rms_norm, rms_norm_route: in out_dtype),
+statistics in float32.
 
     backward  x_hat = x rstd;  dx = rstd (dy w - x_hat mean(dy w x_hat));  dw = sum_rows dy x_hat
 dw is summed per block of rows in the kernel and over blocks in torch (deterministic).
 `add_rms_norm` also does the residual add before the norm (s = x + h), and in backward adds the
 residual's own gradient: a pre-norm block's "x = x + h; norm(x)" in one pass each way.
 `rms_norm_route` also runs the MoM router (kernels/triton/router.py) on the float32 output, both ways.
-The reference: `megamom.model.layers.RMSNorm` on the torch path."""
+The references: `megamom.model.layers.RMSNorm` on the torch path; for rms_norm_route, the torch path of
+`megamom.model.lm.norm_and_route` (the norm, then `routing.route`)."""
 from __future__ import annotations
 
 import torch

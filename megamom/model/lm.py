@@ -50,7 +50,8 @@ class Block(nn.Module):
         output, router stats, cache): the stream leaving the block is x + MLP output, added by the
         next norm. One fused add + norm per residual add, no gradient sums on the stream."""
         lowp = autocast_target_dtype(x)
-        if isinstance(self.attn, MemoryMixer) and self.attn.router is not None and lowp != x.dtype:
+        decoding = cache is not None and x.shape[1] == 1  # (the decode step routes its one token itself)
+        if isinstance(self.attn, MemoryMixer) and self.attn.router is not None and lowp != x.dtype and not decoding:
             # the router reads the norm's output in float32, the projections in bf16: routed in the norm
             x, a, a_lowp, routed = norm_and_route(self.attn_norm, x, residual, lowp, self.attn.router.weight,
                                                   self.attn.topk)
@@ -72,8 +73,8 @@ class Block(nn.Module):
 def norm_and_route(norm: RMSNorm, x: torch.Tensor, residual: Optional[torch.Tensor], dtype: torch.dtype,
                    router_weight: torch.Tensor, topk: int):
     """The MoM block's attention norm and its layer's router: -> (s = x + residual, or x without one;
-    RMSNorm(s) in float32, or None on the GPU; the same in dtype (the projections' input); the
-    router's `RouterOutput` on the float32 one). On the GPU one Triton kernel each way does the add,
+    RMSNorm(s) in float32, or None on the Triton path; the same in dtype (the projections' input); the
+    router's `RouterOutput` on the float32 one). On the Triton path one kernel each way does the add,
     the norm and the router (logits, softmax, top-k): the float32 output the router reads never
     leaves registers. Elsewhere the norm, a cast and `routing.route`."""
     if use_triton(x, norm.backend):

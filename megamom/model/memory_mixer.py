@@ -174,7 +174,7 @@ class MemoryMixer(nn.Module):
                 x_lowp: Optional[torch.Tensor] = None, routed: Optional[RouterOutput] = None):
         """x: [B, T, d]; doc_ids: [B*T] global document index (non-decreasing); x_lowp: x already in
         the autocast dtype, else cast here; routed: the router's output on x, else routed here (the
-        block's norm does both: `RMSNorm.route`). Returns (out [B, T, d], RouterStats or None, new
+        block's norm does both: `lm.norm_and_route`). Returns (out [B, T, d], RouterStats or None, new
         cache or None)."""
         B, T, d = x.shape
         if cache is not None and T == 1:
