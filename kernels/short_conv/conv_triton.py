@@ -72,6 +72,19 @@ def _rnorm(y, eps):
 
 
 @triton.jit
+def _weight_rows(w, widx, r0, o_r, m_r, cols, D: tl.constexpr, W: tl.constexpr, PER_ROW_W: tl.constexpr):
+    """-> (pointers to tap 0 of each (row, channel)'s weight: [BR, BD] with per-row weights, [1, BD] for
+    one shared weight; the rows' weight indices, or 0)."""
+    if PER_ROW_W:
+        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
+        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
+    else:
+        gi = 0
+        w_row = w + cols[None, :] * W
+    return w_row, gi
+
+
+@triton.jit
 def _tap(w_row, j, m_rd, m_d, PER_ROW_W: tl.constexpr):
     """Tap j of the weights (float32): [BR, BD] per-row weights, or one [1, BD] row for all rows
     (masked by the columns only: a [BR, BD] mask would load the shared row once per row)."""
@@ -106,23 +119,17 @@ def _conv_fwd_kernel(x, src, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr,
     stride_x = stride_x // SA * SA
     r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, CS, D)
     xb = x + r0 * stride_x
-    if PER_ROW_W:
-        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
-        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
+    m_rd = m_r[:, None] & m_d[None, :]
+    w_row, gi = _weight_rows(w, widx, r0, o_r, m_r, cols, D, W, PER_ROW_W)
     acc = tl.zeros([BR, BD], dtype=tl.float32)
     for s in tl.static_range(W):
         xs = _x_tile(x, xb, src, r0, o_r, s, m_r & (p >= s), cols, m_d, stride_x, GATHER)
-        if PER_ROW_W:
-            ws = tl.load(w_row + (W - 1 - s), mask=m_r[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        else:
-            ws = tl.load(w + cols * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[None, :]
-        acc += xs * ws
+        acc += xs * _tap(w_row, W - 1 - s, m_rd, m_d, PER_ROW_W)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     if NORM:
         acc = acc * _rnorm(acc, eps)
-    tl.store(y + r0 * D + o_r[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty),
-             mask=m_r[:, None] & m_d[None, :])
+    tl.store(y + r0 * D + o_r[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty), mask=m_rd)
 
 
 @triton.jit
@@ -137,11 +144,7 @@ def _conv_bwd_dz_kernel(x, src, w, widx, pos, dy, dz, dwp, N, stride_x, eps, D: 
     m_rd = m_r[:, None] & m_d[None, :]
     xb = x + r0 * stride_x
     p_rd = r0 * D + o_r[:, None] * D + cols[None, :]
-    if PER_ROW_W:
-        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
-        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
-    else:
-        w_row = w + cols[None, :] * W
+    w_row, gi = _weight_rows(w, widx, r0, o_r, m_r, cols, D, W, PER_ROW_W)
     b_dz = tl.load(dy + p_rd, mask=m_rd, other=0.0).to(tl.float32)
     if SILU or NORM:
         z = tl.zeros([BR, BD], dtype=tl.float32)
@@ -168,6 +171,19 @@ def _shared_taps(w, cols, m_d, W: tl.constexpr):
     w2 = tl.load(w + cols * W + (W - 3), mask=m_d & (W > 2), other=0.0).to(tl.float32)[None, :]
     w3 = tl.load(w + cols * W + (W - 4), mask=m_d & (W > 3), other=0.0).to(tl.float32)[None, :]
     return w0, w1, w2, w3
+
+
+@triton.jit
+def _store_shared_dw(p_w, acc0, acc1, acc2, acc3, m_d, W: tl.constexpr):
+    """This program's partial dW of the one weight (W <= 4): acc_s ([rows, BD]: dz_t x_{t-s} summed
+    elementwise) reduced over its rows, stored at tap W-1-s of p_w (its [BD, W] block)."""
+    tl.store(p_w + (W - 1), tl.sum(acc0, 0), mask=m_d)
+    if W > 1:
+        tl.store(p_w + (W - 2), tl.sum(acc1, 0), mask=m_d)
+    if W > 2:
+        tl.store(p_w + (W - 3), tl.sum(acc2, 0), mask=m_d)
+    if W > 3:
+        tl.store(p_w + (W - 4), tl.sum(acc3, 0), mask=m_d)
 
 
 @triton.jit
@@ -206,14 +222,7 @@ def _conv_bwd_dz_shared_kernel(x, src, w, pos, dy, dz, dwp, N, stride_x, eps, D:
         acc1 += b_dz * x1
         acc2 += b_dz * x2
         acc3 += b_dz * x3
-    p_w = dwp + (i_r * D + cols) * W
-    tl.store(p_w + (W - 1), tl.sum(acc0, 0), mask=m_d)
-    if W > 1:
-        tl.store(p_w + (W - 2), tl.sum(acc1, 0), mask=m_d)
-    if W > 2:
-        tl.store(p_w + (W - 3), tl.sum(acc2, 0), mask=m_d)
-    if W > 3:
-        tl.store(p_w + (W - 4), tl.sum(acc3, 0), mask=m_d)
+    _store_shared_dw(dwp + (i_r * D + cols) * W, acc0, acc1, acc2, acc3, m_d, W)
 
 
 @triton.jit
@@ -224,11 +233,7 @@ def _conv_bwd_dx_kernel(w, widx, pos, dz, dx, N, stride_dx, D: tl.constexpr, W: 
     stride_dx = stride_dx // SA * SA
     r0, o_r, cols, m_r, m_d, p = _row_tile(pos, N, tl.program_id(0), BR, BD, BD, D)
     m_rd = m_r[:, None] & m_d[None, :]
-    if PER_ROW_W:
-        gi = tl.load(widx + r0 + o_r, mask=m_r, other=0)
-        w_row = w + gi[:, None] * (D * W) + cols[None, :] * W
-    else:
-        w_row = w + cols[None, :] * W
+    w_row, gi = _weight_rows(w, widx, r0, o_r, m_r, cols, D, W, PER_ROW_W)
     zb = dz + r0 * D
     b_dx = tl.zeros([BR, BD], dtype=tl.float32)
     for s in tl.static_range(W):
@@ -302,14 +307,7 @@ def _conv_bwd_slide_kernel(x, src, w, pos, dy, dx, dwp, N, stride_x, stride_dx, 
         o_e = o_t - 3
         m_e = (o_e >= -c0) & (o_e < N - c0) & (o_e >= o_c)
         tl.store(dxb + o_e[:, None] * stride_dx, b_dx.to(dx.dtype.element_ty), mask=m_e[:, None] & m_d[None, :])
-    p_w = dwp + (i_r * D + cols) * W
-    tl.store(p_w + (W - 1), tl.sum(acc0, 0), mask=m_d)
-    if W > 1:
-        tl.store(p_w + (W - 2), tl.sum(acc1, 0), mask=m_d)
-    if W > 2:
-        tl.store(p_w + (W - 3), tl.sum(acc2, 0), mask=m_d)
-    if W > 3:
-        tl.store(p_w + (W - 4), tl.sum(acc3, 0), mask=m_d)
+    _store_shared_dw(dwp + (i_r * D + cols) * W, acc0, acc1, acc2, acc3, m_d, W)
 
 
 def _blocks(name: str, D: int, group: int) -> tuple[dict, int, int, int]:

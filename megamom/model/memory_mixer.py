@@ -266,9 +266,10 @@ class MemoryMixer(nn.Module):
                       output_final_state=want_state, activation="silu", backend=backend,
                       positions=packing.row_position)
         wq, wk, wv = (w if per_mem else w[0] for w in (self.q_conv, self.k_conv, self.v_conv))
-        gather_q = tails is None and not want_state and use_triton(q, backend)
+        fused = use_triton(q, backend)
+        gather_q = fused and tails is None and not want_state
         if not gather_q:
-            q = pack(q, packing, use_triton(q, backend))
+            q = pack(q, packing, fused)
         q, final_q = causal_conv1d_varlen(q, wq, initial_state=None if tails is None else tails["q"],
                                           l2norm_group=qk_group, **kwargs,
                                           gather=(packing.row_token, packing.slot_row) if gather_q else None)
