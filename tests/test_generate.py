@@ -178,3 +178,22 @@ def test_cache_with_packed_documents_is_refused(case):
         cache = model(tokens(length=4), use_cache=True).cache
         with pytest.raises(ValueError, match="segment_ids"):
             model(tokens(length=4), segment_ids=seg, cache=cache)
+
+
+def test_autocast_routes_in_the_norm_for_sequences_and_in_the_mixer_for_decode_steps(monkeypatch):
+    """Under autocast the MoM block routes inside its attention norm (`lm.norm_and_route`) for a whole
+    sequence; a decode step (cache, one token) must route in the mixer's own decode path instead,
+    on the float32 norm output (the routed norm hands the mixer only the bf16 copy, which the decode
+    step would route on)."""
+    from megamom.model import lm
+
+    model = build().float()
+    calls = []
+    real = lm.norm_and_route
+    monkeypatch.setattr(lm, "norm_and_route", lambda *a, **k: calls.append(a[1].shape[1]) or real(*a, **k))
+    ids = tokens()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pre = model(ids[:, :5], use_cache=True)
+        assert calls == [5] * model.config.num_layers
+        model(ids[:, 5:6], cache=pre.cache)
+    assert calls == [5] * model.config.num_layers  # the decode step did not take the routed norm
