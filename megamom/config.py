@@ -86,7 +86,8 @@ class ModelConfig:
     # in training); 0 = plain logits and F.cross_entropy.
     loss_chunk_size: int = 4096
     # What the Triton scan's backward takes from the forward instead of recomputing it: none (the
-    # least memory), states (chunk states + v_new), all (+ w). mom-340m, B8 T2048, CUDA graphs, H200
+    # least memory), states (chunk states + v_new), all (+ w, and the MoM layer's packed token rows
+    # its projection's weight gradient reads). mom-340m, B8 T2048, CUDA graphs, H200
     # (benchmarks/RESULTS.md, session 13): 68.3k-68.7k / 72.0k / 72.7k-73.2k tok/s at 34.7 / <= 49.8 / 48.1 GiB.
     scan_keep: str = "none"
 

@@ -53,8 +53,9 @@ def _rel_errors(loss_grads, ref):
 
 
 @gpu
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16_autocast"])
-def test_model_fast_path_matches_float64(amp):
+@pytest.mark.parametrize("amp,keep", [(False, "none"), (True, "none"), (True, "all")],
+                         ids=["fp32", "bf16_autocast", "bf16_autocast_keep_all"])
+def test_model_fast_path_matches_float64(amp, keep):
     """A whole tiny MoM model on the GPU fast path (Triton scan, conv, norms, residual add + norm,
     fused cross entropy) against the same weights in float64 on the reference path: the loss and
     every parameter gradient. float32: within 1e-2 (tf32 dots in the scan). float32 weights under
@@ -64,11 +65,12 @@ def test_model_fast_path_matches_float64(amp):
     dt_bias: their gradient sums dg * dg/dtheta over every token with heavy cancellation, and under
     bf16 both paths' errors are noise, 5e-2 to 4.7e-1 over 6 seeds on an H200 (fast / reference
     means 0.16 / 0.22): they must stay below 0.5 (the fp32 case checks them at 1e-2; the scan's dg
-    itself is checked in tests/test_triton_kernels.py)."""
+    itself is checked in tests/test_triton_kernels.py). keep: model.scan_keep (all: the scan's kept
+    states and the projection's saved packed rows)."""
     from megamom.model import build_model
 
     cfg = ModelConfig(arch="mom", hidden_size=256, num_heads=2, head_dim=64, num_memories=4, topk=2,
-                      vocab_size=300, num_layers=2, loss_chunk_size=100)
+                      vocab_size=300, num_layers=2, loss_chunk_size=100, scan_keep=keep)
     cfg.validate()
     torch.manual_seed(0)
     fast = build_model(cfg).cuda()

@@ -182,11 +182,13 @@ def test_router_stays_float32_under_autocast():
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
                     reason="torch._grouped_mm is missing before torch 2.8 (pyproject allows torch >= 2.4; the "
                            "projection then takes the dense path, tested above); goes away when the floor is 2.8")
-def test_grouped_projection_regathers_rows_in_backward():
+@pytest.mark.parametrize("keep_rows", [False, True])
+def test_grouped_projection_regathers_rows_in_backward(keep_rows):
     """The grouped-GEMM projection (the GPU bf16 path; float32 runs it on CPU) saves x, not the packed
-    rows, and gathers them again in its backward: output, dx and dW equal the dense float64
-    projection of every token by every memory (pack_per_memory), with one memory left empty (an
-    exact zero gradient)."""
+    rows, and gathers them again in its backward: outputs (the grouped rows and the narrow ones
+    projected apart), dx and both weights' gradients equal the dense float64 projection of every
+    token by every memory (pack_per_memory), with one memory left empty (an exact zero gradient).
+    keep_rows (model.scan_keep=all) saves the packed rows instead, with the same results."""
     from megamom.model.routing import _GroupedProjection, memory_row_ends
 
     N, E, k, d, P = DOC_IDS.numel(), 4, 2, 16, 24
@@ -197,21 +199,26 @@ def test_grouped_projection_regathers_rows_in_backward():
     x = torch.randn(N, d, generator=gen)
     w = torch.randn(E + 1, P, d, generator=gen)
     up = torch.randn(p.row_token.numel(), P, generator=gen)
+    nw = torch.randn(E + 1, 3, d, generator=gen)  # the narrow weights (beta / decay), projected apart
+    nup = torch.randn(p.row_token.numel(), 3, generator=gen)
     offs = memory_row_ends(p)
 
-    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xf, wf, nwf = x.clone().requires_grad_(), w.clone().requires_grad_(), nw.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        out = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False)
-    assert (N, d) in saved and (p.row_token.numel(), d) not in saved  # the token rows, not the packed ones
-    (out * up).sum().backward()
-    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+        out, nout = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False, nwf, p.row_memory,
+                                             keep_rows)
+    assert (N, d) in saved and ((p.row_token.numel(), d) in saved) == keep_rows  # the packed rows: keep_rows only
+    ((out * up).sum() + (nout * nup).sum()).backward()
+    xd, wd, nwd = (t.double().requires_grad_() for t in (x, w, nw))
     ref = pack_per_memory(torch.einsum("nd,mpd->nmp", xd, wd), p)
-    (ref * up.double()).sum().backward()
-    for got, want in ((out, ref), (xf.grad, xd.grad), (wf.grad, wd.grad)):
+    nref = pack_per_memory(torch.einsum("nd,mpd->nmp", xd, nwd), p)
+    ((ref * up.double()).sum() + (nref * nup.double()).sum()).backward()
+    for got, want in ((out, ref), (nout, nref), (xf.grad, xd.grad), (wf.grad, wd.grad), (nwf.grad, nwd.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
-    assert wf.grad[1].abs().max() == 0  # the empty memory's weight gets a zero gradient (sm90 and CPU; see
-    # _grouped_mm_dtype for the cards without it)
+    # the empty memory's weights get a zero gradient (sm90 and CPU; see _grouped_mm_dtype for the cards
+    # without it)
+    assert wf.grad[1].abs().max() == 0 and nwf.grad[1].abs().max() == 0
 
 
 def test_stacked_projection_weights_cast_and_gradients():

@@ -371,3 +371,30 @@ def test_cuda_graph_setup_is_checked_before_work():
     for precision in ("fp32", "bf16"):
         check_setup(TrainConfig(cuda_graph=True, zero_stage=0), torch.device("cuda"), precision)
     check_setup(TrainConfig(zero_stage=1), torch.device("cpu"), "bf16")  # graphs off: nothing to check
+
+
+def test_graphed_gradients_that_hold_the_graph_buffers_are_copied_out_before_a_replay():
+    """GraphedLoss lets autograd keep the backward graph's gradient buffers as .grad (no copy per
+    gradient) and copies out, before the next replay would overwrite it, each .grad that still is one
+    of them: accumulated or zeroed-in-place gradients keep their values, other gradients are left
+    alone. The replays themselves run on the GPU (tests/test_cuda_graph_gpu.py); this is the
+    bookkeeping, on CPU tensors standing for the graph's buffers."""
+    from torch import nn
+
+    from megamom.train.cuda_graph import GraphedLoss
+    model = nn.Linear(4, 3)
+    g = GraphedLoss(model)
+    buffers = [torch.randn(3, 4), torch.randn(3)]
+    for b in buffers:  # what the gradient hooks see during a replay's backward
+        g._note_buffer(b)
+    model.weight.grad = buffers[0]  # as autograd leaves them after a replay (.grad was None)
+    own_bias_grad = torch.randn(3)
+    model.bias.grad = own_bias_grad  # not a graph buffer (e.g. copied out before)
+    g._release_grads()
+    assert model.weight.grad.data_ptr() != buffers[0].data_ptr() and torch.equal(model.weight.grad, buffers[0])
+    assert model.bias.grad is own_bias_grad
+    buffers[0].fill_(7.0)  # the next replay overwrites its buffer: the caller's gradient keeps its values
+    assert not torch.equal(model.weight.grad, buffers[0])
+    model.weight.grad = buffers[0]
+    g.close()  # closing hands back no graph buffer as a gradient either
+    assert model.weight.grad.data_ptr() != buffers[0].data_ptr() and not g._grad_buffers

@@ -128,9 +128,28 @@ class MemoryMixer(nn.Module):
 
     # ------------------------------------------------------------------------------ pieces
     def _projection_weights(self) -> tuple[list[torch.Tensor], list[int]]:
-        """The per-memory weights [M, P_i, d] one grouped projection applies (k | v | beta | decay), and P_i."""
+        """The per-memory weights [M, P_i, d] of k | v | beta | decay (those present), and P_i."""
         parts = [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
         return parts, [p.shape[1] for p in parts]
+
+    def _projection_groups(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The per-memory weights split for grouped_projection: the wide ones (k | v, and GLA's per-key
+        decay) and the narrow per-head ones (beta, scalar decay) it projects apart."""
+        wide = [self.k_proj, self.v_proj]
+        narrow = [p for p in (self.b_proj,) if p is not None]
+        if self.a_proj is not None:
+            (narrow if self.rule.decay == "scalar" else wide).append(self.a_proj)
+        return wide, narrow
+
+    def _gate_rows(self, narrow_rows: Optional[torch.Tensor], rest: torch.Tensor):
+        """-> beta rows or None, decay rows or None: beta and a scalar decay from the narrow
+        projection's rows [beta | decay], GLA's per-key decay from the columns after k | v (`rest`)."""
+        H = self.num_heads
+        b = narrow_rows[:, :H] if self.b_proj is not None else None
+        a = None
+        if self.a_proj is not None:
+            a = narrow_rows[:, -H:] if self.rule.decay == "scalar" else rest
+        return b, a
 
     def _split(self, rows: torch.Tensor, sizes: list[int]):
         """[.., k | v | beta | decay] -> k, v, beta or None, decay or None."""
@@ -196,8 +215,9 @@ class MemoryMixer(nn.Module):
         # one cast for the q, memory and gate projections (the router reads xf)
         xc = x_lowp.reshape(N, d) if x_lowp is not None else cast_for_autocast(xf)
         q = self.q_proj(xc)  # [N, H*K]: one q per token, shared by its memories
-        parts, sizes = self._projection_weights()
-        rows = grouped_projection(xc, parts, packing, fused)  # [A, k | v | beta | decay]
+        wide, narrow = self._projection_groups()
+        rows, narrow_rows = grouped_projection(xc, wide, packing, fused, narrow,  # [A, k | v (| GLA decay)]
+                                               keep_rows=self.cfg.scan_keep == "all" and torch.is_grad_enabled())
 
         conv_state = None
         if self.conv_size:
@@ -205,11 +225,12 @@ class MemoryMixer(nn.Module):
             # the conv reads each memory row's q through the packing (no packed copy on the Triton path)
             q_rows, k_rows, v_rows, rest, conv_state = self._conv(q, rows, packing, init,
                                                                   use_cache or cache is not None, backend)
-            b_rows, a_rows = self._split_gates(rest, sizes[2:])
         else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
-            k_rows, v_rows, b_rows, a_rows = self._split(rows, sizes)
+            Kd, Vd = self.k_proj.shape[1], self.v_proj.shape[1]
+            k_rows, v_rows, rest = rows.split([Kd, Vd, rows.shape[1] - Kd - Vd], 1)
             q_rows = pack(q, packing, fused)
             q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
+        b_rows, a_rows = self._gate_rows(narrow_rows, rest)
         g, beta = self._gates(b_rows, a_rows)
         initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
         o_rows, final_state = memory_scan(
@@ -251,11 +272,11 @@ class MemoryMixer(nn.Module):
 
     def _conv(self, q, rows, packing, init: Optional[dict], want_state: bool, backend: str):
         """Step 4 for q [N, H*K] (one per token) and the k / v columns of the projection rows
-        [A, k | v | ...]; the beta / decay columns come back as `rest` (on the Triton path all of rows
-        takes one autograd node, so its gradient is written in one buffer). On the Triton path the
-        conv reads each memory row's q through the packing (no packed copy of q is written or saved);
-        elsewhere q is packed first. -> q, k, v, rest (packed rows), conv state (the last inputs of
-        each segment) or None."""
+        [A, k | v | ...]; the columns after k | v (GLA's per-key decay) come back as `rest` (on the
+        Triton path all of rows takes one autograd node, so its gradient is written in one buffer).
+        On the Triton path the conv reads each memory row's q through the packing (no packed copy of
+        q is written or saved); elsewhere q is packed first. -> q, k, v, rest (packed rows), conv state
+        (the last inputs of each segment) or None."""
         M = self.num_memories
         per_mem = self.cfg.per_memory_conv
         qk_group = self.head_dim if self.cfg.qk_norm == "l2" else None  # the scan's q / k norm, fused here

@@ -147,25 +147,41 @@ def pack_per_memory(y: torch.Tensor, packing: Packing) -> torch.Tensor:
     return y.reshape(N * M, P).index_select(0, packing.row_token * M + packing.row_memory)
 
 
-def grouped_projection(x: torch.Tensor, weights, packing: Packing, fused: bool = False) -> torch.Tensor:
+def grouped_projection(x: torch.Tensor, weights, packing: Packing, fused: bool = False, narrow=None,
+                       keep_rows: bool = False):
     """Per-memory projection of every packed row: row r gets x[token_r] @ W[memory_r]^T, with W the
-    weights [M, P_i, d] (a tensor, or a list stacked along dim 1: the layer's k | v | beta | decay).
+    weights [M, P_i, d] (a tensor, or a list stacked along dim 1: the layer's k | v).
+    narrow: per-memory weights [M, Q_j, d] of a few columns each (the per-head beta and scalar decay),
+    projected for every token by every memory in one dense GEMM and gathered per row: they stay out of
+    the grouped GEMM, whose width then stays a multiple of its tile (H200, B8 T2048 d1024: fwd + dx +
+    dW 1.02 ms at 2048 columns, 1.17 ms at 2048 + 8; `benchmarks/bench_gemm_shapes.py`).
+    keep_rows: the grouped path saves the gathered token rows [A, d] for its weight gradient instead of
+    gathering them again (model.scan_keep=all: +100 MB a layer at B8 T2048 d1024, one gather less).
+    -> (rows [A, sum P_i], narrow rows [A, sum Q_j] or None).
 
     On CUDA with bf16 compute this is ONE grouped GEMM over the memory-major rows (each token pays
     only for its top-k + shared memories); elsewhere one dense GEMM of every token by every memory,
     then a gather (extra FLOPs, but a single vectorised op with an exactly reproducible backward)."""
     parts = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    narrow = list(narrow or [])
     N, d = x.shape
     dtype = _grouped_mm_dtype(x, sum(p.shape[1] for p in parts))
     if dtype is not None:
         offs = memory_row_ends(packing)
+        M = parts[0].shape[0]
+        nw = _StackWeights.apply(dtype, *narrow) if narrow else x.new_empty(M, 0, d, dtype=dtype)
         # cast, then gather: half the bytes moved under autocast
-        return _GroupedProjection.apply(x.to(dtype), _StackWeights.apply(dtype, *parts), packing.row_token,
-                                        packing.slot_row, offs, fused)
+        rows, narrow_rows = _GroupedProjection.apply(x.to(dtype), _StackWeights.apply(dtype, *parts),
+                                                     packing.row_token, packing.slot_row, offs, fused, nw,
+                                                     packing.row_memory, keep_rows)
+        return rows, (narrow_rows if narrow else None)
+    return _dense_per_memory(x, parts, packing), (_dense_per_memory(x, narrow, packing) if narrow else None)
+
+
+def _dense_per_memory(x: torch.Tensor, parts: list, packing: Packing) -> torch.Tensor:
     weight = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    M, P, _ = weight.shape
-    y = F.linear(x, weight.reshape(M * P, d)).view(N, M, P)
-    return pack_per_memory(y, packing)
+    M, P, d = weight.shape
+    return pack_per_memory(F.linear(x, weight.reshape(M * P, d)).view(x.shape[0], M, P), packing)
 
 
 class _StackWeights(torch.autograd.Function):
@@ -199,27 +215,47 @@ def memory_row_ends(packing: Packing) -> torch.Tensor:
 
 
 class _GroupedProjection(torch.autograd.Function):
-    """rows = x[row_token]; out = one grouped GEMM of each memory's rows by its weight [M, P, d].
-    Saves x (the token rows, which the layer's other projections keep anyway), not the packed rows
-    (k + shared times larger): the backward gathers them again for the weight gradient, one
-    gather (~50 us at B8 T2048 d1024 on an H200) for 100 MB less per layer."""
+    """rows = x[row_token]; out = one grouped GEMM of each memory's rows by its weight [M, P, d];
+    narrow rows = (x @ every memory's narrow weight [M, Q, d])[token, memory of the row] (Q may be 0).
+    Saves x (the token rows, which the layer's other projections keep anyway), and the packed rows
+    (k + shared times larger) only with keep_rows: else the backward gathers them again for the
+    weight gradient, one gather (~50 us at B8 T2048 d1024 on an H200) for 100 MB less per layer.
+    The narrow rows' input gradient is added into the grouped one by the GEMM itself (addmm, beta
+    1), not by a separate add."""
 
     @staticmethod
-    def forward(ctx, x, weight, row_token, slot_row, offs, fused):
-        ctx.save_for_backward(x, weight, row_token, slot_row, offs)
+    def forward(ctx, x, weight, row_token, slot_row, offs, fused, narrow_weight, row_memory, keep_rows=False):
+        gathered = x.index_select(0, row_token)
+        ctx.save_for_backward(x, weight, row_token, slot_row, offs, narrow_weight, row_memory,
+                              gathered if keep_rows else None)
         ctx.fused = fused
-        return torch._grouped_mm(x.index_select(0, row_token), weight.transpose(1, 2), offs=offs)
+        rows = torch._grouped_mm(gathered, weight.transpose(1, 2), offs=offs)
+        M, Q, d = narrow_weight.shape
+        if Q == 0:
+            return rows, rows.new_empty(rows.shape[0], 0)
+        every = F.linear(x, narrow_weight.reshape(M * Q, d))  # [N, M * Q]: every token by every memory
+        return rows, every.view(-1, Q).index_select(0, row_token * M + row_memory)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, row_token, slot_row, offs = ctx.saved_tensors
+    def backward(ctx, grad, grad_narrow):
+        x, weight, row_token, slot_row, offs, nw, row_memory, gathered = ctx.saved_tensors
+        M, Q, d = nw.shape
+        d_every = None
+        if Q:  # the rows' gradients scattered back to [N, M * Q] ((token, memory) pairs are unique: no sums)
+            d_every = grad_narrow.new_zeros(x.shape[0] * M, Q).index_copy_(
+                0, row_token * M + row_memory, grad_narrow).view(x.shape[0], M * Q)
         grad = grad.contiguous()
-        dx = dw = None
+        dx = dw = dnw = None
         if ctx.needs_input_grad[0]:
             dx = sum_token_rows(torch._grouped_mm(grad, weight, offs=offs), slot_row, ctx.fused)
+            if d_every is not None:
+                dx.addmm_(d_every, nw.reshape(M * Q, d))
         if ctx.needs_input_grad[1]:
-            dw = torch._grouped_mm(grad.t(), x.index_select(0, row_token), offs=offs)
-        return dx, dw, None, None, None, None
+            gathered = x.index_select(0, row_token) if gathered is None else gathered
+            dw = torch._grouped_mm(grad.t(), gathered, offs=offs)
+        if ctx.needs_input_grad[6] and Q:
+            dnw = (d_every.t() @ x).view(M, Q, d)
+        return dx, dw, None, None, None, None, dnw, None, None
 
 
 def _grouped_mm_dtype(x: torch.Tensor, out_features: int) -> Optional[torch.dtype]:
