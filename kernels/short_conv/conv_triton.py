@@ -112,10 +112,7 @@ def _act_bwd(z, dout, eps, SILU: tl.constexpr, NORM: tl.constexpr):
     return dout
 
 
-# stride_x not specialised: the k / v convs read the projection rows at a row stride of 2048, which
-# Triton would compile with a divisible-by-16 hint; the profile put this kernel at 124 us a call then
-# against 81 at a stride of 2056 (H200, mom-340m step; unconfirmed that the hint is the cause)
-@triton.jit(do_not_specialize=["stride_x"])
+@triton.jit
 def _conv_fwd_kernel(x, src, w, widx, pos, y, N, stride_x, eps, D: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
                      BD: tl.constexpr, CS: tl.constexpr, SA: tl.constexpr, PER_ROW_W: tl.constexpr,
                      SILU: tl.constexpr, NORM: tl.constexpr, GATHER: tl.constexpr):
