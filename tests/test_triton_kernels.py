@@ -693,7 +693,8 @@ def test_fused_kernel_inputs_are_checked():
 def test_short_conv_refuses_bad_blocks():
     """causal_conv1d_varlen(_split) refuses, before any work and naming the problem: weights wider
     than the rows, an x / weight channel mismatch, norm groups that do not tile their block, a
-    groups list of the wrong length, per-row weights without row indices (and the reverse)."""
+    groups list of the wrong length, per-row weights without row indices (and the reverse), a
+    gathered conv whose weights leave source columns uncovered."""
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen, causal_conv1d_varlen_split
 
     cu = torch.tensor([0, 5, 9], dtype=torch.int32)
@@ -710,6 +711,10 @@ def test_short_conv_refuses_bad_blocks():
         causal_conv1d_varlen_split(rows, [torch.zeros(2, 8, 4)], cu)
     with pytest.raises(ValueError, match=r"\[G, D, W\] weight needs row_weight_index"):
         causal_conv1d_varlen_split(rows, [w], cu, row_weight_index=torch.zeros(9, dtype=torch.long))
+    gather = (torch.arange(9) % 3, torch.arange(9).view(3, 3))
+    with pytest.raises(ValueError, match="with gather the weights must cover all 12 columns of the source rows, "
+                                         "they cover 8"):
+        causal_conv1d_varlen_split(rows[:3], [w], cu, gather=gather)
 
 
 def test_unknown_launch_override_is_refused():

@@ -442,13 +442,10 @@ def causal_conv1d_varlen_triton(rows: torch.Tensor, weights: list, cu_seqlens: t
     l2norm_groups[i]: L2-normalise block i's output per group of that many channels (a head), or
     None. gather (row_source [N], slot_row [T, R]): rows are T source rows and packed row i is
     rows[row_source[i]]; the blocks must cover all columns. -> ([y_i [N, C_i] in rows' dtype],
-    rows[:, sum C_i:] as a copy, empty with gather); float32 accumulation whatever the weight dtype. Arguments as
-    checked by conv.causal_conv1d_varlen_split."""
+    rows[:, sum C_i:] as a copy, empty with gather); float32 accumulation whatever the weight dtype.
+    Arguments as checked by conv.causal_conv1d_varlen_split."""
     groups = l2norm_groups if l2norm_groups is not None else [None] * len(weights)
     src, slot_row = gather if gather is not None else (None, None)
-    if src is not None and sum(w.shape[-2] for w in weights) != rows.shape[1]:
-        raise ValueError(f"a gathered conv must cover all {rows.shape[1]} columns of its source rows, the weights "
-                         f"cover {sum(w.shape[-2] for w in weights)}")
     N = src.numel() if src is not None else rows.shape[0]
     pos = row_positions(cu_seqlens, N) if pos is None else pos
     widx = row_weight_index.to(torch.int32).contiguous() if row_weight_index is not None else None

@@ -144,12 +144,9 @@ class MemoryMixer(nn.Module):
     def _gate_rows(self, narrow_rows: Optional[torch.Tensor], rest: torch.Tensor):
         """-> beta rows or None, decay rows or None: beta and a scalar decay from the narrow
         projection's rows [beta | decay], GLA's per-key decay from the columns after k | v (`rest`)."""
-        H = self.num_heads
-        b = narrow_rows[:, :H] if self.b_proj is not None else None
-        a = None
-        if self.a_proj is not None:
-            a = narrow_rows[:, -H:] if self.rule.decay == "scalar" else rest
-        return b, a
+        if self.rule.decay == "vector":
+            return narrow_rows, rest  # (the narrow rows are beta alone, if any)
+        return self._split_gates(narrow_rows, [p.shape[1] for p in (self.b_proj, self.a_proj) if p is not None])
 
     def _split(self, rows: torch.Tensor, sizes: list[int]):
         """[.., k | v | beta | decay] -> k, v, beta or None, decay or None."""
