@@ -49,6 +49,8 @@ RES: dict = {}
 def log(key, val):
     RES[key] = val
     print(f"{key}: {val}", flush=True)
+    with open(Path(os.environ.get("OUT", "/tmp")) / "bench_kernels.json", "w") as f:
+        json.dump(RES, f, indent=1)  # after every result: a run cut by its time limit keeps them
 
 
 SMOKE = os.environ.get("TRITON_INTERPRET") == "1"  # CPU dry run of this script (tiny shapes)
@@ -337,7 +339,7 @@ def main():
             row["ratio_fwd"] = row["ours_fwd"] / row["fla_fwd"]
             row["ratio_fwdbwd"] = row["ours_fwdbwd"] / row["fla_fwdbwd"]
         table.append(row)
-        log("timing", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        log(f"timing_{key}", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
     if not args.no_profile:
         for label, ins, c in (("dense", dense, None), ("mom", mom, cu)):
             if label not in args.cases.split(","):

@@ -63,6 +63,39 @@ def fla_available():
 
 
 # ------------------------------------------------------------------------------------------- layer
+def issue_ms(fn, n=3):
+    """Host time to issue one call, the GPU idle at the start (few calls: the launch queue must not
+    fill, or this waits on the GPU). Near the eager time, the eager layer is bound by the host."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return t
+
+
+def graph_ms(fn, tensors):
+    """fn (forward + backward) replayed from one CUDA graph: the GPU's time without the host's
+    issue time. Gradients are set to None first, so the graph owns (and overwrites) them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in tensors:
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = ms(g.replay)
+    for t_ in tensors:
+        t_.grad = None
+    del g
+    return t
+
+
 def bench_layer(backends):
     B, T = 8, 2048
     x0 = torch.randn(B, T, 1024, device=DEV, dtype=torch.bfloat16)
@@ -81,10 +114,13 @@ def bench_layer(backends):
             t0 = time.time(); fb(); torch.cuda.synchronize()
             first = time.time() - t0
             t = ms(fb)
-            log(name, {"fwdbwd_ms": round(t, 3), "first_s": round(first, 1),
-                       "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
-            ROWS.append((f"MoM layer fwd+bwd, megamom ({backend}{'' if keep == 'none' else ', keep ' + keep})",
-                         f"{t:.2f} ms"))
+            issue = issue_ms(fb)
+            graph = graph_ms(fb, [x, *layer.parameters()])
+            log(name, {"fwdbwd_ms": round(t, 3), "issue_ms": round(issue, 3), "graph_ms": round(graph, 3),
+                       "first_s": round(first, 1), "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
+            what = f"MoM layer fwd+bwd, megamom ({backend}{'' if keep == 'none' else ', keep ' + keep})"
+            ROWS.append((what, f"{t:.2f} ms (host issue time {issue:.2f} ms)"))
+            ROWS.append((what + ", one CUDA graph", f"{graph:.2f} ms"))
         except Exception as e:
             log(name, f"failed: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
@@ -101,8 +137,9 @@ def bench_layer(backends):
             out.float().pow(2).mean().backward()
         fb(); torch.cuda.synchronize()
         t = ms(fb)
-        log("layer_fla", {"fwdbwd_ms": round(t, 3)})
-        ROWS.append(("MoM layer fwd+bwd, fla (anchor 29.6 ms)", f"{t:.2f} ms"))
+        issue = issue_ms(fb)
+        log("layer_fla", {"fwdbwd_ms": round(t, 3), "issue_ms": round(issue, 3)})
+        ROWS.append(("MoM layer fwd+bwd, fla (anchor 29.6 ms)", f"{t:.2f} ms (host issue time {issue:.2f} ms)"))
         del layer, x
         torch.cuda.empty_cache()
 
@@ -285,6 +322,8 @@ def bench_profile(backend):
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
     table += "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+    # the eager layer is bound by the host: where its CPU time goes
+    table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
     print(table)
     out = os.environ.get("OUT", "/tmp")
     with open(os.path.join(out, f"profile_layer_{backend}.txt"), "w") as f:
