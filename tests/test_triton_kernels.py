@@ -35,7 +35,7 @@ INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "bwd_local": {"BK": 1
                  "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256},
                  "cross_entropy": {"BLOCK_V": 256}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3},
                  "router_fwd": {"BM": 4, "BD": 16}, "router_bwd": {"BM": 4, "BD": 16, "RB": 2},
-                 "router_dlogits": {"BM": 4}}
+                 "router_dlogits": {"BM": 4}, "packing": {"BLOCK": 8}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2, "interp_fp16": 5e-3}
 
 
@@ -455,6 +455,27 @@ def check_gather_sum(N, R, D, device, dtype, seed=8):
     return {"out": rel(out, ref), "fused_vs_torch": rel(grads[1], grads[0].double())}
 
 
+def check_packing(N, E, k, shared, num_docs, device, seed=11):
+    """The counting-sort packing (Triton) against routing.build_packing's torch path: every field
+    equal (-> mismatching entries per field, all 0). Documents of random lengths, some empty (also
+    at the start and the end), some of one token."""
+    from megamom.model.routing import build_packing
+
+    gen = torch.Generator().manual_seed(seed)
+    doc_ids = torch.randint(1, max(num_docs - 1, 2), (N,), generator=gen).clamp(max=num_docs - 1).sort().values
+    topk = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)]) if E else None
+    args = (doc_ids.to(device), num_docs, E, shared)
+    ref = build_packing(topk.to(device) if E else None, *args)
+    got = build_packing(topk.to(device) if E else None, *args, fused=True)
+    out = {}
+    for f in ("row_token", "row_memory", "row_segment", "slot_row", "row_slot", "row_position", "cu_seqlens"):
+        a, b = getattr(got, f), getattr(ref, f)
+        assert a.dtype == b.dtype and a.shape == b.shape, (f, a.dtype, b.dtype, a.shape, b.shape)
+        out[f] = float((a != b).sum())
+    assert (got.num_memories, got.num_docs, got.num_tokens) == (ref.num_memories, ref.num_docs, ref.num_tokens)
+    return out
+
+
 def check_stages(ins, cu, chunk_size=64, seed=4):
     """Backward kernel by kernel: recompute the outputs of _bwd_local_kernel, _bwd_dqkwg_kernel and
     _bwd_wy_kernel in float64 from the kernels' OWN inputs (the intermediates of one backward),
@@ -594,6 +615,11 @@ def run_interp_suite() -> dict:
     out["rmsnorm_route_add"] = check_rmsnorm_route(37, 40, 4, 2, "cpu", torch.float32)  # (interpreter: float32 only)
     out["rmsnorm_route_e5k3"] = check_rmsnorm_route(19, 24, 5, 3, "cpu", torch.float32, add=False)
     out["gather_sum"] = check_gather_sum(19, 3, 40, "cpu", torch.float32)
+    # token blocks of 8: partial blocks, memories selected by no token of a block
+    out["packing_e4k2_shared"] = check_packing(37, 4, 2, True, 6, "cpu")
+    out["packing_e5k3"] = check_packing(21, 5, 3, False, 4, "cpu")
+    out["packing_e3k3_shared"] = check_packing(16, 3, 3, True, 3, "cpu")
+    out["packing_shared_only"] = check_packing(13, 0, 0, True, 5, "cpu")
     out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
     out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
     out["router_e4k2"] = check_router(37, 40, 4, 2, "cpu", torch.float32)  # rows / columns: partial blocks
@@ -627,7 +653,8 @@ def interp_results():
                             "conv_gather_per_memory_silu_norm8", "conv_gather_per_memory_normNone",
                             "conv_per_memory_norm20", "conv_split_shared", "conv_split_per_memory", "rmsnorm",
                             "combine_norm_gate", "combine_norm_nogate",
-                            "combine_norm_r1", "gather_sum", "swiglu", "cross_entropy", "add_rmsnorm",
+                            "combine_norm_r1", "gather_sum", "packing_e4k2_shared", "packing_e5k3",
+                            "packing_e3k3_shared", "packing_shared_only", "swiglu", "cross_entropy", "add_rmsnorm",
                             "router_e4k2", "router_e5k3_noz", "rmsnorm_route_add", "rmsnorm_route_e5k3"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
@@ -783,6 +810,8 @@ with compile_only(ptxas_report=False) as recs:
         (sy[0].sum() + sy[1].float().sum()).backward()
         from megamom.kernels.triton.gather_sum import gather_sum
         gather_sum(torch.randn(30, 1024, dtype=dt), torch.randperm(30).view(10, 3))
+        from megamom.kernels.triton.packing import build_packing_triton
+        build_packing_triton(torch.randint(0, 4, (10, 2)), torch.arange(10) // 4, 3, 4, True)
         from megamom.kernels.triton.swiglu import swiglu, swiglu_packed
         g = torch.randn(10, 2816, dtype=dt, requires_grad=True)
         swiglu(g, torch.randn_like(g, requires_grad=True)).float().sum().backward()
@@ -940,6 +969,16 @@ FUSED_KERNELS = {
     # the MoM router at mom-340m's width: 4 memories, top-2, float32 input (the layer's norm output)
     "router": (check_router, (1001, 1024, 4, 2), "E4K2_D1024", 1e-5),
 }
+
+
+@gpu
+@pytest.mark.parametrize("E,k,shared", [(4, 2, True), (8, 2, False), (0, 0, True)], ids=["e4k2s", "e8k2", "shared"])
+def test_gpu_packing(E, k, shared):
+    """The Triton packing equals the torch one at mom-340m's shape (B8 T2048: 16384 tokens, 16 token
+    blocks; 40 documents, some empty)."""
+    errs = check_packing(16384, E, k, shared, 40, "cuda")
+    _log("packing", f"E{E}k{k}{'_shared' if shared else ''}", None, errs)
+    assert not any(errs.values()), errs
 
 
 @gpu

@@ -157,6 +157,7 @@ _DEFAULT_CFG = {
     "swiglu": dict(BLOCK=2048, num_warps=8, num_stages=1),
     "cross_entropy": dict(BLOCK_V=4096, num_warps=8, num_stages=1),
     "gather_sum": dict(BN=4, BD=1024, num_warps=4, num_stages=1),
+    "packing": dict(BLOCK=1024, num_warps=4, num_stages=1),  # routing's counting sort (packing.py)
     # bench_router.py --sweep (H200, 2026-11-27): 0.024 ms vs 0.086 (in the step's profile) for the tile that
     # reduced over the columns at every step
     "router_fwd": dict(BM=16, BD=64, num_warps=4, num_stages=3),

@@ -206,7 +206,7 @@ class MemoryMixer(nn.Module):
         if r is None and self.router is not None:
             r = route(xf, self.router.weight, self.topk, fused)
         packing = build_packing(r.topk_index if r is not None else None, doc_ids, num_docs,
-                                self.num_routed, self.shared)
+                                self.num_routed, self.shared, fused)
         A = packing.row_token.numel()
 
         # one cast for the q, memory and gate projections (the router reads xf)

@@ -59,10 +59,16 @@ class Packing:
 
 
 def build_packing(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num_docs: int,
-                  num_routed: int, shared: bool) -> Packing:
+                  num_routed: int, shared: bool, fused: bool = False) -> Packing:
     """topk_index: [N, k] (None when there is no router); doc_ids: [N] global document index of
-    each token, non-decreasing in token order. Returns the memory-major packing."""
+    each token, non-decreasing in token order. Returns the memory-major packing.
+    fused (the caller's `use_triton`): the same packing by a counting sort in three Triton kernels
+    (kernels/triton/packing.py) instead of an argsort and ~30 small ops."""
     N = doc_ids.numel()
+    M = num_routed + int(shared)
+    if fused:
+        from megamom.kernels.triton.packing import build_packing_triton
+        return Packing(*build_packing_triton(topk_index, doc_ids, num_docs, num_routed, shared), M, num_docs, N)
     device = doc_ids.device
     tokens = torch.arange(N, device=device)
     mems, toks = [], []
@@ -75,7 +81,6 @@ def build_packing(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num
         toks.append(tokens)
     slot_mem = torch.cat(mems).long()  # assignment order: routed slots token-major, then shared
     slot_tok = torch.cat(toks)
-    M = num_routed + int(shared)
     # (memory, token) pairs are unique, so this key sorts them into a unique, stable order; int32
     # keys when they fit: a radix sort's passes scale with the key's bits
     key = slot_mem * N + slot_tok
