@@ -384,15 +384,22 @@ def test_graphed_gradients_that_hold_the_graph_buffers_are_copied_out_before_a_r
     from megamom.train.cuda_graph import GraphedLoss
     model = nn.Linear(4, 3)
     g = GraphedLoss(model)
+    g._hooks = [p.register_hook(g._note_buffer) for p in model.parameters()]  # as the capture leaves them
     buffers = [torch.randn(3, 4), torch.randn(3)]
-    for b in buffers:  # what the gradient hooks see during a replay's backward
-        g._note_buffer(b)
+    for p, b in zip(model.parameters(), buffers):  # a replay's backward hands out its buffers
+        p.backward(b)
+    assert g._grad_buffers == {b.data_ptr() for b in buffers}
+    for p in model.parameters():
+        p.grad = None
     model.weight.grad = buffers[0]  # as autograd leaves them after a replay (.grad was None)
     own_bias_grad = torch.randn(3)
     model.bias.grad = own_bias_grad  # not a graph buffer (e.g. copied out before)
     g._release_grads()
     assert model.weight.grad.data_ptr() != buffers[0].data_ptr() and torch.equal(model.weight.grad, buffers[0])
     assert model.bias.grad is own_bias_grad
+    assert not g._hooks  # the buffers are noted: no hook runs on later backwards
+    model.weight.backward(torch.randn(3, 4))
+    assert len(g._grad_buffers) == 2
     buffers[0].fill_(7.0)  # the next replay overwrites its buffer: the caller's gradient keeps its values
     assert not torch.equal(model.weight.grad, buffers[0])
     model.weight.grad = buffers[0]

@@ -36,7 +36,14 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     equal to eager steps (tests/test_cuda_graph_gpu.py, and the trainer's own loop on an H200);
     ZeRO-1 (fp32, bf16) and ZeRO-2 in bf16 failed to capture, ZeRO-2 in fp32 captured on one H200
     machine and failed on another, with the same code (cudaErrorStreamCaptureImplicit: an operation
-    on the legacy stream during capture; DeepSpeed 0.19.8)."""
+    on the legacy stream during capture; DeepSpeed 0.19.8). Session 17 (H200, torch 2.11) narrowed it
+    down for ZeRO-2 bf16 and fp32 and ZeRO-1 bf16: the forward captures; the error comes from inside
+    `torch.autograd.grad` in make_graphed_callables's backward capture ("operation would make the
+    legacy stream depend on a capturing blocking stream"). It is not a host sync (none raised under
+    torch.cuda.set_sync_debug_mode("error")) and not DeepSpeed's module forward hooks (removed for the
+    capture: same error). A suspect: the autograd engine syncing with the stream recorded in a
+    parameter's AccumulateGrad node, the legacy stream when that node was made eagerly (the
+    "AccumulateGrad node's stream does not match" warning); ZeRO-0 does not hit it."""
     from ..config import ConfigError
     if not train_cfg.cuda_graph:
         return
@@ -118,14 +125,24 @@ class GraphedLoss:
         # micro-batches, or zeroed in place instead of set to None) is copied out first
         # (`_release_grads`). A copy of every gradient after every backward did the same at ~2.2 ms a
         # mom-340m step (H200); this copies once per accumulation window, and not at all for a loop
-        # that steps and sets the gradients to None after each micro-batch.
+        # that steps and sets the gradients to None after each micro-batch. The buffers stay the same
+        # for the graph's life: one backward notes them, then the hooks go (`_release_grads`).
         self._hooks = [p.register_hook(self._note_buffer) for p in self.model.parameters() if p.requires_grad]
 
     def _note_buffer(self, grad: torch.Tensor) -> None:
         self._grad_buffers.add(grad.data_ptr())
 
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
     def _release_grads(self) -> None:
-        """Before a replay: copy out each .grad that is one of the backward graph's buffers."""
+        """Before a replay: copy out each .grad that is one of the backward graph's buffers. Once a
+        backward has noted the buffers, the per-parameter hooks are removed (a Python call per
+        parameter and backward, for addresses that do not change)."""
+        if self._grad_buffers:
+            self._remove_hooks()
         for p in self.model.parameters():
             if p.grad is not None and p.grad.data_ptr() in self._grad_buffers:
                 p.grad = p.grad.clone()
@@ -133,9 +150,7 @@ class GraphedLoss:
     def close(self) -> None:
         """Drop the graphs and remove the gradient hooks; a later call captures anew."""
         self._release_grads()  # the graphs' buffers must not stay the caller's gradients
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._remove_hooks()
         self._grad_buffers = set()
         self._graphed = self.shape = None
 
