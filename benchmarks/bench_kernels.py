@@ -44,12 +44,14 @@ from megamom.kernels.gated_delta_rule.chunk_triton import chunk_scan_triton  # n
 
 dev = "cuda"
 RES: dict = {}
+OUT_DIR = Path(os.environ.get("OUT", "/tmp"))  # --out sets it
 
 
 def log(key, val):
     RES[key] = val
     print(f"{key}: {val}", flush=True)
-    with open(Path(os.environ.get("OUT", "/tmp")) / "bench_kernels.json", "w") as f:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with open(OUT_DIR / "bench_kernels.json", "w") as f:
         json.dump(RES, f, indent=1)  # after every result: a run cut by its time limit keeps them
 
 
@@ -298,8 +300,9 @@ def main():
                     help="chunk_scan_triton(keep=...): states the backward takes from the forward")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     args = ap.parse_args()
-    global KEEP
+    global KEEP, OUT_DIR
     KEEP = args.keep
+    OUT_DIR = Path(args.out)
     log("device", "cpu (interpreter smoke run)" if SMOKE else torch.cuda.get_device_name())
     log("versions", {"torch": torch.__version__, "triton": triton.__version__})
     log("date_utc", time.strftime("%Y-%m-%d %H:%M", time.gmtime()))

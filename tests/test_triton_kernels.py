@@ -457,13 +457,20 @@ def check_gather_sum(N, R, D, device, dtype, seed=8):
 
 def check_packing(N, E, k, shared, num_docs, device, seed=11):
     """The counting-sort packing (Triton) against routing.build_packing's torch path: every field
-    equal (-> mismatching entries per field, all 0). Documents of random lengths, some empty (also
-    at the start and the end), some of one token."""
+    equal (-> mismatching entries per field, all 0). num_docs >= 5: the first, the last and every
+    third document are empty, document 1 has one token, the others random lengths; the last routed
+    memory is chosen only by the second half of the tokens (token blocks that no token of a memory
+    selects)."""
     from megamom.model.routing import build_packing
 
     gen = torch.Generator().manual_seed(seed)
-    doc_ids = torch.randint(1, max(num_docs - 1, 2), (N,), generator=gen).clamp(max=num_docs - 1).sort().values
-    topk = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(N)]) if E else None
+    filled = [d for d in range(2, num_docs - 1) if d % 3 != 0]
+    doc_ids = torch.tensor(filled)[torch.randint(0, len(filled), (N - 1,), generator=gen)]
+    doc_ids = torch.cat([torch.tensor([1]), doc_ids]).sort().values
+    topk = None
+    if E:
+        late = torch.arange(N) >= N // 2
+        topk = torch.stack([torch.randperm(E if late[n] or k == E else E - 1, generator=gen)[:k] for n in range(N)])
     args = (doc_ids.to(device), num_docs, E, shared)
     ref = build_packing(topk.to(device) if E else None, *args)
     got = build_packing(topk.to(device) if E else None, *args, fused=True)
@@ -615,11 +622,11 @@ def run_interp_suite() -> dict:
     out["rmsnorm_route_add"] = check_rmsnorm_route(37, 40, 4, 2, "cpu", torch.float32)  # (interpreter: float32 only)
     out["rmsnorm_route_e5k3"] = check_rmsnorm_route(19, 24, 5, 3, "cpu", torch.float32, add=False)
     out["gather_sum"] = check_gather_sum(19, 3, 40, "cpu", torch.float32)
-    # token blocks of 8: partial blocks, memories selected by no token of a block
-    out["packing_e4k2_shared"] = check_packing(37, 4, 2, True, 6, "cpu")
-    out["packing_e5k3"] = check_packing(21, 5, 3, False, 4, "cpu")
-    out["packing_e3k3_shared"] = check_packing(16, 3, 3, True, 3, "cpu")
-    out["packing_shared_only"] = check_packing(13, 0, 0, True, 5, "cpu")
+    # token blocks of 8: partial blocks, blocks where a memory is chosen by no token
+    out["packing_e4k2_shared"] = check_packing(37, 4, 2, True, 8, "cpu")
+    out["packing_e5k3"] = check_packing(21, 5, 3, False, 6, "cpu")
+    out["packing_e3k3_shared"] = check_packing(16, 3, 3, True, 5, "cpu")
+    out["packing_shared_only"] = check_packing(13, 0, 0, True, 7, "cpu")
     out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
     out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
     out["router_e4k2"] = check_router(37, 40, 4, 2, "cpu", torch.float32)  # rows / columns: partial blocks
@@ -975,7 +982,7 @@ FUSED_KERNELS = {
 @pytest.mark.parametrize("E,k,shared", [(4, 2, True), (8, 2, False), (0, 0, True)], ids=["e4k2s", "e8k2", "shared"])
 def test_gpu_packing(E, k, shared):
     """The Triton packing equals the torch one at mom-340m's shape (B8 T2048: 16384 tokens, 16 token
-    blocks; 40 documents, some empty)."""
+    blocks; 40 documents, empty ones at the start, the end and between, one of a single token)."""
     errs = check_packing(16384, E, k, shared, 40, "cuda")
     _log("packing", f"E{E}k{k}{'_shared' if shared else ''}", None, errs)
     assert not any(errs.values()), errs

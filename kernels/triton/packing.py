@@ -6,9 +6,9 @@ is the (memory, document, position) order of the packing. For memory m and token
 before[m, n] = the number of packed rows ahead of (n, m) = (rows of memories < m) + (tokens < n that
 selected m): the row of (n, m) if n selected m.
 
-  _count_kernel   grid (M, token blocks): how many tokens of the block selected memory m
+  _count_kernel   grid (token blocks, M): how many tokens of the block selected memory m
   (torch)         inclusive cumsum of the counts in (memory, block) order: each block's first row
-  _rows_kernel    grid (M, token blocks): before[m, n] by a cumsum within the block; the rows of the
+  _rows_kernel    grid (token blocks, M): before[m, n] by a cumsum within the block; the rows of the
                   selected (n, m): row_token, row_memory, row_segment, row_slot, and slot_row[n, j]
   _finish_kernel  grid (rows): row_position = row - before[m, first token of n's document];
                   cu_seqlens[m * D + d] = before[m, first token of a document >= d] (or memory m's
@@ -29,7 +29,8 @@ from . import launch_cfg
 
 @triton.jit
 def _selected(topk, o_n, m_n, m, E, K: tl.constexpr, SHARED: tl.constexpr, BLOCK: tl.constexpr):
-    """-> (did token o_n select memory m, the slot j it selected m in: j < K routed, K shared)."""
+    """-> (did token o_n select memory m, the slot j it selected m in: j < K routed, K shared). A
+    token's K indices are distinct (top-k), so at most one j hits."""
     sel = tl.zeros([BLOCK], dtype=tl.int32)
     slot = tl.full([BLOCK], K, dtype=tl.int32)
     for j in tl.static_range(K):
@@ -43,17 +44,17 @@ def _selected(topk, o_n, m_n, m, E, K: tl.constexpr, SHARED: tl.constexpr, BLOCK
 
 @triton.jit
 def _count_kernel(topk, counts, N, E, K: tl.constexpr, SHARED: tl.constexpr, BLOCK: tl.constexpr):
-    m, b = tl.program_id(0), tl.program_id(1)
+    b, m = tl.program_id(0), tl.program_id(1)  # token blocks on axis 0: no 65535 limit
     o_n = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     sel, _ = _selected(topk, o_n, o_n < N, m, E, K, SHARED, BLOCK)
-    tl.store(counts + m * tl.num_programs(1) + b, tl.sum(sel, 0).to(tl.int64))
+    tl.store(counts + m.to(tl.int64) * tl.num_programs(0) + b, tl.sum(sel, 0).to(tl.int64))
 
 
 @triton.jit
 def _rows_kernel(topk, doc_ids, counts, ends, before, row_token, row_memory, row_segment, row_slot, slot_row,
                  N, E, D, K: tl.constexpr, R: tl.constexpr, SHARED: tl.constexpr, BLOCK: tl.constexpr):
-    m, b = tl.program_id(0), tl.program_id(1)
-    f = m * tl.num_programs(1) + b
+    b, m = tl.program_id(0), tl.program_id(1)
+    f = m.to(tl.int64) * tl.num_programs(0) + b
     first = tl.load(ends + f) - tl.load(counts + f)  # the packed row of this block's first selection
     o_n = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_n = o_n < N
@@ -114,10 +115,10 @@ def build_packing_triton(topk_index: Optional[torch.Tensor], doc_ids: torch.Tens
     doc_ids = doc_ids.contiguous()
     topk = topk_index.contiguous() if topk_index is not None else doc_ids  # K = 0: never read
     counts = torch.empty(M * NB, **i64)
-    _count_kernel[(M, NB)](topk, counts, N, num_routed, K=K, SHARED=shared, BLOCK=BLOCK, **cfg)
+    _count_kernel[(NB, M)](topk, counts, N, num_routed, K=K, SHARED=shared, BLOCK=BLOCK, **cfg)
     ends = counts.cumsum(0)
     before = torch.empty(M, N, **i64)
-    _rows_kernel[(M, NB)](topk, doc_ids, counts, ends, before, row_token, row_memory, row_segment, row_slot,
+    _rows_kernel[(NB, M)](topk, doc_ids, counts, ends, before, row_token, row_memory, row_segment, row_slot,
                           slot_row, N, num_routed, num_docs, K=K, R=R, SHARED=shared, BLOCK=BLOCK, **cfg)
     doc_first = torch.searchsorted(doc_ids, torch.arange(num_docs, **i64))
     _finish_kernel[(triton.cdiv(max(A, MD + 1), BLOCK),)](

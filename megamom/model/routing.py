@@ -5,8 +5,9 @@ once per selected memory (top-k) and once more for the shared memory, which is m
 A segment is one (memory, document) pair; all segments of a layer go to ONE scan call through
 `cu_seqlens` (empty segments included, so segment m * D + d is always memory m, document d).
 
-Everything is vectorised: one sort, a binary search, gathers, and nothing reads back to the host (the
-scan bounds its chunk count on the device). The exchange of rows between expert-parallel ranks plugs in
+Everything is vectorised: one sort, a binary search, gathers (on the GPU path a counting sort in
+three Triton kernels, kernels/triton/packing.py), and nothing reads back to the host (the scan
+bounds its chunk count on the device). The exchange of rows between expert-parallel ranks plugs in
 between `pack` and `combine` (see megamom.parallel)."""
 from __future__ import annotations
 

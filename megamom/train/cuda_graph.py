@@ -126,7 +126,8 @@ class GraphedLoss:
         # (`_release_grads`). A copy of every gradient after every backward did the same at ~2.2 ms a
         # mom-340m step (H200); this copies once per accumulation window, and not at all for a loop
         # that steps and sets the gradients to None after each micro-batch. The buffers stay the same
-        # for the graph's life: one backward notes them, then the hooks go (`_release_grads`).
+        # for the graph's life: once every hooked parameter's buffer is noted, the hooks go
+        # (`_release_grads`; a backward over a subset of the parameters notes only those).
         self._hooks = [p.register_hook(self._note_buffer) for p in self.model.parameters() if p.requires_grad]
 
     def _note_buffer(self, grad: torch.Tensor) -> None:
@@ -138,10 +139,10 @@ class GraphedLoss:
         self._hooks = []
 
     def _release_grads(self) -> None:
-        """Before a replay: copy out each .grad that is one of the backward graph's buffers. Once a
-        backward has noted the buffers, the per-parameter hooks are removed (a Python call per
-        parameter and backward, for addresses that do not change)."""
-        if self._grad_buffers:
+        """Before a replay: copy out each .grad that is one of the backward graph's buffers. Once
+        every hooked parameter's buffer is noted, the hooks are removed (a Python call per parameter
+        and backward, for addresses that do not change)."""
+        if self._hooks and len(self._grad_buffers) >= len(self._hooks):
             self._remove_hooks()
         for p in self.model.parameters():
             if p.grad is not None and p.grad.data_ptr() in self._grad_buffers:
