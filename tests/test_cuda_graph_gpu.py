@@ -10,7 +10,7 @@ import torch
 
 from megamom.config import ModelConfig
 from megamom.model import build_model
-from megamom.train.cuda_graph import GraphedLoss, engine_forward
+from megamom.train.cuda_graph import GraphedLoss, capture_ready_init, engine_forward
 
 gpu = pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 TINY = dict(arch="mom", hidden_size=256, num_heads=2, head_dim=64, num_memories=4, topk=2, vocab_size=512,
@@ -114,12 +114,14 @@ def test_graphed_steps_match_eager(amp):
 
 
 @gpu
-@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (0, "fp32")])
+@pytest.mark.parametrize("stage,precision", [(0, "bf16"), (0, "fp32"), (2, "bf16")])
 def test_graphed_steps_match_eager_under_deepspeed(stage, precision):
     """The trainer's engine (its DeepSpeed config, optimizer and parameter groups, two micro-batches
     a step): the graph's backward hands the gradients to DeepSpeed's hooks outside the graph; the
-    gradients are compared as DeepSpeed holds them before each step (safe_get_full_grad). ZeRO-1
-    and ZeRO-2 failed to capture (ZeRO-2 in fp32 on one machine of two) and are refused (check_setup)."""
+    gradients are compared as DeepSpeed holds them before each step (safe_get_full_grad). The graphed
+    engine is built under capture_ready_init, as the trainer builds it: on the default stream ZeRO-2
+    failed to capture. ZeRO-2 bf16 passed this comparison in a script on an H200 (session 17) before
+    it became this case; the case itself runs on the next GPU session."""
     deepspeed = pytest.importorskip("deepspeed")
     from megamom.config import Config
     from megamom.train.distributed import init_distributed
@@ -135,9 +137,10 @@ def test_graphed_steps_match_eager_under_deepspeed(stage, precision):
     for graph in (False, True):
         model = _model()
         groups = param_groups(model, cfg.train.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, optimizer=build_optimizer(groups, cfg.train, precision),
-            config=build_deepspeed_config(cfg, Batching(B, 2, 1), precision), dist_init_required=False)
+        with capture_ready_init(graph):
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=groups, optimizer=build_optimizer(groups, cfg.train, precision),
+                config=build_deepspeed_config(cfg, Batching(B, 2, 1), precision), dist_init_required=False)
         graphed = GraphedLoss(engine.module) if graph else None
 
         def forward_backward(ids):

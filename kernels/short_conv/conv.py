@@ -75,7 +75,8 @@ def causal_conv1d_varlen_split(
     if gather is not None and sum(w.shape[-2] for w in weights) != rows.shape[1]:
         raise ValueError(f"with gather the weights must cover all {rows.shape[1]} columns of the source rows, "
                          f"they cover {sum(w.shape[-2] for w in weights)}")
-    if gather is not None and (initial_states is not None or output_final_state or not use_triton(rows, backend)):
+    triton_ok = use_triton(rows, backend)
+    if gather is not None and (initial_states is not None or output_final_state or not triton_ok):
         # (index_select's backward is an index_add: atomics on CUDA, so not bitwise reproducible there;
         # the model gathers only on the Triton path and packs q itself otherwise)
         rows, gather = rows.index_select(0, gather[0]), None
@@ -84,7 +85,7 @@ def causal_conv1d_varlen_split(
     for w in weights:
         bounds.append(bounds[-1] + w.shape[-2])
     xs = [rows[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    on_triton = initial_states is None and use_triton(rows, backend)
+    on_triton = initial_states is None and triton_ok
     if not on_triton or output_final_state:  # (the Triton kernels need only the positions)
         cu = cu_seqlens.long()
         lens = cu[1:] - cu[:-1]

@@ -15,13 +15,16 @@ What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
   the addresses it was captured with; `check_parameters` compares them each step, so a run whose
   parameters moved stops with an error instead of training stale weights.
 - activation checkpointing, torch.compile, optimizer offload and fp16: not tested with graphs.
-- DeepSpeed's ZeRO-1 and ZeRO-2: their capture failed (see check_setup).
+- DeepSpeed's ZeRO-2 (bf16): only with the engine built under a side stream (`capture_ready_init`,
+  as torch's docs ask of DDP before graph capture); built on the default stream its backward
+  capture fails. ZeRO-1 and ZeRO-2 in fp32: not yet run on a GPU that way (see check_setup).
 
 torch.cuda.make_graphed_callables captures one graph for the forward and one for the backward, in
 one private memory pool. The backward returns the parameters' gradients as outputs, so they reach
 .grad through the usual accumulation (and DeepSpeed's gradient hooks) outside the graph."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -30,20 +33,38 @@ from torch import nn
 from ..model.lm import LMOutput
 
 
+@contextlib.contextmanager
+def capture_ready_init(enabled: bool):
+    """Build the DeepSpeed engine inside this when its steps will be captured (enabled, CUDA): the
+    engine is then initialised on a side stream, not the default one.
+
+    Why: initialised on the default (legacy) stream, the ZeRO-1 and ZeRO-2 steps failed to capture:
+    inside the backward capture's torch.autograd.grad, "operation would make the legacy stream depend
+    on a capturing blocking stream" (cudaErrorStreamCaptureImplicit), with torch's warning that an
+    AccumulateGrad node's stream (the stream current when it was made) is not the capture's.
+    Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-2 in bf16 captures
+    and its replayed steps match eager ones (gradients, logged terms, weights after three steps;
+    H200, session 17; tests/test_cuda_graph_gpu.py)."""
+    if not enabled or not torch.cuda.is_available():
+        yield
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
 def check_setup(train_cfg, device: torch.device, precision: str) -> None:
-    """What train.cuda_graph needs of the run beyond its config: a CUDA device, and not fp16 (not
-    tested). The config refuses the rest, ZeRO stages included: ZeRO-0 (bf16, fp32) replays bitwise
-    equal to eager steps (tests/test_cuda_graph_gpu.py, and the trainer's own loop on an H200);
-    ZeRO-1 (fp32, bf16) and ZeRO-2 in bf16 failed to capture, ZeRO-2 in fp32 captured on one H200
-    machine and failed on another, with the same code (cudaErrorStreamCaptureImplicit: an operation
-    on the legacy stream during capture; DeepSpeed 0.19.8). Session 17 (H200, torch 2.11) narrowed it
-    down for ZeRO-2 bf16 and fp32 and ZeRO-1 bf16: the forward captures; the error comes from inside
-    `torch.autograd.grad` in make_graphed_callables's backward capture ("operation would make the
-    legacy stream depend on a capturing blocking stream"). It is not a host sync (none raised under
-    torch.cuda.set_sync_debug_mode("error")) and not DeepSpeed's module forward hooks (removed for the
-    capture: same error). A suspect: the autograd engine syncing with the stream recorded in a
-    parameter's AccumulateGrad node, the legacy stream when that node was made eagerly (the
-    "AccumulateGrad node's stream does not match" warning); ZeRO-0 does not hit it."""
+    """What train.cuda_graph needs of the run beyond its config: a CUDA device; not fp16 (untested);
+    ZeRO-2 only in bf16. The config refuses the rest: ZeRO-3 (parameters move), ZeRO-1 (untested),
+    document resets (shapes change), activation checkpointing, compile and optimizer offload
+    (untested). Replayed steps equal eager ones on one GPU (tests/test_cuda_graph_gpu.py): ZeRO-0 in
+    bf16 and fp32; ZeRO-2 in bf16 with the engine built under `capture_ready_init` (the trainer does;
+    H200, session 17: before that, ZeRO-1 and ZeRO-2 failed to capture). ZeRO-1 and ZeRO-2 in fp32
+    with the side stream have not run on a GPU yet. The trainer's own loop ran with graphs at ZeRO-0
+    on an H200; graphs with several data-parallel ranks have not run on GPUs (the gradient
+    reduction runs in DeepSpeed's hooks, outside the graph, as in eager steps)."""
     from ..config import ConfigError
     if not train_cfg.cuda_graph:
         return
@@ -53,6 +74,9 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     if precision == "fp16":
         raise ConfigError("train.cuda_graph=true is not tested with train.precision=fp16; use bf16 or fp32, or set "
                           "train.cuda_graph=false")
+    if train_cfg.zero_stage == 2 and precision != "bf16":
+        raise ConfigError(f"train.cuda_graph=true with train.zero_stage=2 is tested in bf16 only, this run is "
+                          f"{precision}; use train.precision=bf16 or train.zero_stage=0, or set train.cuda_graph=false")
 
 
 class _LossTerms(nn.Module):

@@ -20,7 +20,7 @@ from ..model import build_model
 from ..model.counting import count_parameters, flops_per_token
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_max_flag, barrier, init_distributed
-from .cuda_graph import GraphedLoss, engine_forward
+from .cuda_graph import GraphedLoss, capture_ready_init, engine_forward
 from .cuda_graph import check_setup as check_cuda_graph_setup
 from .lr_schedule import WarmupCosine
 from .metrics import MetricsLogger, peak_flops
@@ -194,9 +194,10 @@ class Trainer:
         optimizer = None if cfg.train.offload_optimizer else build_optimizer(groups, cfg.train, self.precision)
         sched = lambda opt: WarmupCosine(opt, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
                                          cfg.train.min_lr_ratio)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=sched, config=ds_config,
-            dist_init_required=False)
+        with capture_ready_init(cfg.train.cuda_graph and self.dist.device.type == "cuda"):
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=sched, config=ds_config,
+                dist_init_required=False)
         if cfg.train.compile:
             self.engine.compile()
         ckpt.install_safe_loader(self.engine)
