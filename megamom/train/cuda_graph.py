@@ -44,7 +44,8 @@ def capture_ready_init(enabled: bool):
     AccumulateGrad node's stream (the stream current when it was made) is not the capture's.
     Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-2 in bf16 captures
     and its replayed steps match eager ones (gradients, logged terms, weights after three steps;
-    H200, session 17; tests/test_cuda_graph_gpu.py)."""
+    H200, session 17, a script running the comparison of tests/test_cuda_graph_gpu.py, whose
+    (2, bf16) case has not run as a test yet)."""
     if not enabled or not torch.cuda.is_available():
         yield
         return
@@ -59,9 +60,10 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     """What train.cuda_graph needs of the run beyond its config: a CUDA device; not fp16 (untested);
     ZeRO-2 only in bf16. The config refuses the rest: ZeRO-3 (parameters move), ZeRO-1 (untested),
     document resets (shapes change), activation checkpointing, compile and optimizer offload
-    (untested). Replayed steps equal eager ones on one GPU (tests/test_cuda_graph_gpu.py): ZeRO-0 in
-    bf16 and fp32; ZeRO-2 in bf16 with the engine built under `capture_ready_init` (the trainer does;
-    H200, session 17: before that, ZeRO-1 and ZeRO-2 failed to capture). ZeRO-1 and ZeRO-2 in fp32
+    (untested). Replayed steps equal eager ones on one GPU: ZeRO-0 in bf16 and fp32
+    (tests/test_cuda_graph_gpu.py); ZeRO-2 in bf16 with the engine built under `capture_ready_init`
+    (the trainer does; H200, session 17, that file's comparison run as a script: before the side
+    stream, ZeRO-1 and ZeRO-2 failed to capture). ZeRO-1 and ZeRO-2 in fp32
     with the side stream have not run on a GPU yet. The trainer's own loop ran with graphs at ZeRO-0
     on an H200; graphs with several data-parallel ranks have not run on GPUs (the gradient
     reduction runs in DeepSpeed's hooks, outside the graph, as in eager steps)."""
