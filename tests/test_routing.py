@@ -182,13 +182,14 @@ def test_router_stays_float32_under_autocast():
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
                     reason="torch._grouped_mm is missing before torch 2.8 (pyproject allows torch >= 2.4; the "
                            "projection then takes the dense path, tested above); goes away when the floor is 2.8")
-@pytest.mark.parametrize("keep_rows", [False, True])
-def test_grouped_projection_regathers_rows_in_backward(keep_rows):
+@pytest.mark.parametrize("keep_rows,narrow", [(False, True), (True, True), (False, False)])
+def test_grouped_projection_regathers_rows_in_backward(keep_rows, narrow):
     """The grouped-GEMM projection (the GPU bf16 path; float32 runs it on CPU) saves x, not the packed
     rows, and gathers them again in its backward: outputs (the grouped rows and the narrow ones
     projected apart), dx and both weights' gradients equal the dense float64 projection of every
     token by every memory (pack_per_memory), with one memory left empty (an exact zero gradient).
-    keep_rows (model.scan_keep=all) saves the packed rows instead, with the same results."""
+    keep_rows (model.scan_keep=all) saves the packed rows instead, with the same results. Without
+    narrow weights (None: GLA, linear attention) the narrow output is empty [A, 0]."""
     from megamom.model.routing import _GroupedProjection, memory_row_ends
 
     N, E, k, d, P = DOC_IDS.numel(), 4, 2, 16, 24
@@ -206,9 +207,19 @@ def test_grouped_projection_regathers_rows_in_backward(keep_rows):
     xf, wf, nwf = x.clone().requires_grad_(), w.clone().requires_grad_(), nw.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        out, nout = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False, nwf, p.row_memory,
-                                             keep_rows)
+        out, nout = _GroupedProjection.apply(xf, wf, p.row_token, p.slot_row, offs, False,
+                                             nwf if narrow else None, p.row_memory, keep_rows)
     assert (N, d) in saved and ((p.row_token.numel(), d) in saved) == keep_rows  # the packed rows: keep_rows only
+    if not narrow:
+        assert nout.shape == (p.row_token.numel(), 0)
+        (out * up).sum().backward()
+        xd, wd = (t.double().requires_grad_() for t in (x, w))
+        ref = pack_per_memory(torch.einsum("nd,mpd->nmp", xd, wd), p)
+        (ref * up.double()).sum().backward()
+        for got, want in ((out, ref), (xf.grad, xd.grad), (wf.grad, wd.grad)):
+            assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+        assert nwf.grad is None
+        return
     ((out * up).sum() + (nout * nup).sum()).backward()
     xd, wd, nwd = (t.double().requires_grad_() for t in (x, w, nw))
     ref = pack_per_memory(torch.einsum("nd,mpd->nmp", xd, wd), p)

@@ -170,12 +170,10 @@ def grouped_projection(x: torch.Tensor, weights, packing: Packing, fused: bool =
     then a gather (extra FLOPs, but a single vectorised op with an exactly reproducible backward)."""
     parts = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     narrow = list(narrow or [])
-    N, d = x.shape
     dtype = _grouped_mm_dtype(x, sum(p.shape[1] for p in parts))
     if dtype is not None:
         offs = memory_row_ends(packing)
-        M = parts[0].shape[0]
-        nw = _StackWeights.apply(dtype, *narrow) if narrow else x.new_empty(M, 0, d, dtype=dtype)
+        nw = _StackWeights.apply(dtype, *narrow) if narrow else None
         # cast, then gather: half the bytes moved under autocast
         rows, narrow_rows = _GroupedProjection.apply(x.to(dtype), _StackWeights.apply(dtype, *parts),
                                                      packing.row_token, packing.slot_row, offs, fused, nw,
@@ -222,7 +220,8 @@ def memory_row_ends(packing: Packing) -> torch.Tensor:
 
 class _GroupedProjection(torch.autograd.Function):
     """rows = x[row_token]; out = one grouped GEMM of each memory's rows by its weight [M, P, d];
-    narrow rows = (x @ every memory's narrow weight [M, Q, d])[token, memory of the row] (Q may be 0).
+    narrow rows = (x @ every memory's narrow weight [M, Q, d])[token, memory of the row] (None: no narrow
+    weights, and an empty [A, 0] output).
     Saves x (the token rows, which the layer's other projections keep anyway), and the packed rows
     (k + shared times larger) only with keep_rows: else the backward gathers them again for the
     weight gradient, one gather (~50 us at B8 T2048 d1024 on an H200) for 100 MB less per layer.
@@ -236,18 +235,18 @@ class _GroupedProjection(torch.autograd.Function):
                               gathered if keep_rows else None)
         ctx.fused = fused
         rows = torch._grouped_mm(gathered, weight.transpose(1, 2), offs=offs)
-        M, Q, d = narrow_weight.shape
-        if Q == 0:
+        if narrow_weight is None:
             return rows, rows.new_empty(rows.shape[0], 0)
+        M, Q, d = narrow_weight.shape
         every = F.linear(x, narrow_weight.reshape(M * Q, d))  # [N, M * Q]: every token by every memory
         return rows, every.view(-1, Q).index_select(0, row_token * M + row_memory)
 
     @staticmethod
     def backward(ctx, grad, grad_narrow):
         x, weight, row_token, slot_row, offs, nw, row_memory, gathered = ctx.saved_tensors
-        M, Q, d = nw.shape
         d_every = None
-        if Q:  # the rows' gradients scattered back to [N, M * Q] ((token, memory) pairs are unique: no sums)
+        if nw is not None:  # the rows' gradients back to [N, M * Q] ((token, memory) pairs are unique: no sums)
+            M, Q, d = nw.shape
             d_every = grad_narrow.new_zeros(x.shape[0] * M, Q).index_copy_(
                 0, row_token * M + row_memory, grad_narrow).view(x.shape[0], M * Q)
         grad = grad.contiguous()
@@ -259,7 +258,7 @@ class _GroupedProjection(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gathered = x.index_select(0, row_token) if gathered is None else gathered
             dw = torch._grouped_mm(grad.t(), gathered, offs=offs)
-        if ctx.needs_input_grad[6] and Q:
+        if ctx.needs_input_grad[6] and nw is not None:
             dnw = (d_every.t() @ x).view(M, Q, d)
         return dx, dw, None, None, None, None, dnw, None, None
 
