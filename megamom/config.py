@@ -289,9 +289,8 @@ class Config:
         why = {"data.reset_at_doc_boundaries=true": (self.data.reset_at_doc_boundaries,
                                                      "the number of documents per batch changes the shapes"),
                f"train.zero_stage={t.zero_stage}": (
-                   t.zero_stage in (1, 3), ("ZeRO-3 gathers and frees the parameters around each forward, the "
-                                            "graph needs them at fixed addresses" if t.zero_stage == 3 else
-                                            "not tested with graphs on a GPU yet") + "; use train.zero_stage=0 or 2"),
+                   t.zero_stage == 3, "ZeRO-3 gathers and frees the parameters around each forward, the graph "
+                                      "needs them at fixed addresses; use train.zero_stage=0, 1 or 2"),
                "train.activation_checkpointing=true": (t.activation_checkpointing, "not tested with graphs"),
                "train.compile=true": (t.compile, "not tested with graphs"),
                "train.offload_optimizer=true": (t.offload_optimizer, "not tested with graphs")}

@@ -15,9 +15,9 @@ What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
   the addresses it was captured with; `check_parameters` compares them each step, so a run whose
   parameters moved stops with an error instead of training stale weights.
 - activation checkpointing, torch.compile, optimizer offload and fp16: not tested with graphs.
-- DeepSpeed's ZeRO-2 (bf16): only with the engine built under a side stream (`capture_ready_init`,
-  as torch's docs ask of DDP before graph capture); built on the default stream its backward
-  capture fails. ZeRO-1 and ZeRO-2 in fp32: not yet run on a GPU that way (see check_setup).
+- DeepSpeed's ZeRO-1 and ZeRO-2: only with the engine built under a side stream
+  (`capture_ready_init`, as torch's docs ask of DDP before graph capture); built on the default
+  stream their backward capture fails.
 
 torch.cuda.make_graphed_callables captures one graph for the forward and one for the backward, in
 one private memory pool. The backward returns the parameters' gradients as outputs, so they reach
@@ -42,10 +42,10 @@ def capture_ready_init(enabled: bool):
     inside the backward capture's torch.autograd.grad, "operation would make the legacy stream depend
     on a capturing blocking stream" (cudaErrorStreamCaptureImplicit), with torch's warning that an
     AccumulateGrad node's stream (the stream current when it was made) is not the capture's.
-    Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-2 in bf16 captures
-    and its replayed steps match eager ones (gradients, logged terms, weights after three steps;
-    H200, session 17, a script running the comparison of tests/test_cuda_graph_gpu.py, whose
-    (2, bf16) case has not run as a test yet)."""
+    Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-1 and ZeRO-2 in bf16
+    and fp32 capture, and their replayed steps equal eager ones (gradients, logged terms, weights after
+    three steps: tests/test_cuda_graph_gpu.py; the trainer's loop, one and two GPUs: the same test
+    file's trainer cases)."""
     if not enabled or not torch.cuda.is_available():
         yield
         return
@@ -57,16 +57,13 @@ def capture_ready_init(enabled: bool):
 
 
 def check_setup(train_cfg, device: torch.device, precision: str) -> None:
-    """What train.cuda_graph needs of the run beyond its config: a CUDA device; not fp16 (untested);
-    ZeRO-2 only in bf16. The config refuses the rest: ZeRO-3 (parameters move), ZeRO-1 (untested),
-    document resets (shapes change), activation checkpointing, compile and optimizer offload
-    (untested). Replayed steps equal eager ones on one GPU: ZeRO-0 in bf16 and fp32
-    (tests/test_cuda_graph_gpu.py); ZeRO-2 in bf16 with the engine built under `capture_ready_init`
-    (the trainer does; H200, session 17, that file's comparison run as a script: before the side
-    stream, ZeRO-1 and ZeRO-2 failed to capture). ZeRO-1 and ZeRO-2 in fp32
-    with the side stream have not run on a GPU yet. The trainer's own loop ran with graphs at ZeRO-0
-    on an H200; graphs with several data-parallel ranks have not run on GPUs (the gradient
-    reduction runs in DeepSpeed's hooks, outside the graph, as in eager steps)."""
+    """What train.cuda_graph needs of the run beyond its config: a CUDA device, and not fp16 (its loss
+    scaler skips steps on the host; untested). The config refuses the rest: ZeRO-3 (parameters
+    move), document resets (shapes change), activation checkpointing, compile and optimizer offload
+    (untested). Replayed steps equal eager ones (tests/test_cuda_graph_gpu.py): torch's AdamW and
+    DeepSpeed ZeRO-0, 1 and 2, in bf16 and fp32, with the engine built under `capture_ready_init`
+    as the trainer builds it; and the trainer's own loop (ZeRO-2, bf16) on one GPU and on two
+    data-parallel ranks, whose gradient reduction runs in DeepSpeed's hooks outside the graph."""
     from ..config import ConfigError
     if not train_cfg.cuda_graph:
         return
@@ -76,9 +73,6 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     if precision == "fp16":
         raise ConfigError("train.cuda_graph=true is not tested with train.precision=fp16; use bf16 or fp32, or set "
                           "train.cuda_graph=false")
-    if train_cfg.zero_stage == 2 and precision != "bf16":
-        raise ConfigError(f"train.cuda_graph=true with train.zero_stage=2 is tested in bf16 only, this run is "
-                          f"{precision}; use train.precision=bf16 or train.zero_stage=0, or set train.cuda_graph=false")
 
 
 class _LossTerms(nn.Module):
