@@ -170,7 +170,8 @@ def _train_cli(tmp_path, name, graph, ranks):
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
               if ranks > 1 else [sys.executable])
     proc = subprocess.run(launch + ["-m", "megamom.cli", "train", "--device", "cuda", "--sample-prompt", "",
-                                    *overrides], capture_output=True, text=True, timeout=600)
+                                    *overrides], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)  # not the checkout: `-m` would import its source tree, not the install
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return ([r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "val"])

@@ -35,7 +35,9 @@ INTERP_BLOCKS = {"fwd_h": {"BV": 16}, "fwd_o": {"BV": 16}, "bwd_local": {"BK": 1
                  "combine_norm": {"BN": 4}, "gather_sum": {"BN": 4, "BD": 16}, "swiglu": {"BLOCK": 256},
                  "cross_entropy": {"BLOCK_V": 256}, "rmsnorm_fwd": {"BM": 4}, "rmsnorm_bwd": {"BM": 4, "RB": 3},
                  "router_fwd": {"BM": 4, "BD": 16}, "router_bwd": {"BM": 4, "BD": 16, "RB": 2},
-                 "router_dlogits": {"BM": 4}, "packing": {"BLOCK": 8}}
+                 "router_dlogits": {"BM": 4}, "packing": {"BLOCK": 8}, "varlen": {"BLOCK": 8, "BS": 4},
+                 "router_loss_fwd": {"BM": 8, "BP": 2}, "router_loss_bwd": {"BM": 8}, "gates_fwd": {"BM": 8},
+                 "gates_bwd": {"BM": 8, "RB": 2}}
 BOUND = {"interp": 5e-5, torch.float32: 5e-3, torch.bfloat16: 2e-2, "interp_fp16": 5e-3}
 
 
@@ -483,6 +485,95 @@ def check_packing(N, E, k, shared, num_docs, device, seed=11):
     return out
 
 
+def check_varlen(lens, total, chunk_size, device):
+    """The chunk table kernel (varlen.chunk_table) against its torch reference: every entry equal
+    (-> mismatching entries per field, all 0)."""
+    from megamom.kernels.triton import _prepare_varlen_torch
+    from megamom.kernels.triton.varlen import chunk_table
+
+    cu = torch.tensor([0] + list(lens)).cumsum(0).to(device)
+    NT = total // chunk_size + len(lens) if total > 0 else 0
+    ref = _prepare_varlen_torch(cu, NT, chunk_size)
+    out = {}
+    for name, got, want in zip(("cu", "chunk_indices", "chunk_offsets"), chunk_table(cu, NT, chunk_size),
+                               (ref.cu, ref.chunk_indices, ref.chunk_offsets)):
+        assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape)
+        out[name] = float((got != want).sum())
+    return out
+
+
+def check_router_loss(N, E, K, device, seed=13):
+    """The fused balance + z losses (router_loss.py) on the Triton router's outputs vs float64 torch
+    (load_balancing_loss, router_z_loss) on the same logits: the losses, the token fractions, and the
+    logits' and probabilities' gradients for random loss weights (also with one loss unused)."""
+    from megamom.kernels.triton.router_loss import router_losses_fused
+    from megamom.model.routing import load_balancing_loss, router_z_loss
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(N, E, generator=gen)).to(device)
+    topi = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)]).to(device)
+    ca, cz = 0.7, -1.3
+    out = {}
+    for use in ("both", "aux", "z"):
+        lg = logits.clone().requires_grad_()
+        probs = lg.softmax(-1)
+        aux, z, f = router_losses_fused(lg, probs, topi)
+        assert not f.requires_grad
+        lr = logits.double().requires_grad_()
+        pr = lr.softmax(-1)
+        aux_r, f_r = load_balancing_loss(pr, topi, E)
+        z_r = router_z_loss(lr)
+        loss, loss_r = 0.0, 0.0  # a loss left out gets no gradient (None) in the fused backward
+        if use != "z":
+            loss, loss_r = loss + ca * aux, loss_r + ca * aux_r
+        if use != "aux":
+            loss, loss_r = loss + cz * z, loss_r + cz * z_r
+        loss.backward()
+        loss_r.backward()
+        if use == "both":
+            out.update(aux=rel(aux, aux_r), z=rel(z, z_r), frac=rel(f, f_r))
+        out["dlogits_" + use] = rel(lg.grad, lr.grad)
+    return out
+
+
+def check_gates(N, H, device, dtype, seed=14):
+    """The fused gates (gates.py) vs float64 torch (MemoryMixer._gates' formulas) on narrow rows
+    [beta | decay] with decay pre-activations from -40 to 40 (softplus' tails): g, beta and the
+    gradients of the rows, A_log and dt_bias; also beta alone and decay alone."""
+    from megamom.kernels.triton.gates import gates_fused
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, has_beta, has_decay in (("both", True, True), ("beta", True, False), ("decay", False, True)):
+        cols = H * (int(has_beta) + int(has_decay))
+        rows = torch.randn(N, cols + 3, generator=gen) * 3  # 3 extra columns: a strided view, as in the layer
+        if has_decay:
+            rows[:, cols - H:cols] += torch.linspace(-40, 40, N)[:, None]
+        A_log = torch.empty(H).uniform_(0, 16, generator=gen).log()
+        dt_bias = torch.randn(H, generator=gen)
+        dg, db = torch.randn(N, H, generator=gen), torch.randn(N, H, generator=gen)
+        r = rows.to(device, dtype)[:, :cols].requires_grad_()
+        A, dt = A_log.to(device).clone().requires_grad_(), dt_bias.to(device).clone().requires_grad_()
+        g, beta = gates_fused(r, H, has_beta, A if has_decay else None, dt if has_decay else None)
+        rr = rows[:, :cols].to(dtype).double().to(device).requires_grad_()
+        Ar, dtr = A_log.double().to(device).requires_grad_(), dt_bias.double().to(device).requires_grad_()
+        loss, loss_r = 0.0, 0.0
+        if has_beta:
+            beta_r = rr[:, :H].sigmoid()
+            loss, loss_r = loss + (beta * db.to(device)).sum(), loss_r + (beta_r * db.double().to(device)).sum()
+            out[f"beta_{name}"] = rel(beta, beta_r)
+        if has_decay:
+            g_r = -Ar.exp() * F.softplus(rr[:, -H:] + dtr)
+            loss, loss_r = loss + (g * dg.to(device)).sum(), loss_r + (g_r * dg.double().to(device)).sum()
+            out[f"g_{name}"] = rel(g, g_r)
+        loss.backward()
+        loss_r.backward()
+        out[f"drows_{name}"] = rel(r.grad, rr.grad)
+        if has_decay:
+            out[f"dA_log_{name}"], out[f"ddt_bias_{name}"] = rel(A.grad, Ar.grad), rel(dt.grad, dtr.grad)
+    return out
+
+
 def check_stages(ins, cu, chunk_size=64, seed=4):
     """Backward kernel by kernel: recompute the outputs of _bwd_local_kernel, _bwd_dqkwg_kernel and
     _bwd_wy_kernel in float64 from the kernels' OWN inputs (the intermediates of one backward),
@@ -627,6 +718,12 @@ def run_interp_suite() -> dict:
     out["packing_e5k3"] = check_packing(21, 5, 3, False, 6, "cpu")
     out["packing_e3k3_shared"] = check_packing(16, 3, 3, True, 5, "cpu")
     out["packing_shared_only"] = check_packing(13, 0, 0, True, 7, "cpu")
+    # chunks of 4, segment blocks of 4, slot blocks of 8: empty segments first, between and last
+    out["varlen"] = check_varlen([0, 5, 0, 1, 9, 4, 0, 13, 3, 0], 40, 4, "cpu")
+    out["varlen_one_segment"] = check_varlen([7], 9, 4, "cpu")  # surplus slots past its end
+    out["router_loss_e4k2"] = check_router_loss(37, 4, 2, "cpu")  # rows: partial blocks of 8
+    out["router_loss_e5k3"] = check_router_loss(19, 5, 3, "cpu")
+    out["gates"] = check_gates(37, 3, "cpu", torch.float32)
     out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
     out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
     out["router_e4k2"] = check_router(37, 40, 4, 2, "cpu", torch.float32)  # rows / columns: partial blocks
@@ -662,7 +759,8 @@ def interp_results():
                             "combine_norm_gate", "combine_norm_nogate",
                             "combine_norm_r1", "gather_sum", "packing_e4k2_shared", "packing_e5k3",
                             "packing_e3k3_shared", "packing_shared_only", "swiglu", "cross_entropy", "add_rmsnorm",
-                            "router_e4k2", "router_e5k3_noz", "rmsnorm_route_add", "rmsnorm_route_e5k3"])
+                            "router_e4k2", "router_e5k3_noz", "rmsnorm_route_add", "rmsnorm_route_e5k3",
+                            "varlen", "varlen_one_segment", "router_loss_e4k2", "router_loss_e5k3", "gates"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
@@ -975,7 +1073,28 @@ FUSED_KERNELS = {
     "cross_entropy": (check_cross_entropy, (257, 32000), "V32000", 1e-6),
     # the MoM router at mom-340m's width: 4 memories, top-2, float32 input (the layer's norm output)
     "router": (check_router, (1001, 1024, 4, 2), "E4K2_D1024", 1e-5),
+    # the layer's gates at mom-340m's 4 heads (beta | decay), bf16 or float32 rows
+    "gates": (check_gates, (1001, 4), "H4", 1e-5),
 }
+
+
+@gpu
+def test_gpu_router_loss_and_varlen():
+    """The fused router losses at mom-340m's shape (16384 tokens, 4 memories, top-2) vs float64, and
+    the chunk table for the MoM layer's 40 segments (5 memories x 8 documents, some empty) and a
+    document-reset batch of 600 segments (blocks of segments), entry for entry."""
+    errs = check_router_loss(16384, 4, 2, "cuda")
+    _log("router_loss", "N16384_E4K2", torch.float32, errs)
+    # 1e-4: with the balance loss alone the logits' gradient is p (dp - <dp, p>) of a dp constant per
+    # memory, which cancels; the float32 softmax backward of the check itself reads 1.0e-5 (H100)
+    _assert(errs, 1e-4, "router_loss")
+    gen = torch.Generator().manual_seed(3)
+    for case, n_seg in (("S40", 40), ("S600", 600)):
+        lens = torch.randint(0, 400, (n_seg,), generator=gen)
+        lens[::7] = 0
+        errs = check_varlen(lens.tolist(), int(lens.sum()) + 100, 64, "cuda")
+        _log("varlen", case, None, errs)
+        assert not any(errs.values()), (case, errs)
 
 
 @gpu

@@ -95,17 +95,28 @@ def _prepare_dense(B: int, T: int, chunk_size: int, device: torch.device) -> Var
 
 
 def _prepare_varlen(cu_seqlens: torch.Tensor, total: int, chunk_size: int, device: torch.device) -> Varlen:
-    cu = cu_seqlens.detach().to(device=device, dtype=torch.int64)
-    N = cu.numel() - 1
+    N = cu_seqlens.numel() - 1
     if cu_seqlens.device.type == "cpu":  # free to check here; on the GPU it would cost a sync
         lens_cpu = cu_seqlens[1:] - cu_seqlens[:-1]
         if (lens_cpu < 0).any() or (N > 0 and int(cu_seqlens[-1]) > total):
             raise ValueError(f"cu_seqlens must be non-decreasing and end at most at {total} rows")
+    NT = total // chunk_size + N if (N > 0 and total > 0) else 0
+    cu = cu_seqlens.detach().to(device=device)
+    if N > 0 and (cu.is_cuda or INTERPRET):  # one kernel (varlen.py) instead of ~14 small ones
+        from .varlen import chunk_table
+        return Varlen(*chunk_table(cu, NT, chunk_size), N, NT)
+    return _prepare_varlen_torch(cu, NT, chunk_size)
+
+
+def _prepare_varlen_torch(cu: torch.Tensor, NT: int, chunk_size: int) -> Varlen:
+    """The reference of varlen.chunk_table (and the path for CPU tensors outside the interpreter)."""
+    cu = cu.to(torch.int64)
+    N = cu.numel() - 1
+    device = cu.device
     lens = cu[1:] - cu[:-1]
     n_chunks = (lens + chunk_size - 1) // chunk_size
     ends = n_chunks.cumsum(0)
     offsets = ends - n_chunks
-    NT = total // chunk_size + N if (N > 0 and total > 0) else 0
     slot = torch.arange(NT, device=device)
     seg = torch.searchsorted(ends, slot, right=True).clamp_(max=max(N - 1, 0))
     idx = torch.stack([seg, slot - offsets[seg]], 1).to(torch.int32)
@@ -158,6 +169,13 @@ _DEFAULT_CFG = {
     "cross_entropy": dict(BLOCK_V=4096, num_warps=8, num_stages=1),
     "gather_sum": dict(BN=4, BD=1024, num_warps=4, num_stages=1),
     "packing": dict(BLOCK=1024, num_warps=4, num_stages=1),  # routing's counting sort (packing.py)
+    # small ops fused into one launch each (varlen.py, router_loss.py, gates.py): not swept
+    # (varlen: a [BLOCK, BS] comparison tile; BLOCK 1024 x BS 64 spilled registers, 292 us on an H100)
+    "varlen": dict(BLOCK=256, BS=16, num_warps=4, num_stages=1),
+    "router_loss_fwd": dict(BM=512, BP=64, num_warps=4, num_stages=1),
+    "router_loss_bwd": dict(BM=512, num_warps=4, num_stages=1),
+    "gates_fwd": dict(BM=256, num_warps=4, num_stages=1),
+    "gates_bwd": dict(BM=256, RB=2, num_warps=4, num_stages=1),
     # bench_router.py --sweep (H200, 2026-11-27): 0.024 ms vs 0.086 (in the step's profile) for the tile that
     # reduced over the columns at every step
     "router_fwd": dict(BM=16, BD=64, num_warps=4, num_stages=3),

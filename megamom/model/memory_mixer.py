@@ -31,8 +31,7 @@ from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, causal_co
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
 from .layers import GatedRMSNorm, cast_for_autocast
-from .routing import (RouterOutput, build_packing, combine, grouped_projection, load_balancing_loss, pack, route,
-                      router_z_loss)
+from .routing import RouterOutput, build_packing, combine, grouped_projection, pack, route, router_losses
 
 
 log = logging.getLogger(__name__)
@@ -160,6 +159,16 @@ class MemoryMixer(nn.Module):
         a = pieces.pop(0) if self.a_proj is not None else None
         return b, a
 
+    def _fused_gates(self, narrow_rows: Optional[torch.Tensor]):
+        """_gates on the narrow projection's rows [A, beta | scalar decay] in one Triton kernel each way
+        (kernels/triton/gates.py) -> (g or None, beta or None), float32."""
+        from megamom.kernels.triton.gates import gates_fused
+        if narrow_rows is None:
+            return None, None
+        scalar = self.rule.decay == "scalar"
+        return gates_fused(narrow_rows, self.num_heads, self.b_proj is not None,
+                           self.A_log if scalar else None, self.dt_bias if scalar else None)
+
     def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor]):
         """-> (log-decay g in float32 or None, beta or None), per head (or per key for GLA)."""
         beta = _f32(b).sigmoid() if b is not None else None
@@ -178,11 +187,10 @@ class MemoryMixer(nn.Module):
             cols.append(torch.ones(N, 1, device=device, dtype=torch.promote_types(dtype, torch.float32)))
         return torch.cat(cols, 1)
 
-    def _router_stats(self, r, counts_reduce=None) -> Optional[RouterStats]:
+    def _router_stats(self, r, fused: bool = False, counts_reduce=None) -> Optional[RouterStats]:
         if r is None:
             return None
-        aux, frac = load_balancing_loss(r.probs, r.topk_index, self.num_routed, counts_reduce)
-        return RouterStats(aux, router_z_loss(r.logits), frac.detach())
+        return RouterStats(*router_losses(r, self.num_routed, fused, counts_reduce))
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, num_docs: int,
@@ -227,8 +235,10 @@ class MemoryMixer(nn.Module):
             k_rows, v_rows, rest = rows.split([Kd, Vd, rows.shape[1] - Kd - Vd], 1)
             q_rows = pack(q, packing, fused)
             q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
-        b_rows, a_rows = self._gate_rows(narrow_rows, rest)
-        g, beta = self._gates(b_rows, a_rows)
+        if fused and self.rule.decay != "vector":  # (GLA's per-key decay: torch; its scan is torch too)
+            g, beta = self._fused_gates(narrow_rows)
+        else:
+            g, beta = self._gates(*self._gate_rows(narrow_rows, rest))
         initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
         o_rows, final_state = memory_scan(
             self.rule,
@@ -246,7 +256,7 @@ class MemoryMixer(nn.Module):
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
-        return o.view(B, T, d), self._router_stats(r), new_cache
+        return o.view(B, T, d), self._router_stats(r, fused), new_cache
 
     def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor, xc: torch.Tensor,
                         fused: bool):

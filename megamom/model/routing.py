@@ -319,3 +319,14 @@ def load_balancing_loss(probs: torch.Tensor, topk_index: torch.Tensor, num_memor
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, -1).pow(2).mean()
+
+
+def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, counts_reduce=None):
+    """-> (balance loss, z loss, token fraction per memory [E], detached) of a routing. fused (the
+    caller's `use_triton`, float32 router outputs, counts not reduced over ranks): one Triton kernel
+    each way (kernels/triton/router_loss.py); else load_balancing_loss and router_z_loss."""
+    if fused and counts_reduce is None and r.probs.dtype == torch.float32 and r.probs.shape[0] > 0:
+        from megamom.kernels.triton.router_loss import router_losses_fused
+        return router_losses_fused(r.logits, r.probs, r.topk_index)
+    aux, f = load_balancing_loss(r.probs, r.topk_index, num_memories, counts_reduce)
+    return aux, router_z_loss(r.logits), f.detach()
