@@ -503,8 +503,8 @@ def check_varlen(lens, total, chunk_size, device):
 
 
 def check_router_loss(N, E, K, device, seed=13):
-    """The fused balance + z losses (router_loss.py) on the Triton router's outputs vs float64 torch
-    (load_balancing_loss, router_z_loss) on the same logits: the losses, the token fractions, and the
+    """The fused balance + z losses (router_loss.py) on random logits, their softmax and random top-k
+    choices vs float64 torch (load_balancing_loss, router_z_loss) on the same inputs: the losses, the token fractions, and the
     logits' and probabilities' gradients for random loss weights (also with one loss unused)."""
     from megamom.kernels.triton.router_loss import router_losses_fused
     from megamom.model.routing import load_balancing_loss, router_z_loss
@@ -538,15 +538,16 @@ def check_router_loss(N, E, K, device, seed=13):
 
 def check_gates(N, H, device, dtype, seed=14):
     """The fused gates (gates.py) vs float64 torch (MemoryMixer._gates' formulas) on narrow rows
-    [beta | decay] with decay pre-activations from -40 to 40 (softplus' tails): g, beta and the
-    gradients of the rows, A_log and dt_bias; also beta alone and decay alone."""
+    [beta | decay] with decay pre-activations from -40 to 40 (softplus' tails; g also element by
+    element, where a log(1 + u) softplus loses digits near -9): g, beta and the gradients of the
+    rows, A_log and dt_bias; also beta alone and decay alone."""
     from megamom.kernels.triton.gates import gates_fused
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, has_beta, has_decay in (("both", True, True), ("beta", True, False), ("decay", False, True)):
         cols = H * (int(has_beta) + int(has_decay))
-        rows = torch.randn(N, cols + 3, generator=gen) * 3  # 3 extra columns: a strided view, as in the layer
+        rows = torch.randn(N, cols + 3, generator=gen) * 3  # 3 extra columns: strided rows are read too
         if has_decay:
             rows[:, cols - H:cols] += torch.linspace(-40, 40, N)[:, None]
         A_log = torch.empty(H).uniform_(0, 16, generator=gen).log()
@@ -566,11 +567,44 @@ def check_gates(N, H, device, dtype, seed=14):
             g_r = -Ar.exp() * F.softplus(rr[:, -H:] + dtr)
             loss, loss_r = loss + (g * dg.to(device)).sum(), loss_r + (g_r * dg.double().to(device)).sum()
             out[f"g_{name}"] = rel(g, g_r)
+            out[f"g_elementwise_{name}"] = ((g.double() - g_r) / g_r).abs().max().item()
         loss.backward()
         loss_r.backward()
         out[f"drows_{name}"] = rel(r.grad, rr.grad)
         if has_decay:
             out[f"dA_log_{name}"], out[f"ddt_bias_{name}"] = rel(A.grad, Ar.grad), rel(dt.grad, dtr.grad)
+    return out
+
+
+def check_gates_wiring(device, seed=15):
+    """MemoryMixer's fused gates (the narrow projection rows straight into gates.py) against its torch
+    gates (the rows split into beta / decay first), for every rule with narrow rows: g, beta and the
+    gradients of the rows, A_log and dt_bias (-> largest relative difference per rule)."""
+    from megamom.config import ModelConfig
+    from megamom.model.memory_mixer import MemoryMixer
+
+    out = {}
+    for rule in ("gated_delta", "delta", "scalar_decay", "linear_attn"):
+        torch.manual_seed(seed)
+        mixer = MemoryMixer(ModelConfig(arch="mom", update_rule=rule, hidden_size=32, num_heads=3, head_dim=8,
+                                        num_memories=2, topk=1, vocab_size=64)).to(device)
+        narrow = [p for p in mixer._projection_groups()[1]]
+        if not narrow:
+            out[rule] = 0.0 if mixer._fused_gates(None) == (None, None) else 1.0
+            continue
+        rows = torch.randn(29, sum(p.shape[1] for p in narrow), device=device)
+        got, want = [], []
+        for fused in (True, False):
+            mixer.zero_grad()
+            r = rows.clone().requires_grad_()
+            g, beta = mixer._fused_gates(r) if fused else mixer._gates(*mixer._gate_rows(r, r[:, :0]))
+            loss = sum((t * torch.linspace(-1, 1, t.numel(), device=device).view_as(t)).sum()
+                       for t in (g, beta) if t is not None)
+            loss.backward()
+            params = [p.grad for p in (getattr(mixer, "A_log", None), getattr(mixer, "dt_bias", None))
+                      if p is not None]
+            (got if fused else want).append([t for t in (g, beta, r.grad, *params) if t is not None])
+        out[rule] = max(rel(a, b) for a, b in zip(got[0], want[0]))
     return out
 
 
@@ -724,6 +758,7 @@ def run_interp_suite() -> dict:
     out["router_loss_e4k2"] = check_router_loss(37, 4, 2, "cpu")  # rows: partial blocks of 8
     out["router_loss_e5k3"] = check_router_loss(19, 5, 3, "cpu")
     out["gates"] = check_gates(37, 3, "cpu", torch.float32)
+    out["gates_wiring"] = check_gates_wiring("cpu")
     out["swiglu"] = check_swiglu(7, 300, "cpu", torch.float32)
     out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
     out["router_e4k2"] = check_router(37, 40, 4, 2, "cpu", torch.float32)  # rows / columns: partial blocks
@@ -760,7 +795,7 @@ def interp_results():
                             "combine_norm_r1", "gather_sum", "packing_e4k2_shared", "packing_e5k3",
                             "packing_e3k3_shared", "packing_shared_only", "swiglu", "cross_entropy", "add_rmsnorm",
                             "router_e4k2", "router_e5k3_noz", "rmsnorm_route_add", "rmsnorm_route_e5k3",
-                            "varlen", "varlen_one_segment", "router_loss_e4k2", "router_loss_e5k3", "gates"])
+                            "varlen", "varlen_one_segment", "router_loss_e4k2", "router_loss_e5k3", "gates", "gates_wiring"])
 def test_interpreter(interp_results, case):
     errs = interp_results[case]
     assert errs, case
@@ -923,6 +958,16 @@ with compile_only(ptxas_report=False) as recs:
         swiglu_packed(torch.randn(10, 2 * 2816, dtype=dt, requires_grad=True)).float().sum().backward()
         from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
         cross_entropy_loss_grad_(torch.randn(10, 32000, dtype=dt), torch.randint(0, 32000, (10,)))
+        from megamom.kernels.triton.gates import gates_fused
+        rows = torch.randn(70, 8, dtype=dt, requires_grad=True)
+        gs = gates_fused(rows, 4, True, torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True))
+        (gs[0].sum() + gs[1].sum()).backward()
+    from megamom.kernels.triton.router_loss import router_losses_fused
+    logits = torch.randn(70, 4, requires_grad=True)
+    aux, z, _ = router_losses_fused(logits, logits.softmax(-1), torch.randint(0, 4, (70, 2)))
+    (aux + z).backward()
+    from megamom.kernels.triton.varlen import chunk_table
+    chunk_table(torch.tensor([0, 30, 30, 70]), 70 // 64 + 3, 64)
 big = [(r.name, r.shared) for r in recs if r.shared > 232448]  # H100/H200 limit per block
 assert not big, big
 print(len(recs))

@@ -24,10 +24,12 @@ from . import launch_cfg
 
 @triton.jit
 def _softplus_sigmoid(x):
-    """-> (softplus(x), sigmoid(x)) in float32, accurate for any x (log1p by its series where
-    exp(-|x|) is tiny, where log(1 + u) would round to 0)."""
+    """-> (softplus(x), sigmoid(x)) in float32 = max(x, 0) + log1p(exp(-|x|)), with log1p(u) as
+    log(w) u / (w - 1), w = 1 + u (exact to rounding for any u >= 0, where log(1 + u) alone loses
+    digits once u is small: 5.8e-4 relative at x = -9.2; dt_bias starts in [-6.9, -2.3])."""
     u = tl.exp(-tl.abs(x))
-    log1p_u = tl.where(u < 1e-4, u * (1.0 - 0.5 * u), tl.log(1.0 + u))
+    w = 1.0 + u
+    log1p_u = tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
     sig = tl.where(x >= 0, 1.0 / (1.0 + u), u / (1.0 + u))
     return tl.maximum(x, 0.0) + log1p_u, sig
 
@@ -86,7 +88,7 @@ def _gates_bwd_kernel(rows, A_log, dt_bias, dg, dbeta, drows, partial, N, stride
             b_dg = tl.load(dg + p_g, mask=m, other=0.0)
             da = b_dg * w * sig
             tl.store(p_d, da.to(drows.dtype.element_ty), mask=m)
-            acc_dt += da
+            acc_dt += tl.where(m, da, 0.0)
             acc_A += tl.where(m, b_dg * w * sp, 0.0)
     if HAS_DECAY:
         tl.store(partial + i_p * (2 * H) + o_h, tl.sum(acc_A, 0), mask=m_h)

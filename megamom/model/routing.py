@@ -327,6 +327,7 @@ def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, count
     each way (kernels/triton/router_loss.py); else load_balancing_loss and router_z_loss."""
     if fused and counts_reduce is None and r.probs.dtype == torch.float32 and r.probs.shape[0] > 0:
         from megamom.kernels.triton.router_loss import router_losses_fused
+        assert r.probs.shape[1] == num_memories, (r.probs.shape, num_memories)
         return router_losses_fused(r.logits, r.probs, r.topk_index)
     aux, f = load_balancing_loss(r.probs, r.topk_index, num_memories, counts_reduce)
     return aux, router_z_loss(r.logits), f.detach()

@@ -44,8 +44,8 @@ def capture_ready_init(enabled: bool):
     AccumulateGrad node's stream (the stream current when it was made) is not the capture's.
     Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-1 and ZeRO-2 in bf16
     and fp32 capture, and their replayed steps equal eager ones (gradients, logged terms, weights after
-    three steps: tests/test_cuda_graph_gpu.py; the trainer's loop, one and two GPUs: the same test
-    file's trainer cases)."""
+    three steps: tests/test_cuda_graph_gpu.py; the trainer's loop on one GPU: that file's trainer
+    case; on two data-parallel ranks: the same comparison run as a script, session 18)."""
     if not enabled or not torch.cuda.is_available():
         yield
         return
