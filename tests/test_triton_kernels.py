@@ -504,8 +504,9 @@ def check_varlen(lens, total, chunk_size, device):
 
 def check_router_loss(N, E, K, device, seed=13):
     """The fused balance + z losses (router_loss.py) on random logits, their softmax and random top-k
-    choices vs float64 torch (load_balancing_loss, router_z_loss) on the same inputs: the losses, the token fractions, and the
-    logits' and probabilities' gradients for random loss weights (also with one loss unused)."""
+    choices vs float64 torch (load_balancing_loss, router_z_loss) on the same inputs: the losses, the
+    token fractions, and the logits' gradient (through the softmax for the balance loss) for random
+    loss weights, also with one loss unused."""
     from megamom.kernels.triton.router_loss import router_losses_fused
     from megamom.model.routing import load_balancing_loss, router_z_loss
 
@@ -588,7 +589,7 @@ def check_gates_wiring(device, seed=15):
         torch.manual_seed(seed)
         mixer = MemoryMixer(ModelConfig(arch="mom", update_rule=rule, hidden_size=32, num_heads=3, head_dim=8,
                                         num_memories=2, topk=1, vocab_size=64)).to(device)
-        narrow = [p for p in mixer._projection_groups()[1]]
+        narrow = mixer._projection_groups()[1]
         if not narrow:
             out[rule] = 0.0 if mixer._fused_gates(None) == (None, None) else 1.0
             continue
