@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup dev bench clean
+.PHONY: demo test setup dev lock bench clean
 
 setup:
 	bash scripts/bootstrap.sh
@@ -19,6 +19,11 @@ test:
 dev:
 	bash scripts/bootstrap.sh dev
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+
+# Refresh requirements/constraints.txt (the tested versions every install takes): newest allowed
+# releases in a throw-away venv, the full test suite, then the frozen versions.
+lock:
+	bash scripts/lock.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

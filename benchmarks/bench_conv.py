@@ -3,7 +3,7 @@ depthwise conv1d over zero-separated segments), at the MoM layer's shape: A = 3 
 rows (top-2 + shared), 1024 channels read as a column slice of the projection output.
 
     python benchmarks/bench_conv.py [--sweep [KERNEL,...]]
-Also the layer's whole q / k / v step both ways: session 10's (three convs, the scan's separate q / k
+Also the layer's whole q / k / v step both ways: separate (three convs, the scan's separate q / k
 L2-norm kernels, a split backward concatenating the k / v / gate gradients) and the fused one
 (the norm inside the conv, k | v | gates through one autograd node writing one gradient buffer).
 Times are GPU kernel time from the profiler (the sum of a pass's kernels, per pass): wall-clock
@@ -141,14 +141,14 @@ class _L2Norm(torch.autograd.Function):
 
 def layer_step(N, cu, K=1024):
     """q [N, K] and projection rows [N, k K | v K | 8 gates] -> normalised q, k and v, fwd + bwd; both
-    layouts run this session's conv kernels (the vector loads help both)."""
+    layouts run the current conv kernels (the vector loads help both)."""
     from megamom.kernels.short_conv.conv import causal_conv1d_varlen, causal_conv1d_varlen_split
     q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rows = torch.randn(N, 2 * K + 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ws = [torch.randn(K, 4, device="cuda", requires_grad=True) for _ in range(3)]
     dys = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
 
-    def separate():  # session 10's layout
+    def separate():  # three convs, then the scan's own L2-norm kernels
         k, v, gates = rows.split([K, K, 8], -1)
         outs = [causal_conv1d_varlen(x, w, cu, activation="silu", backend="triton")[0] for x, w in zip((q, k, v), ws)]
         outs[0], outs[1] = _L2Norm.apply(outs[0]), _L2Norm.apply(outs[1])
@@ -172,7 +172,7 @@ def layer_step(N, cu, K=1024):
     print("layer q/k/v step, separate:", json.dumps(short(per_sep)))
     print("layer q/k/v step, fused:", json.dumps(short(per_fus)))
     print("| layer q / k / v step (conv + SiLU + q/k L2 norm), fwd+bwd | GPU ms |\n|---|---|")
-    print(f"| separate: 3 convs, the scan's L2-norm kernels, the split's concat (session 10's layout) | {t_sep:.3f} |")
+    print(f"| separate: 3 convs, the scan's L2-norm kernels, the split's concat | {t_sep:.3f} |")
     print(f"| fused | {t_fus:.3f} |")
     print(f"fused / separate: {t_fus / t_sep:.2f}x time")
     return fused_fwd, fused

@@ -1,4 +1,4 @@
-"""GPU probe: what the MoM layer's GEMM shapes and the small ops around them cost (issue 5 leads).
+"""GPU probe: what the MoM layer's GEMM shapes and the small ops around them cost.
 
     python benchmarks/bench_gemm_shapes.py
 

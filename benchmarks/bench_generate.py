@@ -12,13 +12,13 @@ tokens (default 1024) after prompts of 1K to 32K tokens, for
 all measured in the same run, random weights, bf16, batch 1, greedy, no early stop. The prompt
 length axis is where the recurrent cache pays: its size is constant while Llama's K/V grow.
 
-One call on the device machine (megamom installed, see below):
+On a CUDA machine with megamom installed:
     python benchmarks/bench_generate.py                       # 1K,2K,4K,8K,16K,32K prompts
     python benchmarks/bench_generate.py --prompts 1024,32768 --new-tokens 256
     python benchmarks/bench_generate.py --smoke --device cpu  # tiny shapes, checks the script
-Install on the device machine (no deepspeed there; megamom's model needs none):
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/mm . \
-      && PYTHONPATH=/tmp/mm python3 benchmarks/bench_generate.py --out $OUT/generate.json
+The model needs no DeepSpeed: where only torch and transformers are installed,
+    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/mm . \
+      && PYTHONPATH=/tmp/mm python3 benchmarks/bench_generate.py --out generate.json
 Prints a markdown table (ratios against llama-sdpa per prompt length) and writes JSON after every
 measurement, so a run stopped at its time limit keeps what it measured.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Kernel benchmark: MegaMoM's Triton gated delta rule vs flash-linear-attention's
-chunk_gated_delta_rule, same run, same card (fla is the anchor, see shared/docs/anchors.md).
+chunk_gated_delta_rule, same run, same card (fla is the anchor).
 
 Cases (bf16, q/k L2-norm in kernel, like the anchor):
   dense   B8 T2048 H4 K=V=256, forward and forward+backward
@@ -10,7 +10,7 @@ Cases (bf16, q/k L2-norm in kernel, like the anchor):
 Also: relative errors of ours (and fla's, for information) vs the float64 PyTorch reference at
 B2 T2048 H4 K=V=256, and a per-kernel time breakdown (torch profiler).
 
-Usage (GPU machine; fla importable, e.g. from carried wheels):
+Usage (CUDA machine; fla importable for the anchor):
   python benchmarks/bench_kernels.py [--no-check] [--no-profile] [--no-fla] [--sweep SECONDS]
       [--sweep-case dense|mom] [--cases dense,mom] [--keep none|states|all] [--out DIR]
 A full run (check + both cases + profile, no sweep) takes ~4 min on an H100, most of it compiling
@@ -201,7 +201,7 @@ def validator():
     """-> fn(repeats=4) giving the worst relative error (outputs and every gradient; NaN if any is not
     finite, inf if the runs differ bitwise) of the scan at K = V = 256 on varlen segments with partial,
     empty and length-1 chunks, vs float64. A launch configuration is only timed if it passes:
-    some compile wrong on Hopper with Triton 3.6 (see tests/test_triton_kernels.py)."""
+    some compile wrong on Hopper with Triton 3.6 (see tests/gpu/test_kernels_gpu.py)."""
     lens = [0, 1, 63, 64, 65, 200, 0, 130, 17, 700]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     H, K = (2, 16) if SMOKE else (4, 256)

@@ -5,8 +5,7 @@ added, removed or slowed: the first line is the total and the kernel count per i
 
     python benchmarks/bench_layer_kernels.py [--rows 70]
 
-(H100, session 18: 7,539 us / 201 kernels before the fused gates, router losses and chunk table,
-7,406 us / 136 after; benchmarks/profiles/2026-11-27-h100-layer-kernels-s18.txt.)"""
+(The current totals and the largest kernels: benchmarks/RESULTS.md, "The MoM layer".)"""
 import argparse
 import collections
 import os

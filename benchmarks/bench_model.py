@@ -1,7 +1,7 @@
 """GPU benchmark: the MoM layer and whole-model training steps of megamom against the anchors
 (flash-linear-attention's MoM, HF Llama with SDPA) measured in the same run.
 
-Usage on the device machine (see benchmarks/README.md for the install lines):
+Usage on a CUDA machine (benchmarks/README.md: what to install):
     python benchmarks/bench_model.py [stages] [--backends torch,triton]
 stages (comma-separated): check, layer, train, long, profile, profile_train   (default: layer,train)
 Prints a table last; writes JSON to $OUT (or /tmp).

@@ -1,6 +1,6 @@
 """GPU benchmark of the MoM router at mom-340m's shape (16384 tokens, d 1024 in float32: the layer's
 norm output, 4 memories, top-2): the fused Triton kernels (kernels/triton/router.py) against the
-torch ops of `megamom.model.routing.route`, forward and forward + backward, in the same run, plus
+torch ops of `megamom.model.router.route`, forward and forward + backward, in the same run, plus
 the largest difference between the two. GPU kernel time from the profiler, as bench_conv.py.
 
     python benchmarks/bench_router.py [--sweep [router_fwd,router_bwd]]
@@ -15,7 +15,7 @@ import torch
 
 from bench_conv import kernel_ms
 from megamom.kernels import triton as mt
-from megamom.model.routing import route
+from megamom.model.router import route
 
 N, D, E, K = 8 * 2048, 1024, 4, 2
 

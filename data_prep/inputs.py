@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ from .errors import PrepError
 TEXT_EXTS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 SUPPORTED = ".txt, .jsonl, .ndjson, .parquet (text and JSON lines also as .gz / .zst)"
+BLOCK = 1 << 20  # read size of an input file
+SNIFF = 8192  # bytes read to tell a binary file
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,18 @@ class Unit:
     end: Optional[int] = None  # exclusive; None = to the end
     first: bool = True  # first unit of its file
     binary: bool = False  # the file looked binary when planned: its one unit only reports that
+
+
+def open_binary(f: InputFile):
+    raw = open(f.path, "rb", buffering=BLOCK)
+    if f.compression == "gzip":
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), BLOCK)
+    if f.compression == "zstd":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_size=BLOCK,
+                                                                            closefd=True), BLOCK)
+    return raw
 
 
 def classify(path: str) -> Optional[tuple[str, Optional[str]]]:
@@ -150,8 +166,6 @@ def plan_units(files: list[InputFile], txt_mode: str, unit_bytes: int) -> list[U
 
 
 def _sniff_binary(f: InputFile) -> bool:
-    from .readers import SNIFF, open_binary
-
     with open_binary(f) as fh:
         return b"\x00" in fh.read(SNIFF)
 

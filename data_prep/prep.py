@@ -95,8 +95,9 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
         log(f"prep: skipping {s} (unsupported file type)")
     if len(skipped) > 10:
         log(f"prep: ... and {len(skipped) - 10} more unsupported files skipped")
-    # a regular file in the way is an error (non-empty directories are judged below: resume, overwrite)
-    out = check_out(out, overwrite, error=PrepError, require_empty=False)
+    # a regular file in the way, or an unwritable place, is an error (non-empty directories are judged
+    # below: resume, overwrite); prep writes into `out` itself, not into a sibling renamed into place
+    out = check_out(out, overwrite, error=PrepError, require_empty=False, staged=False)
     fp = _fingerprint(st, tok, files)
     job = {"fingerprint": fp, "settings": st.to_dict(), "tokenizer": tok.hash}
 
@@ -153,6 +154,10 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
         f"train {c['splits']['train']['samples']} samples / {c['splits']['train']['tokens']} tokens, "
         f"val {c['splits']['val']['samples']} samples; {total_bytes / 1e6:.1f} MB in {elapsed:.1f} s "
         f"({rate:.1f} MB/s, {nproc} workers)")
+    if d["written"] and not c["splits"]["train"]["samples"]:
+        log(f"prep: warning: the train split is empty: the {d['written']} documents written all went to the "
+            f"validation split (--val-fraction {st.val_fraction:g}, split by document; a .txt file is one "
+            "document); lower --val-fraction or give more documents")
     if c["bad_total"]:
         log(f"prep: {c['bad_total']} bad inputs, listed in {out / 'errors.jsonl'}; first ones:")
         for b in manifest["errors"][:5]:

@@ -10,18 +10,14 @@ counts it (or raises under --strict).
 from __future__ import annotations
 
 import codecs
-import gzip
-import io
 import json
 import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
 from .errors import BadInput, StrictStop
-from .inputs import InputFile, Unit
+from .inputs import BLOCK, InputFile, Unit, open_binary
 
-BLOCK = 1 << 20
-SNIFF = 8192
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: always unpaired
 
 
@@ -66,22 +62,6 @@ class Recorder:
             raise StrictStop(bad)
         if len(self.bad) < self.max_listed:
             self.bad.append(bad)
-
-
-# ---------------------------------------------------------------------------------------------
-# Opening files
-# ---------------------------------------------------------------------------------------------
-
-def open_binary(f: InputFile):
-    raw = open(f.path, "rb", buffering=BLOCK)
-    if f.compression == "gzip":
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), BLOCK)
-    if f.compression == "zstd":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_size=BLOCK,
-                                                                            closefd=True), BLOCK)
-    return raw
 
 
 def read_unit(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
@@ -210,8 +190,9 @@ def _jsonl(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
+            # (some messages end in "at": "Unterminated string starting at")
             rec.reject(BadInput("document", "malformed_json", f.path, lineno, offset,
-                                f"{e.msg} at column {e.colno}"))
+                                f"{e.msg.removesuffix(' at')} at column {e.colno}"))
             continue
         if not isinstance(obj, dict):
             rec.reject(BadInput("document", "malformed_json", f.path, lineno, offset,

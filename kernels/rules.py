@@ -101,9 +101,12 @@ def memory_scan(rule: str | UpdateRule, q, k, v, g=None, beta=None, scale=None, 
         raise ValueError(f"keep={keep!r} is not one of {SCAN_KEEPS}")
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
-        from . import triton_ops
-        return triton_ops.memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state,
-                                      cu_seqlens, chunk_size, use_qk_l2norm, keep)
+        from . import triton_ops  # Triton is optional (resolve_backend found it importable)
+        reason = triton_ops.fallback_reason(rule, q, v.shape[-1])
+        if reason is None:
+            return triton_ops.memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state,
+                                          cu_seqlens, chunk_size, use_qk_l2norm, keep)
+        triton_ops.log_fallback(reason)  # inputs the Triton kernels do not take: the PyTorch path
     return torch_memory_scan(rule, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                              chunk_size, use_qk_l2norm)
 

@@ -12,6 +12,13 @@ def _source_tree_subpackages() -> None:
     root = _Path(__file__).resolve().parent.parent
     if (root / "pyproject.toml").is_file() and (root / "kernels" / "__init__.py").is_file():
         __path__.append(str(root))  # noqa: F821  (the package's own __path__)
+        # ... and the checkout root leaves sys.path (where `python -m` / `torchrun -m` put the current
+        # directory): there its kernels/ would be found as the top-level `kernels`, shadowing Hugging
+        # Face's package of that name, which transformers imports. megamom is imported already.
+        import os
+        import sys
+        cwd = os.getcwd()
+        sys.path[:] = [p for p in sys.path if _Path(p or cwd).resolve() != root]
 
 
 _source_tree_subpackages()

@@ -17,9 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401  (raised here, and imported from here by callers)
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +86,7 @@ class ModelConfig:
     loss_chunk_size: int = 4096
     # What the Triton scan's backward takes from the forward instead of recomputing it: none (the
     # least memory), states (chunk states + v_new), all (+ w, and the MoM layer's packed token rows
-    # its projection's weight gradient reads). mom-340m, B8 T2048, CUDA graphs, H200
-    # (benchmarks/RESULTS.md, session 13): 68.3k-68.7k / 72.0k / 72.7k-73.2k tok/s at 34.7 / <= 49.8 / 48.1 GiB.
+    # its projection's weight gradient reads): more memory for a faster step (benchmarks/RESULTS.md).
     scan_keep: str = "none"
 
     @property
@@ -212,7 +210,7 @@ class TrainConfig:
     global_batch_size: Optional[int] = None  # checked = micro * accum * data-parallel size
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 1024
+    warmup_steps: int = 100  # <= max_steps (checked)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -241,6 +239,9 @@ class TrainConfig:
         for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.warmup_steps > self.max_steps:  # the lr would never reach train.lr
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}: "
+                              "lower train.warmup_steps or raise train.max_steps")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be within [0, 1]")
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -272,13 +273,8 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.parallel.validate()
-        m, p = self.model, self.parallel
-        if p.tensor > 1 and m.num_heads % p.tensor:
-            raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}: "
-                              "tensor parallelism shards whole heads")
-        if p.expert > 1 and (m.arch != "mom" or m.num_memories % p.expert):
-            raise ConfigError(f"parallel.expert={p.expert} must divide model.num_memories={m.num_memories} "
-                              "(and needs model.arch=mom)")
+        from .parallel.layout import check_config  # every split of a sharded dimension is even
+        check_config(self)
         if self.train.cuda_graph:
             self._check_cuda_graph()
         return self

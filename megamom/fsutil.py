@@ -1,5 +1,6 @@
 """Output directories and sizes: all-or-nothing directory outputs (write into a temporary sibling,
-rename into place at the end), the early check of an --out, and parsing sizes like 64MiB."""
+rename into place at the end, with the modes the umask gives), the early check of an --out, and
+parsing sizes like 64MiB."""
 from __future__ import annotations
 
 import contextlib
@@ -26,14 +27,33 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give a finished output tree the modes a plain mkdir / open would have given it (0o777 / 0o666,
+    less the umask): mkdtemp makes 0700 directories and safetensors writes 0600 files, which the
+    other users of a shared filesystem could not read."""
+    mask = umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        full = 0o777 if path.is_dir() or path.stat().st_mode & 0o100 else 0o666  # executables stay so
+        os.chmod(path, full & ~mask)
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path):
-    """Yields a temporary directory next to `out`; on success it replaces `out`; on any failure it
-    is removed and `out` is untouched."""
+    """Yields a temporary directory next to `out`; on success it replaces `out` (with the modes the
+    umask gives); on any failure it is removed and `out` is untouched."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        publish_modes(tmp)
         replace_dir(tmp, out)
     finally:
         if tmp.exists():
@@ -41,10 +61,12 @@ def staged_dir(out: Path):
 
 
 def check_out(out: str | Path, overwrite: bool = False, inputs: tuple = (), *, error: type = ValueError,
-              require_empty: bool = True) -> Path:
+              require_empty: bool = True, staged: bool = True) -> Path:
     """Fail early (before any expensive work) on an output directory that would clobber something:
     one that overlaps an input, an existing regular file, or (with `require_empty`, unless
-    `overwrite`) a non-empty directory. Raises `error(message)`; returns the path."""
+    `overwrite`) a non-empty directory; or one that cannot be written (`staged`: the output is
+    written next to it and renamed into place, so its parent must be writable; else the output
+    itself). Raises `error(message)`; returns the path."""
     out = Path(out).expanduser()
     for src in inputs:
         src = Path(src).expanduser().resolve()
@@ -56,6 +78,16 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: tuple = (), *, e
     if require_empty and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise error(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it, or choose "
                     "another --out")
+    # A directory made and removed in the nearest existing directory shows what the OS says
+    # (permission denied, read-only filesystem, a file in the path) now rather than after the work.
+    base = out.parent if staged else out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".megamom-probe-", dir=base))
+    except OSError as e:
+        raise error(f"--out {str(out)!r} is not writable ({e.strerror}: {str(base)!r}); choose another "
+                    "directory") from None
     return out
 
 

@@ -11,6 +11,11 @@ import pytest
 # put the cwd / script directory first on sys.path.
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
+# Imported before any test module: run as `python -m pytest` in the checkout root, megamom then
+# comes from the source tree and takes the root off sys.path, where its kernels/ folder would
+# shadow Hugging Face's `kernels` package (transformers imports it).
+import megamom  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def megamom_cache(tmp_path_factory) -> Path:
@@ -36,7 +41,7 @@ def megamom_exe() -> str:
 
 def pytest_collection_modifyitems(config, items):
     """`gpu`-marked tests skip where there is no CUDA device, with one reason that says how to run
-    them (CI is CPU-only; the device tool's recipe is in benchmarks/README.md)."""
+    them (CI is CPU-only; benchmarks/README.md says how to run them on a CUDA machine)."""
     import torch
 
     if torch.cuda.is_available():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megamom.config import ModelConfig
 from megamom.model import CausalLM, MemoryMixer
-from megamom.model.routing import load_balancing_loss, route, router_z_loss
+from megamom.model.router import load_balancing_loss, route, router_z_loss
 
 DT = torch.float64
 

@@ -160,6 +160,7 @@ def test_init_mom_linears_are_xavier_with_small_gain():
     for name in ("k_proj", "v_proj", "b_proj", "a_proj"):
         for m in range(getattr(mixer, name).shape[0]):  # each memory's matrix on its own fans
             mats[f"{name}[{m}]"] = getattr(mixer, name)[m]
+        mats[f"shared_{name}"] = getattr(mixer, f"shared_{name}")
     for name, w in mats.items():
         w = w.detach()
         bound = _xavier_bound(*w.shape)
@@ -201,7 +202,9 @@ def test_no_weight_decay_names(arch, rule, tied):
     decayed = set(names) - nwd
     assert "model.layers.0.mlp.up_proj.weight" in decayed
     assert "model.layers.1.attn.q_proj.weight" in decayed
-    if arch != "transformer":
+    if arch != "transformer":  # the shared memory's (a linear model's only memory), and the routed ones'
+        assert {"model.layers.0.attn.shared_k_proj", "model.layers.0.attn.shared_v_proj"} <= decayed
+    if arch == "mom":
         assert {"model.layers.0.attn.k_proj", "model.layers.0.attn.v_proj"} <= decayed
     if not tied:
         assert "lm_head.weight" in decayed
@@ -321,7 +324,7 @@ def test_shared_autocast_cast_leaves_the_forward_unchanged(monkeypatch):
     or the MoM block's norm writing its output in both dtypes) gives the same bf16 values, so the
     model's output is bitwise the same (only the input gradients are summed in bf16 instead of
     float32: close, not equal). Outside autocast the input is returned as is."""
-    from megamom.model import layers, lm, memory_mixer, routing
+    from megamom.model import layers, lm, memory_mixer, router
 
     x = torch.randn(3, 5)
     assert layers.cast_for_autocast(x) is x
@@ -347,9 +350,50 @@ def test_shared_autocast_cast_leaves_the_forward_unchanged(monkeypatch):
 
     def no_shared_cast(norm, x, residual, dtype, router_weight, topk):  # the MoM block's norm: float32 out
         s, y = norm(x, residual) if residual is not None else (x, norm(x))
-        return s, y, y, routing.route(y.reshape(-1, y.shape[-1]), router_weight, topk)
+        return s, y, y, router.route(y.reshape(-1, y.shape[-1]), router_weight, topk)
     monkeypatch.setattr(lm, "norm_and_route", no_shared_cast)
     loss_ref, grad_ref = run()
     assert torch.equal(loss, loss_ref)
     rel = ((grad - grad_ref).norm() / grad_ref.norm()).item()
     assert 0 < rel < 2e-2, rel  # 0 would mean the monkeypatch did not reach the model
+
+
+def _old_layout(sd: dict, cfg) -> dict:
+    """A state dict as saved while the shared memory was the last row of the stacked weights."""
+    old = dict(sd)
+    for key in list(sd):
+        prefix, _, leaf = key.rpartition(".")
+        if leaf.startswith("shared_"):
+            name = leaf[len("shared_"):]
+            routed = sd.get(f"{prefix}.{name}")
+            parts = ([routed] if routed is not None else []) + [sd[key][None]]
+            old[f"{prefix}.{name}"] = torch.cat(parts, 0)
+            del old[key]
+    return old
+
+
+@pytest.mark.parametrize("overrides", [dict(arch="mom"), dict(arch="mom", per_memory_conv=True),
+                                       dict(arch="mom", shared_mem=False), dict(arch="linear"),
+                                       dict(arch="linear", per_memory_conv=True, update_rule="gla")])
+def test_checkpoints_from_before_the_shared_memory_had_its_own_parameters_still_load(overrides):
+    """The shared memory's weights were row E of k_proj, v_proj, ... (and of per-memory convs): the
+    key mapping gives today's names, and the loaded model computes the same function."""
+    from megamom.model.memory_mixer import upgrade_state_dict
+    cfg = init_cfg(num_layers=2, **overrides)
+    torch.manual_seed(0)
+    model = CausalLM(cfg).double()
+    sd = model.state_dict()
+    old = _old_layout(sd, cfg)
+    if cfg.arch == "mom" and not cfg.shared_mem:
+        assert old.keys() == sd.keys()  # nothing to map
+    else:
+        assert old.keys() != sd.keys()
+    new = upgrade_state_dict(old, cfg)
+    assert new.keys() == sd.keys() and all(torch.equal(new[k], sd[k]) for k in sd)
+    shapes = upgrade_state_dict({k: tuple(v.shape) for k, v in old.items()}, cfg)
+    assert shapes == {k: tuple(v.shape) for k, v in sd.items()}
+    assert upgrade_state_dict(sd, cfg).keys() == sd.keys()  # today's names pass through
+    again = CausalLM(cfg).double()
+    again.load_state_dict(new, strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    assert torch.equal(again(ids).logits, model(ids).logits)

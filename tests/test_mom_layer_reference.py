@@ -6,9 +6,11 @@ The reference below walks each sample token by token and keeps, per memory, its 
 state and its own conv history (the raw q/k/v inputs of the tokens routed to it, zeros before its
 first one). It shares no code with megamom: the only coupling is MemoryMixer's parameter names
 and shapes, which the reference reads:
-  router.weight [E, d]; q_proj.weight [Kd, d] (shared); k_proj [M, Kd, d]; v_proj [M, Vd, d];
-  b_proj [M, H, d]; a_proj [M, H or Kd, d]; A_log, dt_bias [H]; q_conv/k_conv/v_conv [1 or M, C, W];
-  g_proj.weight [Vd, d]; o_norm.weight [Vh]; o_proj.weight [d, Vd]. Memory index E = the shared one.
+  router.weight [E, d]; q_proj.weight [Kd, d] (every memory's); k_proj [E, Kd, d]; v_proj [E, Vd, d];
+  b_proj [E, H, d]; a_proj [E, H or Kd, d] of the routed memories and shared_k_proj [Kd, d], ... of
+  the shared one (memory index E); A_log, dt_bias [H]; q_conv/k_conv/v_conv [1, C, W] (one for all)
+  or, per memory, [E, C, W] and shared_q_conv [C, W], ...; g_proj.weight [Vd, d]; o_norm.weight [Vh];
+  o_proj.weight [d, Vd].
 """
 import math
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from megamom.config import ModelConfig
 from megamom.model import CausalLM, MemoryMixer
-from megamom.model.routing import route
+from megamom.model.router import route
 
 DT = torch.float64
 ATOL = 1e-10
@@ -86,6 +88,11 @@ def _short_conv(history, j, weight):
     return y
 
 
+def _of_memory(P: dict, name: str, m: int, E: int) -> torch.Tensor:
+    """Memory m's weight: a row of the routed stack, or the shared memory's own (m == E)."""
+    return P[name][m] if m < E else P[f"shared_{name}"]
+
+
 def reference_layer(P: dict, cfg: ModelConfig, x: torch.Tensor, segment_ids=None) -> torch.Tensor:
     """P: parameter name -> tensor (MemoryMixer's names); x: [B, T, d]; segment_ids: [B, T]
     document number per token (memories and conv histories restart at each document start)."""
@@ -118,14 +125,15 @@ def reference_layer(P: dict, cfg: ModelConfig, x: torch.Tensor, segment_ids=None
             for m, w in chosen:
                 # 2. projections: q shared, k / v / beta / decay from memory m's own weights
                 q_in = P["q_proj.weight"] @ xt
-                k_in = P["k_proj"][m] @ xt
-                v_in = P["v_proj"][m] @ xt
+                k_in = _of_memory(P, "k_proj", m, E) @ xt
+                v_in = _of_memory(P, "v_proj", m, E) @ xt
                 if W:
                     history[m].append((q_in, k_in, v_in))
-                    c = m if cfg.per_memory_conv else 0
-                    q = _silu(_short_conv(history[m], 0, P["q_conv"][c]))
-                    k = _silu(_short_conv(history[m], 1, P["k_conv"][c]))
-                    v = _silu(_short_conv(history[m], 2, P["v_conv"][c]))
+                    def conv(name):  # memory m's own conv, or the one every memory shares
+                        return _of_memory(P, name, m, E) if cfg.per_memory_conv else P[name][0]
+                    q = _silu(_short_conv(history[m], 0, conv("q_conv")))
+                    k = _silu(_short_conv(history[m], 1, conv("k_conv")))
+                    v = _silu(_short_conv(history[m], 2, conv("v_conv")))
                 else:
                     q, k, v = _silu(q_in), _silu(k_in), _silu(v_in)
                 q, k, v = q.reshape(H, K), k.reshape(H, K), v.reshape(H, Vh)
@@ -135,18 +143,18 @@ def reference_layer(P: dict, cfg: ModelConfig, x: torch.Tensor, segment_ids=None
                 kv = k[:, :, None] * v[:, None, :]  # k v^T per head
                 rule = cfg.update_rule
                 if rule in ("gated_delta", "delta"):
-                    beta = torch.sigmoid(P["b_proj"][m] @ xt)  # [H]
+                    beta = torch.sigmoid(_of_memory(P, "b_proj", m, E) @ xt)  # [H]
                     alpha = torch.ones(H, dtype=x.dtype)
                     if rule == "gated_delta":
-                        gt = -torch.exp(P["A_log"]) * F.softplus(P["a_proj"][m] @ xt + P["dt_bias"])
+                        gt = -torch.exp(P["A_log"]) * F.softplus(_of_memory(P, "a_proj", m, E) @ xt + P["dt_bias"])
                         alpha = torch.exp(gt)
                     kk = k[:, :, None] * k[:, None, :]
                     S = alpha[:, None, None] * ((eye - beta[:, None, None] * kk) @ S) + beta[:, None, None] * kv
                 elif rule == "gla":
-                    a = (F.logsigmoid(P["a_proj"][m] @ xt) / cfg.gla_gate_normalizer).reshape(H, K)
+                    a = (F.logsigmoid(_of_memory(P, "a_proj", m, E) @ xt) / cfg.gla_gate_normalizer).reshape(H, K)
                     S = torch.exp(a)[:, :, None] * S + kv  # diag(a_t) S + k v^T
                 elif rule == "scalar_decay":
-                    gt = -torch.exp(P["A_log"]) * F.softplus(P["a_proj"][m] @ xt + P["dt_bias"])
+                    gt = -torch.exp(P["A_log"]) * F.softplus(_of_memory(P, "a_proj", m, E) @ xt + P["dt_bias"])
                     S = torch.exp(gt)[:, None, None] * S + kv
                 else:  # linear_attn
                     S = S + kv
@@ -258,7 +266,7 @@ def test_mom_long_chunk():
 def test_linear_arch_every_rule(rule):
     cfg = make_cfg(arch="linear", update_rule=rule)
     mixer, *_ = compare(cfg, seed=8)
-    assert mixer.router is None and mixer.k_proj.shape[0] == 1
+    assert mixer.router is None and mixer.k_proj is None and mixer.num_memories == 1  # the shared memory alone
 
 
 def test_linear_arch_without_conv():

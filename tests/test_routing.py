@@ -6,7 +6,9 @@ import itertools
 import pytest
 import torch
 
-from megamom.model.routing import build_packing, combine, pack, pack_per_memory, route
+from megamom.model.dispatch import build_packing, combine, pack, pack_per_memory
+
+from megamom.model.router import route
 
 DT = torch.float64
 
@@ -168,7 +170,7 @@ def test_route_topk_and_renormalisation():
 def test_router_stays_float32_under_autocast():
     """Autocast runs linears in bf16 whatever their inputs; the router must not (spec: float32
     softmax): bf16 logits flip near-tied top-k choices and change which memories a token updates."""
-    from megamom.model.routing import route
+    from megamom.model.router import route
     torch.manual_seed(0)
     x, w = torch.randn(512, 64), torch.randn(8, 64)
     ref = route(x, w, 2)
@@ -190,7 +192,8 @@ def test_grouped_projection_regathers_rows_in_backward(keep_rows, narrow):
     token by every memory (pack_per_memory), with one memory left empty (an exact zero gradient).
     keep_rows (model.scan_keep=all) saves the packed rows instead, with the same results. Without
     narrow weights (None: GLA, linear attention) the narrow output is empty [A, 0]."""
-    from megamom.model.routing import _GroupedProjection, memory_row_ends
+    from megamom.model.dispatch import memory_row_ends
+    from megamom.model.grouped_experts import _GroupedProjection
 
     N, E, k, d, P = DOC_IDS.numel(), 4, 2, 16, 24
     topk = torch.tensor([0, 2, 3])[random_topk(N, 3, k, 9)]  # memory 1 gets no rows
@@ -232,17 +235,29 @@ def test_grouped_projection_regathers_rows_in_backward(keep_rows, narrow):
     assert wf.grad[1].abs().max() == 0 and nwf.grad[1].abs().max() == 0
 
 
-def test_stacked_projection_weights_cast_and_gradients():
-    """_StackWeights (the grouped projection's k | v | beta | decay weights, cast for the GEMM): the
-    cast concatenation forward, and each part's gradient contiguous in its own dtype, equal to the
-    slices of the stacked gradient (what cat + cast would give)."""
-    from megamom.model.routing import _StackWeights
+@pytest.mark.parametrize("routed, shared", [(3, True), (3, False), (0, True)])
+def test_stacked_projection_weights_cast_and_gradients(routed, shared):
+    """_StackWeights (the grouped projection's k | v | beta | decay weights: the routed memories'
+    stacks [E, P, d] and the shared memory's [P, d], cast for the GEMM): the forward is
+    stack_memories cast, and each weight's gradient is contiguous in its own dtype and equal to its
+    block of the stacked gradient (what cat + cast would give)."""
+    from megamom.model.grouped_experts import _stack_cast, stack_memories
 
     gen = torch.Generator().manual_seed(5)
-    parts = [torch.randn(3, n, 8, generator=gen, dtype=torch.float64).requires_grad_() for n in (6, 4, 2)]
-    out = _StackWeights.apply(torch.float32, *parts)
-    assert out.dtype == torch.float32 and torch.equal(out, torch.cat(parts, 1).float())
-    grad = torch.randn(3, 12, 8, generator=gen)
+    widths = (6, 4, 2)
+    families = [(torch.randn(routed, n, 8, generator=gen, dtype=torch.float64).requires_grad_() if routed else None,
+                 torch.randn(n, 8, generator=gen, dtype=torch.float64).requires_grad_() if shared else None)
+                for n in widths]
+    out = _stack_cast(torch.float32, families)
+    ref = stack_memories(families)
+    M = routed + int(shared)
+    assert out.shape == ref.shape == (M, sum(widths), 8)
+    assert out.dtype == torch.float32 and torch.equal(out, ref.float())
+    if routed and shared:  # the shared memory is the last row
+        assert torch.equal(ref[routed, :6], families[0][1]) and torch.equal(ref[:routed, 6:10], families[1][0])
+    grad = torch.randn(M, sum(widths), 8, generator=gen)
     out.backward(grad)
-    for p, want in zip(parts, grad.split([6, 4, 2], 1)):
-        assert p.grad.dtype == torch.float64 and p.grad.is_contiguous() and torch.equal(p.grad, want.double())
+    for (r, sh), want in zip(families, grad.split(list(widths), 1)):
+        for p, block in ((r, want[:routed]), (sh, want[routed] if shared else None)):
+            if p is not None:
+                assert p.grad.dtype == torch.float64 and p.grad.is_contiguous() and torch.equal(p.grad, block.double())

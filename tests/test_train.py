@@ -2,7 +2,6 @@
 ZeRO stages vs one process, exact resume after kill -9, kills during checkpoint saves, SIGTERM,
 non-finite steps, bad input, logging read back, the default main job, eval."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -88,7 +87,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, megamom_en
     root = out / "checkpoints"
     assert (root / ".tmp-step_00000004").is_dir()  # the half-written save ...
     assert not (root / "step_00000004").exists()  # ... never looks complete
-    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert json.loads((root / "latest").read_text())["checkpoint"] == "step_00000002"
     r = train(megamom_exe, megamom_env, out, *common)
     assert "resumed from" in r.stderr + r.stdout and "step_00000002" in r.stderr + r.stdout
     assert not (root / ".tmp-step_00000004").exists()
@@ -99,24 +98,54 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, megamom_en
     assert losses(straight) == losses(out)
 
 
-def test_sigterm_checkpoints_and_resumes(tmp_path, megamom_env, megamom_exe):
-    out = tmp_path / "run"
-    cmd = [megamom_exe, "train", *TINY, f"train.out_dir={out}", "train.max_steps=100000"]
-    p = subprocess.Popen(cmd, env=megamom_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_and_signal(out, env, exe, *signals, records=3):
+    """Start a long run, wait for its first logged steps, send the signals; returns the process."""
+    cmd = [exe, "train", *TINY, f"train.out_dir={out}", "train.max_steps=100000"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= records):
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    for sig in signals:
+        p.send_signal(sig)
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_exits_75_and_resumes(sig, tmp_path, megamom_env, megamom_exe):
+    """SIGTERM / SIGUSR1 (a scheduler's notice) and a first Ctrl-C: checkpoint, then exit 75 (not 0,
+    which reads as finished), so a launcher requeues."""
+    out = tmp_path / "run"
+    p = _start_and_signal(out, megamom_env, megamom_exe, sig)
     stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0, stderr[-3000:]
-    assert "stopped early by a signal" in stdout
+    assert p.returncode == 75, stderr[-3000:]
+    assert "stopped early by a signal (exit code 75)" in stdout
     step = max(losses(out))
     ckpts = sorted((out / "checkpoints").glob("step_*"))
     assert ckpts and ckpts[-1].name == f"step_{step:08d}" and (ckpts[-1] / "COMPLETE.json").is_file()
     r = train(megamom_exe, megamom_env, out, f"train.max_steps={step + 2}")
     assert f"at step {step}" in r.stderr + r.stdout
     assert max(losses(out)) == step + 2
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    """The first SIGINT asks for a checkpoint at the end of the step; a second one raises
+    KeyboardInterrupt where the program is (signals coalesce when sent together, so this is
+    checked on the handler itself rather than on a racing subprocess)."""
+    from megamom.train.distributed import DistInfo
+    from megamom.train.trainer import Trainer
+    t = Trainer.__new__(Trainer)
+    t._stop_signal, t.dist = None, DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        t._install_signal_handlers()
+        signal.raise_signal(signal.SIGINT)
+        assert t._stop_signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, megamom_env, megamom_exe):
@@ -173,8 +202,8 @@ def test_stop_signal_right_after_a_periodic_save_saves_once(tmp_path, megamom_en
     """Preempted right after the periodic save of step 2: the run stops without saving step 2 again."""
     out = tmp_path / "run"
     env = dict(megamom_env, MEGAMOM_FAULT="signal_after_save:2")
-    r = train(megamom_exe, env, out, "train.max_steps=50", "train.save_every=2")
-    assert "stopped early by a signal" in r.stdout
+    r = train(megamom_exe, env, out, "train.max_steps=50", "train.save_every=2", check=False)
+    assert r.returncode == 75 and "stopped early by a signal" in r.stdout, r.stderr[-3000:]
     assert max(losses(out)) == 2
     saves = [line for line in r.stderr.splitlines() if "saved checkpoint" in line]
     assert len(saves) == 1 and saves[0].endswith("step_00000002"), saves
@@ -186,7 +215,7 @@ def test_eval_uses_the_training_data_config(tmp_path, megamom_env, megamom_exe):
     """`megamom eval` reads the data the way training did (here: reset_at_doc_boundaries=false), so
     it reproduces the training run's own val loss on the same batches."""
     out = tmp_path / "nodocreset"
-    train(megamom_exe, megamom_env, out, "train.max_steps=1", "data.reset_at_doc_boundaries=false",
+    train(megamom_exe, megamom_env, out, "train.max_steps=1", "train.warmup_steps=1", "data.reset_at_doc_boundaries=false",
           "train.eval_steps=1000")  # the whole val split: few of its rows hold a document boundary
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if json.loads(x)["kind"] == "val"]
     ckpt = out / "checkpoints" / "step_00000001"
@@ -250,22 +279,44 @@ def test_bad_input_errors_before_work(tmp_path, megamom_env, megamom_exe):
     assert "does not exist" in fails(resume=str(tmp_path / "nope"))
     # a checkpoint of another model: refused (names the keys), or with the override, names tensors
     good = tmp_path / "good"
-    train(megamom_exe, megamom_env, good, "train.max_steps=1")
+    train(megamom_exe, megamom_env, good, "train.max_steps=1", "train.warmup_steps=1")
     ckpt = str(good / "checkpoints" / "step_00000001")
     err = fails("model.num_memories=8", resume=ckpt)
     assert "different model config" in err and "model.num_memories: checkpoint 4 vs config 8" in err
     err = fails("model.num_memories=8", "train.allow_config_change_on_resume=true", resume=ckpt)
     assert "does not fit the model" in err and "model.layers.0.attn.k_proj" in err
+    assert "--resume" in fails(resume=str(tmp_path / "nope")) and "auto" in fails(resume=str(tmp_path / "nope"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    err = fails(f"train.out_dir={a_file / 'run'}")
+    assert f"train.out_dir={str(a_file / 'run')!r} is not writable" in err and "Traceback" not in err
     incomplete = tmp_path / "good" / "checkpoints" / "step_00000001"
     (incomplete / "COMPLETE.json").unlink()
     assert "is incomplete" in fails(resume=ckpt)
+
+
+def test_training_on_data_without_a_validation_split(tmp_path, megamom_env, megamom_exe, megamom_cache):
+    """Evaluation is skipped with one warning (it used to exit 2 at the first evaluation, after
+    saving, and again on every resume)."""
+    from megamom.data import ensure_default_dataset
+    data = ensure_default_dataset(megamom_cache / "default-data", seq_len=128, val_fraction=0.0)
+    assert not data.manifest["splits"].get("val")
+    args = [f"data.paths=[{data.paths[0]}]", f"data.tokenizer={data.tokenizer_path}", "train.eval_every=2",
+            "train.save_every=2"]
+    out = tmp_path / "run"
+    r = train(megamom_exe, megamom_env, out, "train.max_steps=4", *args)
+    assert r.stderr.count("no validation split") == 1 and "--val-fraction" in r.stderr
+    assert "val loss" not in r.stdout and (out / "checkpoints" / "step_00000004" / "COMPLETE.json").is_file()
+    r = train(megamom_exe, megamom_env, out, "train.max_steps=6", *args)
+    assert "at step 4" in r.stderr and max(losses(out)) == 6
 
 
 def test_default_main_job_and_eval(tmp_path, megamom_env, megamom_exe):
     """`megamom train` with no arguments (shortened) builds/reuses the data, trains, evaluates,
     checkpoints and prints a sample; `megamom eval` reads the checkpoint back."""
     env = dict(megamom_env)
-    r = subprocess.run([megamom_exe, "train", "train.max_steps=20", f"train.out_dir={tmp_path / 'main'}"],
+    r = subprocess.run([megamom_exe, "train", "train.max_steps=20", "train.warmup_steps=10",
+                        f"train.out_dir={tmp_path / 'main'}"],
                        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "val ppl" in r.stdout and "sample: " in r.stdout
@@ -352,7 +403,7 @@ def test_resume_ignores_implementation_only_model_keys():
 def test_cuda_graph_setup_is_checked_before_work():
     """train.cuda_graph needs a CUDA device and refuses fp16 (untested); the config refuses ZeRO-3
     (parameters move between steps) before any work; ZeRO-0, 1 and 2 in bf16 and fp32 pass
-    (tests/test_cuda_graph_gpu.py)."""
+    (tests/gpu/test_cuda_graph_gpu.py)."""
     from megamom.config import Config, ConfigError, TrainConfig
     from megamom.train.cuda_graph import check_setup
     t = TrainConfig(cuda_graph=True, zero_stage=0)
@@ -377,7 +428,7 @@ def test_graphed_gradients_that_hold_the_graph_buffers_are_copied_out_before_a_r
     """GraphedLoss lets autograd keep the backward graph's gradient buffers as .grad (no copy per
     gradient) and copies out, before the next replay would overwrite it, each .grad that still is one
     of them: accumulated or zeroed-in-place gradients keep their values, other gradients are left
-    alone. The replays themselves run on the GPU (tests/test_cuda_graph_gpu.py); this is the
+    alone. The replays themselves run on the GPU (tests/gpu/test_cuda_graph_gpu.py); this is the
     bookkeeping, on CPU tensors standing for the graph's buffers."""
     from torch import nn
 

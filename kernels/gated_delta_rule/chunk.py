@@ -17,20 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..utils import ChunkLayout, check_varlen, compute_dtype, l2norm
-
-
-def cumulative_decay(g: torch.Tensor, dt: torch.dtype):
-    """g: [..., C] per-head log-decays -> (G cumulative in float64, Gamma_causal [..., C, C] incl.
-    the diagonal, in dt). Float64 because with strong decay the true dg is ~exp(g) << 1 while the
-    gradient paths through exp(G_i - G_j) carry O(1) pairs that cancel exactly (the diagonal, the
-    last row): in float32 their rounding left dg 40% off at g ~ -20; float64 keeps it at 1e-7.
-    Callers take exp of G in float64 too and cast the result to dt."""
-    C = g.shape[-1]
-    G = g.to(torch.float64).cumsum(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
-    diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
-    return G, diff.exp().to(dt)
+from ..utils import ChunkLayout, check_varlen, compute_dtype, cumulative_decay, l2norm
 
 
 def chunk_gated_delta_rule_torch(

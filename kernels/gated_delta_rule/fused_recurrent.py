@@ -5,7 +5,8 @@
 
 decay: exp(g) per head (g [N, H]), per key (g [N, H, K], GLA) or none. One program per (value
 block, sequence * head); the [K, BV] state block stays in registers (float32). The update may be
-done in place (out_state=state): each program reads its block before writing it."""
+done in place (out_state=state): each program reads its block before writing it. The additive
+rules call it through gla/fused_recurrent.py (DELTA=False)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..rules import get_rule
 from ..utils import num_segments
 from .chunk import chunk_gated_delta_rule_torch
 
@@ -43,12 +44,11 @@ def chunk_transition_torch(k, v, g: Optional[torch.Tensor], beta, cu_seqlens=Non
 
 def chunk_transition(k, v, g, beta, cu_seqlens=None, chunk_size: int = 64, use_qk_l2norm: bool = False):
     """Same contract as `chunk_transition_torch`, with the Triton kernels where they run."""
-    from ..rules import get_rule
-    from ..triton_ops import INTERPRET, fallback_reason  # ImportError: no Triton
+    from ..triton import INTERPRET  # ImportError: no Triton
+    from .chunk_triton import chunk_scan_triton, fallback_reason
     v_ext_dim = v.shape[-1] + k.shape[-1]  # the scan below runs on [v | identity columns]
     if not (k.is_cuda or INTERPRET) or fallback_reason(get_rule("gated_delta"), k, v_ext_dim) is not None:
         return chunk_transition_torch(k, v, g, beta, cu_seqlens, chunk_size, use_qk_l2norm)
-    from .chunk_triton import chunk_scan_triton
 
     V = v.shape[-1]
     v_ext, h0 = _extended(k, v, num_segments(k, cu_seqlens))

@@ -12,8 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..gated_delta_rule.chunk import cumulative_decay
-from ..utils import ChunkLayout, check_varlen, compute_dtype, l2norm
+from ..utils import ChunkLayout, check_varlen, compute_dtype, cumulative_decay, l2norm
 
 
 def chunk_gla_torch(

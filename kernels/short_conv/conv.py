@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..rules import use_triton
-from ..utils import compute_dtype, l2norm
+from ..utils import compute_dtype, l2norm, row_positions
 
 
 def causal_conv1d_varlen(
@@ -118,14 +118,6 @@ def causal_conv1d_varlen_split(
         finals = [_final_tails(x, cu, lens, w.shape[-1], initial_states[i] if initial_states is not None else None)
                   for i, (x, w) in enumerate(zip(xs, weights))]
     return ys, rest, finals
-
-
-def row_positions(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
-    """Position of each packed row in its segment (int32), without a host sync."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=N)
-    return (torch.arange(N, device=cu.device) - cu[seg]).to(torch.int32)
 
 
 def check_split(rows: torch.Tensor, weights: list, l2norm_groups: Optional[list],

@@ -28,8 +28,7 @@ import triton.language as tl
 
 from ..triton import INTERPRET, launch_cfg  # noqa: F401  (ImportError without Triton)
 from ..triton.gather_sum import gather_sum
-from ..utils import L2NORM_EPS
-from .conv import row_positions
+from ..utils import L2NORM_EPS, row_positions
 
 
 # Addressing: each program forms int64 scalar base pointers for its first row once; tile offsets

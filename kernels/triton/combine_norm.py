@@ -10,7 +10,7 @@ Backward (o recomputed from the rows: nothing [N, R, H*V]-sized is stored):
     drows[slot_row[n, r]] = w[n, r] do_n   (each row is the slot of exactly one token: no atomics)
     dw[n, r] = <do_n, rows[slot_row[n, r]]>  (per head, summed over heads in torch)
     dweight  = sum_n dy * o_hat * silu(gate)  (per block of tokens, summed in torch)
-The reference (CPU, float64 tests) is `megamom.model.routing.combine` + `GatedRMSNorm`."""
+The reference (CPU, float64 tests) is `megamom.model.dispatch.combine` + `GatedRMSNorm`."""
 from __future__ import annotations
 
 from typing import Optional

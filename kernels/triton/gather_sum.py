@@ -1,4 +1,4 @@
-"""out[n] = sum_j src[index[n, j]] in float32, one kernel: the backward of `routing.pack` (each
+"""out[n] = sum_j src[index[n, j]] in float32, one kernel: the backward of `dispatch.pack` (each
 token's gradient is the sum of its R packed rows). The torch version is a gather of all A rows, a
 float32 reduction and a cast (three passes over [A, D]); this reads each row once. Deterministic
 (no atomics); the float32 sum runs over j = 0..R-1 in order. Indices are not bounds-checked (that

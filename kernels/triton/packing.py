@@ -1,4 +1,4 @@
-"""routing.build_packing as a counting sort in three Triton kernels (the torch version: an argsort and
+"""dispatch.build_packing as a counting sort in three Triton kernels (the torch version: an argsort and
 ~30 small ops a layer, each a launch the host issues and the GPU waits for).
 
 Rows are sorted by (memory, token): tokens are in time order and documents non-decreasing, so that
@@ -15,7 +15,7 @@ selected m): the row of (n, m) if n selected m.
                   end when there is none: empty segments at the end of a memory)
 
 Deterministic, no atomics, no host sync (A = N * R rows, dropless); equal to the torch version in every
-output (tests/test_triton_kernels.py: interpreter on CPU, and on the GPU)."""
+output (tests/kernels/test_packing_triton.py: interpreter on CPU; tests/gpu/test_kernels_gpu.py)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -93,7 +93,7 @@ def _finish_kernel(doc_ids, doc_first, ends, before, row_token, row_memory, row_
 
 def build_packing_triton(topk_index: Optional[torch.Tensor], doc_ids: torch.Tensor, num_docs: int,
                          num_routed: int, shared: bool) -> tuple:
-    """routing.build_packing's outputs (row_token, row_memory, row_segment, slot_row, row_slot,
+    """dispatch.build_packing's outputs (row_token, row_memory, row_segment, slot_row, row_slot,
     row_position, cu_seqlens), same dtypes; topk_index [N, k] (None: no router), doc_ids [N]
     non-decreasing global document indices < num_docs (not checked: that would cost a host sync)."""
     N = doc_ids.numel()

@@ -9,7 +9,7 @@ dw is summed per block of rows in the kernel and over blocks in torch (determini
 residual's own gradient: a pre-norm block's "x = x + h; norm(x)" in one pass each way.
 `rms_norm_route` also runs the MoM router (kernels/triton/router.py) on the float32 output, both ways.
 The references: `megamom.model.layers.RMSNorm` on the torch path; for rms_norm_route, the torch path of
-`megamom.model.lm.norm_and_route` (the norm, then `routing.route`)."""
+`megamom.model.lm.norm_and_route` (the norm, then `router.route`)."""
 from __future__ import annotations
 
 import torch

@@ -8,7 +8,7 @@
 
 With E = 4 memories, torch runs this as two float32 GEMMs of 4 columns (~46 us each, memory-bound but
 off cuBLAS' fast path), softmax, top-k (~41 us), a sum and a division forward, and more backward; here
-x is read once each way. The reference is `megamom.model.routing.route` on the torch path."""
+x is read once each way. The reference is `megamom.model.router.route` on the torch path."""
 from __future__ import annotations
 
 import torch

@@ -7,7 +7,7 @@
     backward  dp_te      = daux E f_e / N
               dlogits_te = dz 2 lse_t softmax(logits_t)_e / N
 
-The reference is `megamom.model.routing.load_balancing_loss` + `router_z_loss`: in torch they take
+The reference is `megamom.model.router.load_balancing_loss` + `router_z_loss`: in torch they take
 about 25 small kernels a layer forward and backward (a count scatter, sums, divisions, logsumexp,
 pow, mean and their gradients), each a launch of a few microseconds over a [N, E] array of a few
 hundred KB. The forward here is one launch of partial sums per block of rows and one program that
@@ -80,8 +80,10 @@ def _router_loss_finish_kernel(partial, aux, z, frac, NP, N, E: tl.constexpr, K:
 
 
 @triton.jit
-def _router_loss_bwd_kernel(logits, frac, daux, dz, dprobs, dlogits, N, E: tl.constexpr, EP: tl.constexpr,
-                            BM: tl.constexpr, HAS_AUX: tl.constexpr, HAS_Z: tl.constexpr):
+def _router_loss_bwd_kernel(logits, frac, daux, dz, dprobs, dlogits, total, N, E: tl.constexpr, EP: tl.constexpr,
+                            BM: tl.constexpr, HAS_AUX: tl.constexpr, HAS_Z: tl.constexpr, REDUCED: tl.constexpr):
+    """REDUCED: the balance loss's token count is `total` (a device scalar: the tokens of every rank
+    whose counts were summed), not this rank's N; the z loss stays a mean over this rank's tokens."""
     r0 = tl.program_id(0).to(tl.int64) * BM
     o_m = tl.arange(0, BM)
     m_m = o_m < N - r0
@@ -90,11 +92,40 @@ def _router_loss_bwd_kernel(logits, frac, daux, dz, dprobs, dlogits, N, E: tl.co
     m = m_m[:, None] & m_e[None, :]
     p_me = r0 * E + o_m[:, None] * E + o_e[None, :]
     if HAS_AUX:
-        dp = tl.load(daux) * E * tl.load(frac + o_e, mask=m_e, other=0.0) / N
+        n_aux = tl.load(total) if REDUCED else N
+        dp = tl.load(daux) * E * tl.load(frac + o_e, mask=m_e, other=0.0) / n_aux
         tl.store(dprobs + p_me, tl.zeros([BM, EP], dtype=tl.float32) + dp[None, :], mask=m)
     if HAS_Z:
         lse, sm = _lse_rows(logits, r0, o_m, m_m, o_e, m_e, E)
         tl.store(dlogits + p_me, (tl.load(dz) * 2.0 / N) * lse[:, None] * sm, mask=m)
+
+
+def _partials(logits, probs, topi):
+    """-> (partial sums [NP, 2 EP + 1], EP): per block of rows (counts, probability sums, sum of lse^2)."""
+    N, E = probs.shape
+    EP = triton.next_power_of_2(E)
+    cfg = launch_cfg("router_loss_fwd")
+    BM, BP = cfg.pop("BM"), cfg.pop("BP")
+    NP = triton.cdiv(N, BM)
+    partial = torch.empty(NP, 2 * EP + 1, dtype=torch.float32, device=probs.device)
+    _router_loss_partial_kernel[(NP,)](logits, probs, topi, partial, N, E=E, K=topi.shape[1], EP=EP,
+                                       KP=triton.next_power_of_2(topi.shape[1]), BM=BM, **cfg)
+    return partial, EP, BP
+
+
+def _backward(logits, frac, daux, dz, total=None):
+    N, E = logits.shape
+    dprobs = torch.empty(N, E, dtype=torch.float32, device=logits.device) if daux is not None else None
+    dlogits = torch.empty_like(logits) if dz is not None else None
+    if N and (daux is not None or dz is not None):
+        cfg = launch_cfg("router_loss_bwd")
+        BM = cfg.pop("BM")
+        _router_loss_bwd_kernel[(triton.cdiv(N, BM),)](
+            logits, frac, daux.float() if daux is not None else frac, dz.float() if dz is not None else frac,
+            dprobs if dprobs is not None else logits, dlogits if dlogits is not None else logits,
+            total if total is not None else frac, N, E=E, EP=triton.next_power_of_2(E), BM=BM,
+            HAS_AUX=daux is not None, HAS_Z=dz is not None, REDUCED=total is not None, **cfg)
+    return dlogits, dprobs
 
 
 class RouterLossFunction(torch.autograd.Function):
@@ -106,14 +137,8 @@ class RouterLossFunction(torch.autograd.Function):
         aux = torch.empty((), dtype=torch.float32, device=probs.device)
         z = torch.empty_like(aux)
         frac = torch.empty(E, dtype=torch.float32, device=probs.device)
-        EP = triton.next_power_of_2(E)
-        cfg = launch_cfg("router_loss_fwd")
-        BM, BP = cfg.pop("BM"), cfg.pop("BP")
-        NP = triton.cdiv(N, BM)
-        partial = torch.empty(NP, 2 * EP + 1, dtype=torch.float32, device=probs.device)
-        _router_loss_partial_kernel[(NP,)](logits, probs, topi, partial, N, E=E, K=K, EP=EP,
-                                           KP=triton.next_power_of_2(K), BM=BM, **cfg)
-        _router_loss_finish_kernel[(1,)](partial, aux, z, frac, NP, N, E=E, K=K, EP=EP, BP=BP)
+        partial, EP, BP = _partials(logits, probs, topi)
+        _router_loss_finish_kernel[(1,)](partial, aux, z, frac, partial.shape[0], N, E=E, K=K, EP=EP, BP=BP)
         ctx.save_for_backward(logits, frac)
         ctx.mark_non_differentiable(frac)
         ctx.set_materialize_grads(False)
@@ -122,22 +147,45 @@ class RouterLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, daux, dz, _):
         logits, frac = ctx.saved_tensors
-        N, E = logits.shape
-        dprobs = torch.empty(N, E, dtype=torch.float32, device=logits.device) if daux is not None else None
-        dlogits = torch.empty_like(logits) if dz is not None else None
-        if N and (daux is not None or dz is not None):
-            cfg = launch_cfg("router_loss_bwd")
-            BM = cfg.pop("BM")
-            _router_loss_bwd_kernel[(triton.cdiv(N, BM),)](
-                logits, frac, daux.float() if daux is not None else frac, dz.float() if dz is not None else frac,
-                dprobs if dprobs is not None else logits, dlogits if dlogits is not None else logits, N, E=E,
-                EP=triton.next_power_of_2(E), BM=BM, HAS_AUX=daux is not None, HAS_Z=dz is not None, **cfg)
+        dlogits, dprobs = _backward(logits, frac, daux, dz)
         return dlogits, dprobs, None
 
 
-def router_losses_fused(logits: torch.Tensor, probs: torch.Tensor, topk_index: torch.Tensor):
+class ReducedRouterLossFunction(torch.autograd.Function):
+    """The same losses with the slot counts and the token count summed over ranks by `counts_reduce`
+    ((counts [E], total) -> (counts, total), e.g. an all-reduce over the ranks of a sequence): f and
+    the balance loss's token count are the group's, the probability sums and the z loss this rank's.
+    The partial sums are added in block order by torch (deterministic), then reduced."""
+
+    @staticmethod
+    def forward(ctx, logits, probs, topi, counts_reduce):
+        N, E = probs.shape
+        K = topi.shape[1]
+        logits, probs, topi = logits.float().contiguous(), probs.float().contiguous(), topi.contiguous()
+        partial, EP, _ = _partials(logits, probs, topi)
+        sums = partial.sum(0)
+        counts, total = counts_reduce(sums[:E].contiguous(), probs.new_full((), float(N)))
+        frac = counts / (K * total)
+        aux = E * (frac * (sums[EP:EP + E] / total)).sum()
+        z = sums[2 * EP] / N
+        ctx.save_for_backward(logits, frac, total.reshape(1))
+        ctx.mark_non_differentiable(frac)
+        ctx.set_materialize_grads(False)
+        return aux, z, frac
+
+    @staticmethod
+    def backward(ctx, daux, dz, _):
+        logits, frac, total = ctx.saved_tensors
+        dlogits, dprobs = _backward(logits, frac, daux, dz, total)
+        return dlogits, dprobs, None, None
+
+
+def router_losses_fused(logits: torch.Tensor, probs: torch.Tensor, topk_index: torch.Tensor, counts_reduce=None):
     """logits, probs [N, E] (the router's, float32), topk_index [N, k] -> (balance loss, z loss, token
-    fraction per memory [E] (detached)), float32. N must be > 0 (the means divide by it)."""
+    fraction per memory [E] (detached)), float32. N must be > 0 (the means divide by it).
+    counts_reduce: see ReducedRouterLossFunction (None: this rank's tokens alone)."""
     if probs.shape[0] == 0:
         raise ValueError("router_losses_fused: no tokens (the losses are means over tokens)")
+    if counts_reduce is not None:
+        return ReducedRouterLossFunction.apply(logits, probs, topk_index, counts_reduce)
     return RouterLossFunction.apply(logits, probs, topk_index)

@@ -2,9 +2,10 @@
 and tensor names (see docs/convert.md and the MoM spec), both directions.
 
 What maps: a MoM model with the gated delta rule, one short convolution shared by all memories,
-L2-normalised q/k. megamom stacks the per-memory projections [M, out, d] with the shared memory at
-index E; fla keeps one Linear per routed memory (`k_proj.{m}`) and `shared_k/v/b/a`. megamom's
-router is fla's `gate`; conv weights [1, C, W] are fla's Conv1d weights [C, 1, W].
+L2-normalised q/k. megamom stacks the routed memories' projections [E, out, d] and keeps the
+shared memory's apart (`shared_k_proj`, ...); fla keeps one Linear per routed memory (`k_proj.{m}`)
+and `shared_k/v/b/a`. megamom's router is fla's `gate`; conv weights [1, C, W] are fla's Conv1d
+weights [C, 1, W].
 
 megamom-only settings that do not change what the model computes (router-loss coefficients,
 chunk size, kernel choice, ...) travel in config.json under "megamom_extra", so an fla export
@@ -159,11 +160,12 @@ def to_fla_state_dict(sd: dict, cfg: ModelConfig) -> dict:
         elif leaf == "weight" and prefix.endswith(".attn.router"):
             out[prefix[: -len("router")] + "gate.weight"] = t
         elif leaf in {ours for ours, _, _ in _PER_MEMORY}:
-            _, routed, shared = next(m for m in _PER_MEMORY if m[0] == leaf)
+            _, routed, _ = next(m for m in _PER_MEMORY if m[0] == leaf)
             for m in range(E):
                 out[f"{prefix}.{routed}.{m}.weight"] = t[m]
-            if cfg.shared_mem:
-                out[f"{prefix}.{shared}.weight"] = t[E]
+        elif leaf in {f"shared_{ours}" for ours, _, _ in _PER_MEMORY}:
+            _, _, shared = next(m for m in _PER_MEMORY if f"shared_{m[0]}" == leaf)
+            out[f"{prefix}.{shared}.weight"] = t
         elif leaf in dict(_CONVS):
             out[f"{prefix}.{dict(_CONVS)[leaf]}.weight"] = t[0].unsqueeze(1)  # [1, C, W] -> [C, 1, W]
         else:
@@ -172,7 +174,7 @@ def to_fla_state_dict(sd: dict, cfg: ModelConfig) -> dict:
 
 
 def from_fla_state_dict(sd: dict, cfg: ModelConfig, fc: dict) -> dict:
-    """fla tensors -> megamom names (per-memory Linears stacked, shared memory last). fla's
+    """fla tensors -> megamom names (routed memories' Linears stacked, the shared memory's apart). fla's
     single_kv_proj (every memory uses the shared projections) is expanded into identical copies."""
     E, single = cfg.num_memories, bool(fc.get("single_kv_proj", False))
     sd = dict(sd)
@@ -197,12 +199,12 @@ def from_fla_state_dict(sd: dict, cfg: ModelConfig, fc: dict) -> dict:
         for ours, routed, shared in _PER_MEMORY:
             if single:
                 w = take(f"{p}{shared}.weight")
-                mats = [w] * (E + int(cfg.shared_mem))
+                mats = [w] * E
             else:
                 mats = [take(f"{p}{routed}.{m}.weight") for m in range(E)]
-                if cfg.shared_mem:
-                    mats.append(take(f"{p}{shared}.weight"))
             out[p + ours] = torch.stack(mats)
+            if cfg.shared_mem:
+                out[p + f"shared_{ours}"] = take(f"{p}{shared}.weight")
         for ours, theirs in _CONVS:
             w = take(f"{p}{theirs}.weight")
             if w.dim() != 3 or w.shape[1] != 1:

@@ -28,6 +28,7 @@ import torch
 import megamom
 
 from ..config import Config, ConfigError, ModelConfig, model_config_from_dict
+from ..model.memory_mixer import upgrade_state_dict
 from . import fla_format
 from .errors import ConvertError
 from .hf_io import read_weights
@@ -96,7 +97,9 @@ def from_hf(model_dir: str, out: str, overwrite: bool = False, echo: Callable[[s
     sd = read_weights(src)
     if fmt == "fla":
         sd = fla_format.from_fla_state_dict(sd, cfg, fc)
-    elif cfg.tie_word_embeddings and "lm_head.weight" in sd:
+    else:
+        sd = upgrade_state_dict(sd, cfg)  # an export of older megamom
+    if fmt != "fla" and cfg.tie_word_embeddings and "lm_head.weight" in sd:
         if not torch.equal(sd["lm_head.weight"], sd.get("model.embeddings.weight", sd["lm_head.weight"])):
             raise ConvertError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
         sd.pop("lm_head.weight")

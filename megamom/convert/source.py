@@ -71,7 +71,8 @@ def check_state_dict(sd: dict, cfg: ModelConfig, what: str) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory from a step, run or checkpoints/ directory (clear errors otherwise)."""
+    """A step directory from a step, run or checkpoints/ directory (clear errors otherwise); what
+    `megamom convert`, `generate` and `eval` take as --checkpoint."""
     from ..train.checkpoint import MARKER, STATE, complete_checkpoints
     p = Path(path).expanduser()
     if not p.exists():
@@ -93,8 +94,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if partial:
         raise ConvertError(f"{str(p)!r} holds no complete checkpoint (only interrupted saves: "
                            f"{', '.join(partial[:4])}); resume training to write a complete one")
-    raise ConvertError(f"{str(p)!r} is not a megamom checkpoint: expected trainer_state.json and COMPLETE.json "
-                       f"(…/checkpoints/step_XXXXXXXX) or a run directory holding checkpoints/")
+    raise ConvertError(f"{str(p)!r} is not a megamom checkpoint (no {MARKER} / {STATE}) nor a run directory with "
+                       f"checkpoints/; pass a step_* directory (…/checkpoints/step_XXXXXXXX) or a train.out_dir")
 
 
 def open_checkpoint(path: str | Path) -> CheckpointSource:

@@ -104,9 +104,10 @@ def _sources(cfg: DataConfig, split: str) -> list[Source]:
             raise ConfigError(f"{s.path!r} has layout {m['layout']} but {sources[0].path!r} has {first['layout']}; "
                               "prepare all datasets of a mixture with the same --layout")
         if not m["splits"].get(split):
-            hint = " (it was prepared with --val-fraction 0)" if split == "val" else ""
-            raise ConfigError(f"{s.path!r} has no {split!r} split{hint}; prepare it with --val-fraction > 0 "
-                              "or point data.paths elsewhere")
+            fix = ("it was prepared with --val-fraction 0; prepare it again with `megamom prep ... --val-fraction "
+                   "0.01`" if split == "val" else "every document went to the validation split; prepare it again "
+                   "with a lower --val-fraction or more documents (a .txt file is one document)")
+            raise ConfigError(f"{s.path!r} has no {split!r} split ({fix}), or point data.paths elsewhere")
     if cfg.tokenizer:
         from megamom.tokenizer import load_tokenizer
 
@@ -343,3 +344,9 @@ def build_loader(data_cfg: DataConfig, *, split: str, micro_batch_size: int, dp_
     return ShardLoader(dataset, batch_size=micro_batch_size, dp_size=dp_size, collate=collate,
                        num_workers=data_cfg.num_workers, split=split,
                        fingerprints=[s.manifest["fingerprint"] for s in sources])
+
+
+def datasets_without_split(data_cfg: DataConfig, split: str) -> list[str]:
+    """The data.paths entries that hold no `split` (e.g. prepared with --val-fraction 0)."""
+    return [p for p in data_cfg.paths
+            if not Source(p, data_cfg.cache_dir, data_cfg.download_timeout).manifest["splits"].get(split)]

@@ -21,7 +21,12 @@ if "streaming.vision" not in sys.modules:
     _stub.__path__ = []  # a package with nothing in it: `import streaming.vision.x` fails cleanly
     sys.modules["streaming.vision"] = _stub
 
-import streaming  # noqa: E402
+try:
+    import streaming  # noqa: E402
+except ImportError as e:
+    raise ImportError(f"mosaicml-streaming is needed for prepared datasets and is not importable ({e}); install "
+                      "it without its declared dependencies (torchvision, cloud SDKs): pip install --no-deps "
+                      "mosaicml-streaming==0.13.0") from None
 from streaming import MDSWriter, Stream, StreamingDataset  # noqa: E402
 from streaming.base.storage.download import CloudDownloader  # noqa: E402
 from streaming.base.util import clean_stale_shared_memory  # noqa: E402

@@ -32,9 +32,16 @@ AUTO_MAP = {"AutoConfig": "configuration_megamom.MegaMoMConfig",
 # Left out of the bundle: the Triton paths (CUDA-only, need triton) and sequence-parallel helpers.
 EXCLUDED_PREFIXES = (
     "megamom.kernels.triton",  # megamom.kernels.triton (package) and megamom.kernels.triton_ops
-    "megamom.kernels.gated_delta_rule.chunk_triton",
+    "megamom.kernels.gated_delta_rule.chunk_triton",  # and the parts it composes:
+    "megamom.kernels.gated_delta_rule.chunk_bwd",
+    "megamom.kernels.gated_delta_rule.chunk_h",
+    "megamom.kernels.gated_delta_rule.chunk_index",
+    "megamom.kernels.gated_delta_rule.chunk_o",
+    "megamom.kernels.gated_delta_rule.wy",
     "megamom.kernels.gated_delta_rule.fused_recurrent",
     "megamom.kernels.gated_delta_rule.transition",
+    "megamom.kernels.gla.chunk_triton",
+    "megamom.kernels.gla.fused_recurrent",
     "megamom.kernels.short_conv.conv_triton",
 )
 

@@ -1,7 +1,8 @@
 """Models in plain PyTorch; parallelism is applied from outside (megamom.parallel)."""
 from .cache import AttentionLayerCache, MemoryLayerCache, ModelCache
 from .lm import CausalLM, LMOutput
-from .memory_mixer import MemoryMixer, RouterStats
+from .memory_mixer import MemoryMixer
+from .router import RouterStats
 
 
 def build_model(cfg) -> CausalLM:

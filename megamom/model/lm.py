@@ -20,9 +20,9 @@ from ..config import ModelConfig
 from .attention import Attention
 from .cache import ModelCache
 from .layers import RMSNorm, SwiGLU, autocast_target_dtype
-from .loss import linear_cross_entropy
+from .loss import LMLoss
 from .memory_mixer import MemoryMixer
-from .routing import RouterOutput, route
+from .router import RouterOutput, route
 
 
 @dataclass
@@ -76,7 +76,7 @@ def norm_and_route(norm: RMSNorm, x: torch.Tensor, residual: Optional[torch.Tens
     RMSNorm(s) in float32, or None on the Triton path; the same in dtype (the projections' input); the
     router's `RouterOutput` on the float32 one). On the Triton path one kernel each way does the add,
     the norm and the router (logits, softmax, top-k): the float32 output the router reads never
-    leaves registers. Elsewhere the norm, a cast and `routing.route`."""
+    leaves registers. Elsewhere the norm, a cast and `router.route`."""
     if use_triton(x, norm.backend):
         from megamom.kernels.triton.rmsnorm import rms_norm_route
         out = rms_norm_route(x, residual, norm.weight, norm.eps, dtype, router_weight, topk)
@@ -120,6 +120,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.loss_fn = LMLoss(cfg.loss_chunk_size, cfg.kernel_backend)  # no parameters: the state dict is unchanged
         self.activation_checkpointing = False
         self.reset_parameters()
 
@@ -194,14 +195,9 @@ class CausalLM(nn.Module):
         if return_logits:
             out.logits = F.linear(x, self.output_weight)
         if labels is not None:
-            if out.logits is not None:
-                logits = out.logits
-                ce_dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
-                out.lm_loss = F.cross_entropy(logits.to(ce_dtype).reshape(-1, logits.shape[-1]),
-                                              labels.reshape(-1), ignore_index=-100)
-            else:  # training: no [tokens, vocab] logits (megamom.model.loss)
-                out.lm_loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.output_weight,
-                                                   labels.reshape(-1), cfg.loss_chunk_size, cfg.kernel_backend)
+            # training passes no logits: the loss then never holds [tokens, vocab] (megamom.model.loss)
+            logits = out.logits.reshape(-1, out.logits.shape[-1]) if out.logits is not None else None
+            out.lm_loss = self.loss_fn(x.reshape(-1, x.shape[-1]), self.output_weight, labels.reshape(-1), logits)
             loss = out.lm_loss
             if stats:
                 out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()

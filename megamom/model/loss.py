@@ -11,6 +11,7 @@ kernel (`kernels/triton/cross_entropy.py`) instead of about six torch passes ove
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from megamom.kernels import use_triton
@@ -87,3 +88,22 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             logits = _chunk_logits(xd[s:s + chunk_rows], wd)
             total += F.cross_entropy(logits, labels[s:s + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum")
         return total / valid.sum().clamp(min=1)
+
+
+class LMLoss(nn.Module):
+    """The language-model loss as the model's own stage, so a parallel layout can swap it (a
+    vocab-parallel cross entropy under tensor parallelism) without touching the model. Given
+    logits (evaluation, generation) it is the plain cross entropy of them; otherwise the chunked
+    linear cross entropy above, which never holds the [tokens, vocab] logits."""
+
+    def __init__(self, chunk_rows: int, backend: str = "auto"):
+        super().__init__()
+        self.chunk_rows, self.backend = chunk_rows, backend
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                logits: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, d], weight [V, d], labels [N] (-100 = ignore), logits [N, V] or None."""
+        if logits is not None:
+            ce_dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
+            return F.cross_entropy(logits.to(ce_dtype), labels, ignore_index=IGNORE_INDEX)
+        return linear_cross_entropy(hidden, weight, labels, self.chunk_rows, self.backend)

@@ -10,15 +10,16 @@ Forward pass (training / prefill), for N = B*T tokens and M = routed + shared me
   5. ONE chunked scan over all (memory, document) segments
   6. weighted sum of each token's rows (+ shared memory with weight 1)
   7. per-head RMSNorm * swish(x W_g), then W_o
-Per-memory weights are stacked [M, out, d] so expert parallelism can shard the memory dim and
-tensor parallelism the head dim (every per-head piece: q/k/v/beta/decay rows, A_log, dt_bias,
-conv channels) without touching this code.
+The routed memories' weights are stacked [E, out, d] and the shared memory, which every token
+uses, has parameters of its own `shared_*` [out, d]: the plan for the parallel layouts
+(megamom/parallel/plan.py) splits the routed stack over expert ranks and keeps the shared memory
+dense, and splits every per-head piece (q/k/v/beta/decay rows, A_log, dt_bias, conv channels) with
+the heads over tensor ranks. The layer reads its head and memory counts off its weights.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -31,7 +32,9 @@ from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, causal_co
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
 from .layers import GatedRMSNorm, cast_for_autocast
-from .routing import RouterOutput, build_packing, combine, grouped_projection, pack, route, router_losses
+from .dispatch import Dispatcher
+from .grouped_experts import MemoryWeight, grouped_projection, stack_memories
+from .router import Router, RouterOutput
 
 
 log = logging.getLogger(__name__)
@@ -52,52 +55,88 @@ def _announce_kernels(rule, backend: str) -> None:
                  rule.name)
 
 
-@dataclass
-class RouterStats:
-    aux_loss: torch.Tensor  # scalar, differentiable
-    z_loss: torch.Tensor  # scalar, differentiable
-    token_fraction: torch.Tensor  # [E] detached: share of routed slots per memory
-
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """At least float32: bf16/fp16 go up, float64 stays (the reference precision of the tests)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class MemoryMixer(nn.Module):
+    """Stages: Router (each token's memories and weights) -> Dispatcher (the rows of the memories
+    held here, packed memory-major) -> memory experts (their projections, conv, gates and one scan
+    over every (memory, document) segment: `_memory_experts`) -> combiner (each token's rows summed
+    with its routing weights, gated norm, output projection: `_combine_output`). The head and memory
+    counts are read off the weights, so a shard of the layer (fewer heads, fewer memories) runs the
+    same code."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.rule = get_rule(cfg.update_rule)
         d, H, K, Vh = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.head_v_dim
-        self.hidden_size, self.num_heads, self.head_dim, self.head_v_dim = d, H, K, Vh
-        self.num_routed = cfg.num_memories if cfg.routed else 0
-        self.topk = cfg.topk if cfg.routed else 0
-        self.shared = cfg.shared_mem if cfg.routed else True
-        M = self.num_memories = self.num_routed + int(self.shared)
+        self.hidden_size, self.head_dim, self.head_v_dim = d, K, Vh
+        E = cfg.num_memories if cfg.routed else 0
+        shared = cfg.shared_mem if cfg.routed else True
         Kd, Vd = H * K, H * Vh
 
-        self.router = nn.Linear(d, self.num_routed, bias=False) if self.num_routed else None
+        self.router = Router(d, E, cfg.topk) if E else None
+        self.dispatcher = Dispatcher(E, shared)
         self.q_proj = nn.Linear(d, Kd, bias=False)
-        self.k_proj = nn.Parameter(torch.empty(M, Kd, d))
-        self.v_proj = nn.Parameter(torch.empty(M, Vd, d))
-        self.b_proj = nn.Parameter(torch.empty(M, H, d)) if self.rule.delta else None
         decay_dim = {"scalar": H, "vector": Kd, None: 0}[self.rule.decay]
-        self.a_proj = nn.Parameter(torch.empty(M, decay_dim, d)) if decay_dim else None
+        widths = {"k_proj": Kd, "v_proj": Vd, "b_proj": H if self.rule.delta else 0, "a_proj": decay_dim}
+        for name, width in widths.items():  # k_proj [E, Kd, d] routed, shared_k_proj [Kd, d], ...
+            self._memory_parameter(name, width, d, E, shared)
         if self.rule.decay == "scalar":
             self.A_log = nn.Parameter(torch.empty(H))
             self.dt_bias = nn.Parameter(torch.empty(H))
         self.conv_size = cfg.conv_size if cfg.use_short_conv else 0
-        if self.conv_size:
-            Mc = M if cfg.per_memory_conv else 1
-            self.q_conv = nn.Parameter(torch.empty(Mc, Kd, self.conv_size))
-            self.k_conv = nn.Parameter(torch.empty(Mc, Kd, self.conv_size))
-            self.v_conv = nn.Parameter(torch.empty(Mc, Vd, self.conv_size))
+        for name, width in (("q_conv", Kd), ("k_conv", Kd), ("v_conv", Vd)):
+            if not self.conv_size:
+                setattr(self, name, None)
+            elif cfg.per_memory_conv:  # [E, C, W] routed, shared_q_conv [C, W]
+                self._memory_parameter(name, width, self.conv_size, E, shared)
+            else:  # one conv [1, C, W] for every memory
+                setattr(self, name, nn.Parameter(torch.empty(1, width, self.conv_size)))
         self.g_proj = nn.Linear(d, Vd, bias=False) if cfg.use_output_gate else None
         self.o_norm = GatedRMSNorm(Vh, eps=cfg.norm_eps, backend=cfg.kernel_backend)
         self.o_proj = nn.Linear(Vd, d, bias=False)
         self.reset_parameters()
+
+    def _memory_parameter(self, name: str, width: int, fan_in: int, routed: int, shared: bool) -> None:
+        """`name` [routed, width, fan_in] for the routed memories and `shared_<name>` [width, fan_in]
+        for the shared one (each None where absent; width 0: neither)."""
+        setattr(self, name, nn.Parameter(torch.empty(routed, width, fan_in)) if width and routed else None)
+        setattr(self, f"shared_{name}", nn.Parameter(torch.empty(width, fan_in)) if width and shared else None)
+
+    # sizes read off the weights: a shard holds fewer heads (tensor parallel) or memories (expert parallel)
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.weight.shape[0] // self.head_dim
+
+    @property
+    def num_routed(self) -> int:
+        """Routed memories held by this layer (all of them on one rank)."""
+        return 0 if self.k_proj is None else self.k_proj.shape[0]
+
+    @property
+    def shared(self) -> bool:
+        return self.shared_k_proj is not None
+
+    @property
+    def num_memories(self) -> int:
+        return self.num_routed + int(self.shared)
+
+    @property
+    def topk(self) -> int:
+        return self.router.topk if self.router is not None else 0
+
+    def memory_weight(self, name: str) -> Optional[MemoryWeight]:
+        """(routed [E, P, d] or None, shared [P, d] or None) of a per-memory weight; None if absent."""
+        family = (getattr(self, name), getattr(self, f"shared_{name}", None))
+        return None if family == (None, None) else family
+
+    def _memories(self, names) -> list[MemoryWeight]:
+        return [w for w in map(self.memory_weight, names) if w is not None]
 
     # ------------------------------------------------------------------------------ init
     @torch.no_grad()
@@ -107,10 +146,9 @@ class MemoryMixer(nn.Module):
         for lin in (self.router, self.q_proj, self.g_proj, self.o_proj):
             if lin is not None:
                 nn.init.xavier_uniform_(lin.weight, gain=gain)
-        for stacked in (self.k_proj, self.v_proj, self.b_proj, self.a_proj):
-            if stacked is not None:
-                for m in range(stacked.shape[0]):
-                    nn.init.xavier_uniform_(stacked[m], gain=gain)
+        for routed, shared in self._memories(("k_proj", "v_proj", "b_proj", "a_proj")):
+            for w in ([*routed] if routed is not None else []) + ([shared] if shared is not None else []):
+                nn.init.xavier_uniform_(w, gain=gain)  # each memory's matrix on its own fans
         if self.rule.decay == "scalar":
             H = self.num_heads
             self.A_log.copy_(torch.empty(H).uniform_(0, 16).log())
@@ -118,26 +156,39 @@ class MemoryMixer(nn.Module):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         if self.conv_size:
             bound = 1 / math.sqrt(self.conv_size)  # nn.Conv1d's default for a depthwise conv
-            for w in (self.q_conv, self.k_conv, self.v_conv):
-                w.uniform_(-bound, bound)
+            for name in ("q_conv", "k_conv", "v_conv"):
+                w = self.conv_weight(name)  # drawn as one [M or 1, C, W] tensor, then split
+                w = torch.empty(w.shape, dtype=w.dtype, device=w.device).uniform_(-bound, bound)
+                routed, shared = getattr(self, name), getattr(self, f"shared_{name}", None)
+                if routed is not None:
+                    routed.copy_(w[:routed.shape[0]])
+                if shared is not None:
+                    shared.copy_(w[-1])
         self.o_norm.weight.fill_(1.0)
 
     def no_weight_decay(self) -> set[str]:
         return {"A_log", "dt_bias"}
 
-    # ------------------------------------------------------------------------------ pieces
-    def _projection_weights(self) -> tuple[list[torch.Tensor], list[int]]:
-        """The per-memory weights [M, P_i, d] of k | v | beta | decay (those present), and P_i."""
-        parts = [p for p in (self.k_proj, self.v_proj, self.b_proj, self.a_proj) if p is not None]
-        return parts, [p.shape[1] for p in parts]
+    def conv_weight(self, name: str) -> torch.Tensor:
+        """A short conv's weight [M, C, W] (one per memory, the shared one last) or [1, C, W] (one for all)."""
+        family = self.memory_weight(name)
+        return family[0] if family[1] is None else stack_memories([family])
 
-    def _projection_groups(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    # ------------------------------------------------------------------------------ pieces
+    def _projection_weights(self) -> tuple[torch.Tensor, list[int]]:
+        """The per-memory weights of k | v | beta | decay (those present) stacked [M, sum P_i, d], and P_i."""
+        families = self._memories(("k_proj", "v_proj", "b_proj", "a_proj"))
+        stacked = stack_memories(families)
+        return stacked, [(r if r is not None else sh[None]).shape[1] for r, sh in families]
+
+    def _projection_groups(self) -> tuple[list[MemoryWeight], list[MemoryWeight]]:
         """The per-memory weights split for grouped_projection: the wide ones (k | v, and GLA's per-key
         decay) and the narrow per-head ones (beta, scalar decay) it projects apart."""
-        wide = [self.k_proj, self.v_proj]
-        narrow = [p for p in (self.b_proj,) if p is not None]
-        if self.a_proj is not None:
-            (narrow if self.rule.decay == "scalar" else wide).append(self.a_proj)
+        wide = self._memories(("k_proj", "v_proj"))
+        narrow = self._memories(("b_proj",))
+        decay = self.memory_weight("a_proj")
+        if decay is not None:
+            (narrow if self.rule.decay == "scalar" else wide).append(decay)
         return wide, narrow
 
     def _gate_rows(self, narrow_rows: Optional[torch.Tensor], rest: torch.Tensor):
@@ -145,7 +196,12 @@ class MemoryMixer(nn.Module):
         projection's rows [beta | decay], GLA's per-key decay from the columns after k | v (`rest`)."""
         if self.rule.decay == "vector":
             return narrow_rows, rest  # (the narrow rows are beta alone, if any)
-        return self._split_gates(narrow_rows, [p.shape[1] for p in (self.b_proj, self.a_proj) if p is not None])
+        return self._split_gates(narrow_rows, [self._width(n) for n in ("b_proj", "a_proj") if self._width(n)])
+
+    def _width(self, name: str) -> int:
+        """Output rows of a per-memory projection (0: absent)."""
+        family = self.memory_weight(name)
+        return 0 if family is None else (family[0].shape[1] if family[0] is not None else family[1].shape[0])
 
     def _split(self, rows: torch.Tensor, sizes: list[int]):
         """[.., k | v | beta | decay] -> k, v, beta or None, decay or None."""
@@ -155,8 +211,8 @@ class MemoryMixer(nn.Module):
     def _split_gates(self, rest: torch.Tensor, sizes: list[int]):
         """[.., beta | decay] (either may be absent) -> beta or None, decay or None."""
         pieces = list(rest.split(sizes, -1)) if sizes else []
-        b = pieces.pop(0) if self.b_proj is not None else None
-        a = pieces.pop(0) if self.a_proj is not None else None
+        b = pieces.pop(0) if self._width("b_proj") else None
+        a = pieces.pop(0) if self._width("a_proj") else None
         return b, a
 
     def _fused_gates(self, narrow_rows: Optional[torch.Tensor]):
@@ -166,7 +222,7 @@ class MemoryMixer(nn.Module):
         if narrow_rows is None:
             return None, None
         scalar = self.rule.decay == "scalar"
-        return gates_fused(narrow_rows, self.num_heads, self.b_proj is not None,
+        return gates_fused(narrow_rows, self.num_heads, self._width("b_proj") > 0,
                            self.A_log if scalar else None, self.dt_bias if scalar else None)
 
     def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor]):
@@ -187,10 +243,6 @@ class MemoryMixer(nn.Module):
             cols.append(torch.ones(N, 1, device=device, dtype=torch.promote_types(dtype, torch.float32)))
         return torch.cat(cols, 1)
 
-    def _router_stats(self, r, fused: bool = False, counts_reduce=None) -> Optional[RouterStats]:
-        if r is None:
-            return None
-        return RouterStats(*router_losses(r, self.num_routed, fused, counts_reduce))
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, num_docs: int,
@@ -210,15 +262,30 @@ class MemoryMixer(nn.Module):
         _announce_kernels(self.rule, backend)
 
         fused = use_triton(xf, backend)  # the Triton kernels of the router, packing, conv, combine + norm
+        # 1. router (on the fast path it ran inside the block's norm kernel: `routed`)
         r = routed
         if r is None and self.router is not None:
-            r = route(xf, self.router.weight, self.topk, fused)
-        packing = build_packing(r.topk_index if r is not None else None, doc_ids, num_docs,
-                                self.num_routed, self.shared, fused)
-        A = packing.row_token.numel()
-
+            r = self.router(xf, fused)
+        # 2. dispatch: the memory-major rows of the memories held here
+        packing = self.dispatcher(r.topk_index if r is not None else None, doc_ids, num_docs, fused)
         # one cast for the q, memory and gate projections (the router reads xf)
         xc = x_lowp.reshape(N, d) if x_lowp is not None else cast_for_autocast(xf)
+        # 3. the memories: projections, conv, gates, one scan over every (memory, document) segment
+        o_rows, final_state, conv_state = self._memory_experts(xc, packing, cache, use_cache, backend, fused)
+        # 4. combine: each token's rows with its routing weights, gated norm, W_o
+        slot_w = self._slot_weights(r, N, x.device, x.dtype)
+        o = self._combine_output(o_rows, packing, slot_w, xf, xc, fused)
+        new_cache = None
+        if use_cache or cache is not None:
+            new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
+        stats = self.router.stats(r, fused) if r is not None else None
+        return o.view(B, T, d), stats, new_cache
+
+    def _memory_experts(self, xc: torch.Tensor, packing, cache: Optional[MemoryLayerCache], use_cache: bool,
+                        backend: str, fused: bool):
+        """Steps 3-5 for the packed rows: -> (o rows [A, H, Vh], final states or None, conv state or None)."""
+        H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
+        A = packing.row_token.numel()
         q = self.q_proj(xc)  # [N, H*K]: one q per token, shared by its memories
         wide, narrow = self._projection_groups()
         rows, narrow_rows = grouped_projection(xc, wide, packing, fused, narrow,  # [A, k | v (| GLA decay)]
@@ -231,9 +298,9 @@ class MemoryMixer(nn.Module):
             q_rows, k_rows, v_rows, rest, conv_state = self._conv(q, rows, packing, init,
                                                                   use_cache or cache is not None, backend)
         else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
-            Kd, Vd = self.k_proj.shape[1], self.v_proj.shape[1]
+            Kd, Vd = self._width("k_proj"), self._width("v_proj")
             k_rows, v_rows, rest = rows.split([Kd, Vd, rows.shape[1] - Kd - Vd], 1)
-            q_rows = pack(q, packing, fused)
+            q_rows = self.dispatcher.gather(q, packing, fused)
             q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
         if fused and self.rule.decay != "vector":  # (GLA's per-key decay: torch; its scan is torch too)
             g, beta = self._fused_gates(narrow_rows)
@@ -250,13 +317,8 @@ class MemoryMixer(nn.Module):
             use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size, backend=backend,  # else in the conv
             keep=self.cfg.scan_keep if torch.is_grad_enabled() else "none",
         )
-        slot_w = self._slot_weights(r, N, x.device, x.dtype)
         # squeeze, a view: indexing o_rows[0] would backward through a zero-filled full-size copy
-        o = self._combine_output(o_rows.squeeze(0), packing, slot_w, xf, xc, fused)
-        new_cache = None
-        if use_cache or cache is not None:
-            new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
-        return o.view(B, T, d), self._router_stats(r, fused), new_cache
+        return o_rows.squeeze(0), final_state, conv_state
 
     def _combine_output(self, o_rows: torch.Tensor, packing, slot_w: torch.Tensor, xf: torch.Tensor, xc: torch.Tensor,
                         fused: bool):
@@ -269,7 +331,7 @@ class MemoryMixer(nn.Module):
             o = combine_gated_rmsnorm(o_rows.reshape(o_rows.shape[0], -1), packing.slot_row, slot_w, gate,
                                       self.o_norm.weight, self.o_norm.eps, self.num_heads)
             return self.o_proj(o)
-        return self._output(combine(o_rows, packing, slot_w), xf, xc)
+        return self._output(self.dispatcher.combine(o_rows, packing, slot_w), xf, xc)
 
     def _output(self, o: torch.Tensor, xf: torch.Tensor, xc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """o in xf's dtype through the gated norm and W_o; the gate reads xc (xf cast for autocast) if given."""
@@ -293,11 +355,11 @@ class MemoryMixer(nn.Module):
         kwargs = dict(cu_seqlens=packing.cu_seqlens, row_weight_index=packing.row_memory if per_mem else None,
                       output_final_state=want_state, activation="silu", backend=backend,
                       positions=packing.row_position)
-        wq, wk, wv = (w if per_mem else w[0] for w in (self.q_conv, self.k_conv, self.v_conv))
+        wq, wk, wv = (self.conv_weight(n) if per_mem else getattr(self, n)[0] for n in ("q_conv", "k_conv", "v_conv"))
         fused = use_triton(q, backend)
         gather_q = fused and tails is None and not want_state
         if not gather_q:
-            q = pack(q, packing, fused)
+            q = self.dispatcher.gather(q, packing, fused)
         q, final_q = causal_conv1d_varlen(q, wq, initial_state=None if tails is None else tails["q"],
                                           l2norm_group=qk_group, **kwargs,
                                           gather=(packing.row_token, packing.slot_row) if gather_q else None)
@@ -316,7 +378,7 @@ class MemoryMixer(nn.Module):
         B, _, d = x.shape
         H, K, Vh, M = self.num_heads, self.head_dim, self.head_v_dim, self.num_memories
         xf = x.reshape(B, d)
-        r = route(xf, self.router.weight, self.topk) if self.router is not None else None
+        r = self.router(xf) if self.router is not None else None
         selected = torch.zeros(B, M, dtype=torch.bool, device=x.device)
         weight = torch.zeros(B, M, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         if r is not None:
@@ -325,15 +387,16 @@ class MemoryMixer(nn.Module):
         if self.shared:
             selected[:, -1] = True
             weight[:, -1] = 1.0
-        parts, sizes = self._projection_weights()
-        y = F.linear(xf, torch.cat(parts, 1).reshape(-1, d)).view(B, M, -1)
+        stacked, sizes = self._projection_weights()
+        y = F.linear(xf, stacked.reshape(-1, d)).view(B, M, -1)
         k, v, b, a = self._split(y, sizes)
         q = self.q_proj(xf)[:, None].expand(B, M, -1)
         conv_state = None
         if self.conv_size:
             conv_state = {}
             outs = []
-            for name, t, w in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                w = self.conv_weight(f"{name}_conv")
                 tails = cache.conv[name].transpose(0, 1)  # [B, M, W-1, C]
                 weight_m = w if self.cfg.per_memory_conv else w.expand(M, -1, -1)
                 out_t, new_tails = causal_conv1d_step(
@@ -359,3 +422,36 @@ class MemoryMixer(nn.Module):
         out = self._output(o, xf)
         new_cache = MemoryLayerCache(new_state.view(B, M, H, K, Vh).transpose(0, 1).contiguous(), conv_state)
         return out.view(B, 1, d), None, new_cache
+
+
+_PER_MEMORY_PROJECTIONS = ("k_proj", "v_proj", "b_proj", "a_proj")
+_PER_MEMORY_CONVS = ("q_conv", "k_conv", "v_conv")
+
+
+def upgrade_state_dict(sd: dict, cfg: ModelConfig) -> dict:
+    """A state dict (tensors, or shapes as tuples) saved while the shared memory was the last row of
+    the stacked per-memory weights -> today's names: `k_proj` [E, ...] and `shared_k_proj` [...], the
+    same for v / b / a and, with per-memory convs, q / k / v_conv. A current state dict comes back
+    unchanged. Returns a new dict."""
+    routed = cfg.num_memories if cfg.routed else 0
+    shared = cfg.shared_mem if cfg.routed else True
+    names = _PER_MEMORY_PROJECTIONS + (_PER_MEMORY_CONVS if cfg.per_memory_conv else ())
+    if not shared or cfg.arch == "transformer":
+        return dict(sd)
+    out = dict(sd)
+    for key, value in sd.items():
+        prefix, _, leaf = key.rpartition(".")
+        shape = tuple(value) if isinstance(value, tuple) else tuple(value.shape)
+        if (leaf not in names or not prefix.endswith(".attn") or f"{prefix}.shared_{leaf}" in sd
+                or len(shape) != 3 or shape[0] != routed + 1):
+            continue
+        if isinstance(value, tuple):
+            rows, last = (routed, *shape[1:]), shape[1:]
+        else:
+            rows, last = value[:routed], value[routed]
+        out[f"{prefix}.shared_{leaf}"] = last
+        if routed:
+            out[key] = rows
+        else:
+            del out[key]
+    return out

@@ -2,12 +2,16 @@
 
 Layout under <out_dir>/checkpoints/:
     step_00000100/            DeepSpeed files (+ ours): complete once COMPLETE.json exists
-        trainer_state.json    step, tokens, config snapshot, tokenizer reference, world layout
+        trainer_state.json    step, tokens, run id, config snapshot, tokenizer reference, world layout
         rank_00000.json       per-rank loader state and RNG states
-        COMPLETE.json         written last; then the directory is renamed into place
-    latest                    name of the newest complete checkpoint (replaced atomically)
+        COMPLETE.json         written last: step, run id, and the size and hash of every other file;
+                              then the directory is renamed into place
+    latest                    {"checkpoint": name, "run_id": ..., "step": ...} of the newest complete
+                              checkpoint (replaced atomically)
 A save first writes `.tmp-step_XXXXXXXX/`; a kill at any point leaves at most a tmp directory,
-which is never taken for a checkpoint and is removed by the next save. DeepSpeed's own files are
+which is never taken for a checkpoint and is removed by the next save. Every run has an id: a
+resume follows `latest` and continues only that run, and falls back to the run's previous checkpoint
+when a file of the newest one is missing or damaged (verify_checkpoint). DeepSpeed's own files are
 read with torch.load(weights_only=True) (see SafeCheckpointEngine).
 """
 from __future__ import annotations
@@ -18,21 +22,25 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import xxhash
 
 from ..fsutil import replace_dir
 from .distributed import barrier
 
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
+LATEST = "latest"
 PREFIX = "step_"
+HASH = "xxh3_128"  # detects damaged or swapped files (not an adversary); ~10 GB/s, so saves stay cheap
 _NAME = re.compile(rf"^{PREFIX}(\d{{8}})$")
 
 
@@ -86,6 +94,127 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def read_latest(root: Path) -> Optional[dict]:
+    """`latest` as {"checkpoint", "run_id", "step"}; None if absent or unreadable (the complete
+    checkpoints are then the only record). A plain name (older saves) has no run id."""
+    path = Path(root) / LATEST
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = {"checkpoint": text, "run_id": None}
+    if not isinstance(data, dict) or not _NAME.match(str(data.get("checkpoint", ""))):
+        return None
+    return data
+
+
+def checkpoint_run_id(ckpt: Path) -> Optional[str]:
+    try:
+        return json.loads((Path(ckpt) / MARKER).read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def run_checkpoints(root: Path) -> tuple[Optional[str], list[Path]]:
+    """The run that `latest` names (else the newest complete checkpoint's) and its complete
+    checkpoints up to that one, newest first: what a resume may continue, in order of preference."""
+    complete = complete_checkpoints(root)
+    latest = read_latest(root)
+    if latest is not None:
+        run_id, last_step = latest.get("run_id"), int(latest["checkpoint"][len(PREFIX):])
+    elif complete:
+        run_id, last_step = checkpoint_run_id(complete[-1][1]), complete[-1][0]
+    else:
+        return None, []
+    # another run's checkpoint is never taken; one whose marker cannot be read stays in, so that
+    # verify_checkpoint names what is wrong with it instead of passing over it in silence
+    mine = [p for step, p in complete
+            if step <= last_step and (run_id is None or checkpoint_run_id(p) in (None, run_id))]
+    return run_id, mine[::-1]
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Directories a kill can leave behind, never a checkpoint: `step_*` without COMPLETE.json
+    (pruning removes the marker first), and the old copy of a step being replaced."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and ((_NAME.match(p.name) and not (p / MARKER).exists())
+                               or re.match(rf"^\.{PREFIX}\d{{8}}\.old-\d+$", p.name)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def _digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_table(ckpt: Path) -> dict:
+    """Size and hash of every file of a checkpoint directory except the marker itself."""
+    table = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MARKER:
+            table[p.relative_to(ckpt).as_posix()] = {"size": p.stat().st_size, HASH: _digest(p)}
+    return table
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """The checkpoint's marker, after checking every file it lists (present, same size, same hash)
+    and that the trainer state reads. Raises CheckpointError naming the first bad file."""
+    ckpt = Path(ckpt)
+    read_trainer_state(ckpt)  # exists, complete, its state readable
+    try:
+        marker = json.loads((ckpt / MARKER).read_text())
+        files = marker.get("files", {})
+        if not isinstance(files, dict):
+            raise ValueError("'files' is not a table")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {MARKER} is unreadable ({e})") from None
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(ckpt)!r}: {name} is missing")
+        size = path.stat().st_size
+        if size != want.get("size"):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r}: {name} has {size} bytes, {want.get('size')} were "
+                                  f"saved (truncated or overwritten)")
+        if HASH in want and _digest(path) != want[HASH]:
+            raise CheckpointError(f"checkpoint {str(ckpt)!r}: {name} is damaged (its {HASH} hash differs from "
+                                  f"the one saved)")
+    return marker
+
+
+def choose_resume(root: Path, warn: Callable[[str], None]) -> Optional[Path]:
+    """The newest intact checkpoint of the run `latest` names, falling back (with a warning naming
+    the bad file) to that run's earlier ones; None when there is nothing to resume."""
+    _, candidates = run_checkpoints(root)
+    problems = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warn(f"{e}; falling back to the previous checkpoint of this run")
+            continue
+        return path
+    if problems:
+        raise CheckpointError(f"no intact checkpoint to resume in {str(root)!r}: " + " | ".join(problems)
+                              + ". Resume from a copy you trust with --resume PATH, or start over with --resume none")
+    return None
+
+
 # ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
     state = {
@@ -136,6 +265,7 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f".tmp-{PREFIX}*"):  # left by saves that crashed (any step)
             shutil.rmtree(stale)
+        remove_leftovers(root)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
     _write_json_atomic(tmp / f"rank_{rank:05d}.json", rank_state)
@@ -143,16 +273,17 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
     barrier()
     if rank == 0:
         _write_json_atomic(tmp / STATE, trainer_state)
-        _write_json_atomic(tmp / MARKER, {"step": step, "time": time.time(),
-                                          "world_size": trainer_state.get("world_size")})
+        run_id = trainer_state.get("run_id")
+        _write_json_atomic(tmp / MARKER, {"step": step, "time": time.time(), "run_id": run_id,
+                                          "world_size": trainer_state.get("world_size"),
+                                          "files": _file_table(tmp)})
         _fsync_dir(tmp)
         replace_dir(tmp, final)  # an older save of the same step (e.g. a rerun) is replaced whole
         _fsync_dir(root)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / "latest")
+        _write_json_atomic(root / LATEST, {"checkpoint": name, "run_id": run_id, "step": step})
         for _, old in complete_checkpoints(root)[:-keep_last]:
             (old / MARKER).unlink()  # first: a half-deleted directory must never look complete
+            _fault("ckpt_during_prune", step)
             shutil.rmtree(old, ignore_errors=True)
     _fault("ckpt_after_commit", step)
     barrier()
@@ -164,8 +295,8 @@ def read_trainer_state(ckpt: Path) -> dict:
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} does not exist")
     if not (ckpt / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete (no {MARKER}; a save was interrupted). "
-                              f"Resume from an earlier one, e.g. --resume auto")
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is incomplete (no {MARKER}: a save was interrupted); "
+                              f"pass an earlier step_* directory or the run directory (train.out_dir)")
     try:
         return json.loads((ckpt / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -187,9 +318,19 @@ def model_state_file(ckpt: Path) -> Path:
     return files[0]
 
 
-def check_shapes(ckpt: Path, model: torch.nn.Module) -> None:
+def _upgrade(sd: dict, ckpt: Path) -> dict:
+    """Weights (or shapes) of a checkpoint under today's parameter names (memory_mixer.upgrade_state_dict)."""
+    from ..config import model_config_from_dict
+    from ..model.memory_mixer import upgrade_state_dict
+    model = (read_trainer_state(ckpt).get("config") or {}).get("model")
+    return upgrade_state_dict(sd, model_config_from_dict(model)) if isinstance(model, dict) else sd
+
+
+def check_shapes(ckpt: Path, model: torch.nn.Module, upgrade: bool = True) -> None:
     """Name the tensors whose shapes differ between a checkpoint and the model (before loading).
-    Memory-mapped: only the shapes are read here, the weights are loaded once, later."""
+    Memory-mapped: only the shapes are read here, the weights are loaded once, later. upgrade:
+    a checkpoint with older parameter names fits if its weights do (init_from); a resume cannot
+    take it (its optimizer state is laid out by the old names), and says so."""
     sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True, mmap=True)
     shapes = sd.get("param_shapes")
     # under ZeRO-3 a parameter is a partitioned (0,)-shaped placeholder; ds_shape is its real shape
@@ -200,6 +341,13 @@ def check_shapes(ckpt: Path, model: torch.nn.Module) -> None:
         saved = {n: tuple(t.shape) for n, t in sd["module"].items()}
     else:
         return
+    upgraded = _upgrade(saved, ckpt)
+    if upgraded != saved:
+        if not upgrade:
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} was saved while the shared memory was the last row of "
+                                  "the stacked memory weights; it cannot be resumed (its optimizer state follows "
+                                  f"that layout): start a new run from its weights with train.init_from={ckpt}")
+        saved = upgraded
     missing = sorted(set(ours) - set(saved))
     unexpected = sorted(set(saved) - set(ours))
     mismatched = [f"{n}: checkpoint {saved[n]} vs model {ours[n]}" for n in sorted(set(ours) & set(saved))
@@ -256,16 +404,17 @@ def _weights_only_torch_load():
 
 def load_model_state_dict(ckpt: Path) -> dict:
     """Full model weights of a checkpoint, whatever its ZeRO stage, without DeepSpeed's engine:
-    the fp32 master weights from the optimizer partitions (ZeRO 1-3), else the module weights.
+    the fp32 master weights from the optimizer partitions (ZeRO 1-3), else the module weights,
+    under today's parameter names.
     This is the one place that reads checkpoint layouts (conversion and eval call it)."""
     ckpt = Path(ckpt)
-    read_trainer_state(ckpt)  # complete and readable, or a clear error
+    verify_checkpoint(ckpt)  # complete, every file as saved, or a clear error naming the file
     if list(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with _weights_only_torch_load():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        return _upgrade({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, ckpt)
     sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True)
     if not sd.get("module"):
         raise CheckpointError(f"checkpoint {str(ckpt)!r} holds no module weights")
-    return dict(sd["module"])
+    return _upgrade(dict(sd["module"]), ckpt)

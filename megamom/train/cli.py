@@ -8,16 +8,24 @@ from importlib import resources
 
 from ..config import load_config
 
+# Exit codes: 0 trained to train.max_steps; 2 bad config or input (nothing written); 75 stopped by
+# SIGTERM / SIGUSR1 / Ctrl-C after writing a checkpoint (EX_TEMPFAIL: run the same command again,
+# or requeue the job, to resume); anything else: an error.
+EXIT_STOPPED = 75
+
 
 def default_config_path() -> str:
     return str(resources.files("megamom.configs") / "tiny.yaml")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (f"exit codes: 0 finished, 2 bad config or input, {EXIT_STOPPED} stopped by SIGTERM / SIGUSR1 / Ctrl-C "
+                "after a checkpoint (run again or requeue to resume)")
     p.add_argument("--config", help="YAML config (default: the packaged tiny MoM config)")
     p.add_argument("--resume", default="auto",
-                   help="auto: newest complete checkpoint in train.out_dir (if any); none: start over; "
-                        "or a checkpoint directory")
+                   help="auto: continue the run in train.out_dir from its newest intact checkpoint (if any); "
+                        "none: start over (an earlier run there moves to train.out_dir/archive/); "
+                        "or a checkpoint or run directory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--sample-prompt", default="And God said",
                    help="prompt for the short sample printed at the end ('' to skip)")
@@ -47,7 +55,7 @@ def run(args) -> int:
               + (f", {summary['skipped_steps']} skipped steps" if summary["skipped_steps"] else ""))
         print(f"checkpoint: {summary['final_checkpoint']}")
         if summary.get("stopped_by"):
-            print("stopped early by a signal; rerun the same command to resume")
+            print(f"stopped early by a signal (exit code {EXIT_STOPPED}); rerun the same command to resume")
     if not summary.get("stopped_by") and args.sample_prompt:
         # Every rank runs the sample: under ZeRO-3 each forward gathers parameter shards from all
         # ranks. No eos_id, so every rank runs exactly 1 + sample_tokens forwards; rank 0 prints.
@@ -64,4 +72,4 @@ def run(args) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if summary.get("stopped_by") else 0

@@ -3,9 +3,7 @@
 Why: the model issues a few thousand small kernels per step from Python. The CPU takes longer to
 issue mom-340m's forward than the GPU takes to run it, so the GPU idles between kernels, and a loop
 that waits on the GPU once a step (a loss read on the host) loses the whole issue time again.
-Replaying a captured graph issues each pass with one launch. H200, mom-340m, B8 T2048, five calls
-(benchmarks/RESULTS.md, session 12): 239 ms a step against 244-271 ms eager, and 240-242 against
-267-307 ms when the loop syncs every step.
+Replaying a captured graph issues each pass with one launch (what it gains: benchmarks/RESULTS.md).
 
 What capture needs, and why the config refuses the rest (TrainConfig / Trainer):
 - fixed shapes and no host sync: true of the model without document boundaries (memory segment sizes
@@ -45,7 +43,7 @@ def capture_ready_init(enabled: bool):
     Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-1 and ZeRO-2 in bf16
     and fp32 capture, and their replayed steps equal eager ones (gradients, logged terms, weights after
     three steps: tests/test_cuda_graph_gpu.py; the trainer's loop on one GPU: that file's trainer
-    case; on two data-parallel ranks: the same comparison run as a script, session 18)."""
+    case; on two data-parallel ranks: the same comparison run as a script on two H200s)."""
     if not enabled or not torch.cuda.is_available():
         yield
         return

@@ -80,3 +80,23 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def decide_on_main(decide, device: torch.device):
+    """Run `decide()` on rank 0 alone (e.g. reading and hashing checkpoint files once, not once per
+    rank) and give every rank its result; an exception on rank 0 is raised on every rank, with the
+    same type when it is one of ours (a ConfigError stays a usage error)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return decide()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", decide())
+        except Exception as e:  # noqa: BLE001 - handed to the other ranks, then raised here too
+            box[0] = ("error", e)
+    # our own ranks' objects (paths, strings, our exception types), not a file read from disk
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value

@@ -1,37 +1,69 @@
-"""`megamom eval --checkpoint DIR --data DIR`: token-weighted loss and perplexity."""
+"""`megamom eval --checkpoint DIR --data DIR [KEY=VALUE ...]`: token-weighted loss and perplexity."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import math
+import re
+import sys
 
 import torch
 
-from ..config import ConfigError, DataConfig, model_config_from_dict
+from ..config import (IMPLEMENTATION_ONLY_KEYS, ConfigError, DataConfig, _apply, model_config_from_dict,
+                      parse_overrides)
+
+# What eval's dotted overrides may set: how the data is read, and how (not what) the model computes;
+# the model itself and the training settings are the checkpoint's.
+MODEL_KEYS = tuple(f"model.{k}" for k in IMPLEMENTATION_ONLY_KEYS)
+TAKES = f"data.* (but not data.paths: pass --data) and {', '.join(MODEL_KEYS)}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (…/checkpoints/step_XXXXXXXX)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint (…/checkpoints/step_XXXXXXXX) or a run directory (train.out_dir: its newest "
+                        "complete checkpoint)")
     p.add_argument("--data", required=True, nargs="+", help="prepared dataset director(y/ies)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides: {TAKES}")
+
+
+def check_overrides(overrides: list[str]) -> dict:
+    """The overrides as a tree, or a ConfigError naming the ones eval does not take."""
+    tree = parse_overrides(overrides)
+    given = [f"{section}.{key}" for section, keys in tree.items()
+             for key in (keys if isinstance(keys, dict) else [""])]
+    bad = [k for k in given if not (k.startswith("data.") and k not in ("data.", "data.paths") or k in MODEL_KEYS)]
+    if bad:
+        raise ConfigError(f"megamom eval does not take {', '.join(bad)}: it takes {TAKES} (the model and the "
+                          "training settings are the checkpoint's)")
+    return tree
 
 
 def evaluate_checkpoint(checkpoint: str, data: list[str], split: str = "val", batch_size: int = 8,
-                        max_batches: int = 0, device: str = "auto") -> dict:
+                        max_batches: int = 0, device: str = "auto", overrides: list[str] = ()) -> dict:
+    from ..convert.source import resolve_checkpoint
     from ..data import build_loader
+    from ..data.loader import datasets_without_split
     from ..model import build_model
     from .checkpoint import load_model_state_dict, read_trainer_state
-    state = read_trainer_state(checkpoint)  # clear error for missing / incomplete checkpoints
+    tree = check_overrides(list(overrides))
+    checkpoint = resolve_checkpoint(checkpoint)  # a step or run directory, or a clear error
+    state = read_trainer_state(checkpoint)  # clear error for incomplete checkpoints
     cfg_dict = state["config"]
-    model_cfg = model_config_from_dict(cfg_dict["model"])
+    model_cfg = model_config_from_dict({**cfg_dict["model"], **tree.get("model", {})})
     # the data settings of the training run (seq_len, reset_at_doc_boundaries, ...), on the CLI's data;
     # checked, and the loader built, before the model is
-    data_cfg = _data_config(state, data)
+    data_cfg = _data_config(state, data, tree.get("data"))
     _check_tokenizer(state, data)
+    missing = datasets_without_split(data_cfg, split)
+    if missing:
+        alt = " or pass --split train" if split == "val" else ""
+        raise ConfigError(f"dataset {', '.join(map(repr, missing))} has no {split!r} split; prepare it with one "
+                          f"(`megamom prep ... --val-fraction 0.01`){alt}")
     loader = build_loader(data_cfg, split=split, micro_batch_size=batch_size, dp_rank=0, dp_size=1,
                           seed=0, shuffle=False)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -56,15 +88,18 @@ def evaluate_checkpoint(checkpoint: str, data: list[str], split: str = "val", ba
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "step": state["step"]}
 
 
-def _data_config(state: dict, data: list[str]) -> DataConfig:
-    """The checkpoint's saved data config (as the trainer used it) with the paths replaced by `data`;
-    mixture weights are kept only when they still match the number of paths."""
+def _data_config(state: dict, data: list[str], overrides: dict | None = None) -> DataConfig:
+    """The checkpoint's saved data config (as the trainer used it) with the paths replaced by `data`
+    and the command line's data.* overrides on top; mixture weights are kept only when they still
+    match the number of paths."""
     saved = dict((state.get("config") or {}).get("data") or {})
     known = {f.name for f in dataclasses.fields(DataConfig)}
     cfg = DataConfig(**{k: v for k, v in saved.items() if k in known})  # keys of older versions dropped
     if cfg.weights is not None and len(cfg.weights) != len(data):
         cfg.weights = None
     cfg.paths = list(data)
+    if overrides:
+        _apply(cfg, overrides, "data.", "command line")
     if not cfg.tokenizer:
         cfg.tokenizer = (state.get("tokenizer") or {}).get("path")
     cfg.validate()
@@ -87,7 +122,22 @@ def _check_tokenizer(state: dict, data: list[str]) -> None:
 
 
 def run(args) -> int:
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.max_batches,
-                                 args.device)
+    from ..convert.errors import ConvertError
+    from .checkpoint import CheckpointError
+    # --data takes one or more values, so argparse hands it the overrides that follow it too: a
+    # dotted key (no "/" before the "=") is an override, not a dataset
+    dotted = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
+    data = [d for d in args.data if not dotted.fullmatch(d)]
+    overrides = [d for d in args.data if dotted.fullmatch(d)] + list(args.overrides)
+    if not data:
+        print("megamom eval: error: --data needs a prepared dataset directory (`megamom prep ... --out DIR`)",
+              file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_checkpoint(args.checkpoint, data, args.split, args.batch_size, args.max_batches,
+                                     args.device, overrides)
+    except (ConvertError, CheckpointError) as e:
+        print(f"megamom eval: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0

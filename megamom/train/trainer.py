@@ -18,13 +18,14 @@ import torch.distributed as dist
 from ..config import IMPLEMENTATION_ONLY_KEYS, Config, ConfigError, dump_config
 from ..model import build_model
 from ..model.counting import count_parameters, flops_per_token
+from ..parallel import ParallelLayout, check_supported
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_max_flag, barrier, init_distributed
-from .cuda_graph import GraphedLoss, capture_ready_init, engine_forward
+from . import run_dir
+from .distributed import DistInfo, all_reduce_max_flag, barrier, decide_on_main, init_distributed
+from .cuda_graph import GraphedLoss, engine_forward
 from .cuda_graph import check_setup as check_cuda_graph_setup
-from .lr_schedule import WarmupCosine
+from .engine import build_engine
 from .metrics import MetricsLogger, peak_flops
-from .optim import build_deepspeed_config, build_optimizer, param_groups
 
 log = logging.getLogger("megamom.train")
 
@@ -47,15 +48,10 @@ class Batching:
 def resolve_batching(cfg: Config, world_size: int) -> Batching:
     """Validate micro x accumulation x data-parallel = global batch (derive accumulation when only
     the global batch is given)."""
-    p, t = cfg.parallel, cfg.train
-    if p.tensor > 1 or p.sequence > 1 or p.expert > 1:
-        raise ConfigError("parallel.tensor/sequence/expert > 1 are not available in this version of "
-                          "megamom train yet; use data parallelism (more processes) for now")
-    model_parallel = p.tensor * p.sequence
-    if world_size % model_parallel:
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.sequence "
-                          f"= {model_parallel}")
-    dp = world_size // model_parallel
+    t = cfg.train
+    layout = ParallelLayout.build(cfg, world_size)
+    check_supported(layout)
+    dp = layout.data
     accum = t.grad_accum
     if t.global_batch_size is not None:
         per_step = t.micro_batch_size * dp
@@ -96,10 +92,12 @@ class Trainer:
         self.batching = resolve_batching(cfg, self.dist.world_size)
         self.precision = _resolve_precision(cfg, self.dist.device)
         check_cuda_graph_setup(t, self.dist.device, self.precision)
+        run_dir.check_writable(self.out_dir)
         self.resume_from = self._find_resume(resume)
 
         self._prepare_data()
         self.train_loader = self._loader("train")
+        self.val_missing = self._check_val_split()
         if len(self.train_loader) < self.batching.accum:
             raise ConfigError(f"the training data ({', '.join(cfg.data.paths)}) holds {len(self.train_loader)} "
                               f"micro-batches of {self.batching.micro} per rank, fewer than one optimizer step "
@@ -111,25 +109,67 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
         self._last_saved: Optional[tuple[int, Path]] = None  # (step, directory) of the newest save
+        self.run_id: Optional[str] = None
         if self.resume_from is not None:
             self._load(self.resume_from)
+        else:
+            self._start_new_run()
         self.metrics = MetricsLogger(self.out_dir, self.dist.is_main, self.step)
         self._stop_signal: Optional[int] = None
         self._install_signal_handlers()
 
     # ---------------------------------------------------------------------------------- setup
     def _find_resume(self, resume: str) -> Optional[Path]:
+        """auto: the run that train.out_dir's `latest` names, from its newest intact checkpoint (see
+        checkpoint.choose_resume); a run directory: the same there; a step directory: that one."""
         if resume in ("none", "", None):
             return None
-        path = ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else Path(resume)
+        given = None if resume == "auto" else Path(resume).expanduser()
+        if given is not None and not given.exists():
+            raise ConfigError(f"--resume {resume!r} does not exist; pass a checkpoint (…/checkpoints/step_XXXXXXXX), "
+                              "a run directory (a train.out_dir), auto (the newest checkpoint in train.out_dir) "
+                              "or none (start over)")
+        is_step_dir = given is not None and ((given / ckpt.MARKER).exists() or (given / ckpt.STATE).exists())
+        root = self.ckpt_root if given is None else given if is_step_dir or not (given / "checkpoints").is_dir() \
+            else given / "checkpoints"
+
+        def decide() -> Optional[Path]:  # rank 0 reads and hashes the files once for every rank
+            if is_step_dir:
+                ckpt.verify_checkpoint(given)
+                return given
+            removed = ckpt.remove_leftovers(root)
+            if removed:
+                log.info("removed what interrupted saves left in %s: %s", root, ", ".join(removed))
+            path = ckpt.choose_resume(root, log.warning)
+            if path is None and given is not None:
+                raise ConfigError(f"--resume {resume!r} holds no complete checkpoint; pass a step_* directory, a "
+                                  "run directory with checkpoints/, or --resume none to start over")
+            return path
+
+        try:
+            path = decide_on_main(decide, self.dist.device)
+        except ckpt.CheckpointError as e:
+            raise ConfigError(str(e)) from None
         if path is None:
             return None
-        state = ckpt.read_trainer_state(path)  # raises a clear error for missing / incomplete
+        state = ckpt.read_trainer_state(path)
         if state.get("weights_only"):
             raise ConfigError(f"{str(path)!r} holds weights only (no optimizer, schedule or data position), "
                               f"so it cannot be resumed; start a new run from it with train.init_from={path}")
         self._check_config_compatible(state, path)
         return path
+
+    def _start_new_run(self) -> None:
+        """A new run id; an earlier run's records in train.out_dir move to archive/ first."""
+        def start() -> str:
+            moved = run_dir.archive_previous_run(self.out_dir)
+            if moved is not None:
+                log.warning("train.out_dir %s held an earlier run: its checkpoints and logs moved to %s "
+                            "(starting over; --resume auto continues a run instead)", self.out_dir, moved)
+            return ckpt.new_run_id()
+        self.run_id = decide_on_main(start, self.dist.device)
+        if self.dist.is_main and not self.quiet:
+            log.info("run %s in %s", self.run_id, self.out_dir)
 
     def _model_config_diff(self, state: dict) -> list[str]:
         """Model settings that differ between a checkpoint and this run (kernel choices aside: they
@@ -156,12 +196,16 @@ class Trainer:
         if not d.paths:
             cache = Path(d.cache_dir or os.environ.get("MEGAMOM_CACHE", Path.home() / ".cache" / "megamom"))
             if self.dist.is_main:
-                default = ensure_default_dataset(cache / "default-data", seq_len=d.seq_len)
+                say = (lambda m: None) if self.quiet else log.info
+                default = ensure_default_dataset(cache / "default-data", seq_len=d.seq_len, log=say)
             barrier()
             if not self.dist.is_main:
                 default = ensure_default_dataset(cache / "default-data", seq_len=d.seq_len)
             d.paths = [str(p) for p in default.paths]
             d.tokenizer = str(default.tokenizer_path)
+            if self.dist.is_main and not self.quiet:
+                log.info("data: the shipped corpus, tokenizer %s, shards %s (cached; MEGAMOM_CACHE moves the "
+                         "cache)", d.tokenizer, d.paths[0])
         if not d.tokenizer:
             raise ConfigError("data.tokenizer is not set: give the sentencepiece .model (or HF tokenizer dir) "
                               "the data was prepared with")
@@ -170,6 +214,15 @@ class Trainer:
             raise ConfigError(f"tokenizer {d.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
                               f"model.vocab_size={self.cfg.model.vocab_size}; raise model.vocab_size")
 
+    def _check_val_split(self) -> list[str]:
+        """Datasets without a validation split: evaluation is then skipped, said once here."""
+        from ..data.loader import datasets_without_split
+        missing = datasets_without_split(self.cfg.data, "val")
+        if missing and self.dist.is_main and not self.quiet and (self.cfg.train.eval_every or self.cfg.train.eval_steps):
+            log.warning("no validation split in %s: evaluation is skipped (prepare the data with "
+                        "`megamom prep ... --val-fraction 0.01` to evaluate)", ", ".join(missing))
+        return missing
+
     def _loader(self, split: str):
         from ..data import build_loader
         return build_loader(self.cfg.data, split=split, micro_batch_size=self.batching.micro,
@@ -177,7 +230,6 @@ class Trainer:
                             dp_size=self.batching.dp_size, seed=self.cfg.train.seed)
 
     def _build_engine(self) -> None:
-        import deepspeed
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
@@ -189,18 +241,7 @@ class Trainer:
             log.info("model: %s, %.1fM parameters (%.1fM activated per token), %s, ZeRO-%d, %d data-parallel ranks",
                      cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision, cfg.train.zero_stage,
                      self.batching.dp_size)
-        ds_config = build_deepspeed_config(cfg, self.batching, self.precision)
-        groups = param_groups(model, cfg.train.weight_decay)
-        optimizer = None if cfg.train.offload_optimizer else build_optimizer(groups, cfg.train, self.precision)
-        sched = lambda opt: WarmupCosine(opt, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps,
-                                         cfg.train.min_lr_ratio)
-        with capture_ready_init(cfg.train.cuda_graph and self.dist.device.type == "cuda"):
-            self.engine, _, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=sched, config=ds_config,
-                dist_init_required=False)
-        if cfg.train.compile:
-            self.engine.compile()
-        ckpt.install_safe_loader(self.engine)
+        self.engine, self.scheduler = build_engine(cfg, model, self.batching, self.precision, self.dist.device)
         self.model = self.engine.module
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
         self.peak_flops = peak_flops(self.dist.device)
@@ -221,11 +262,17 @@ class Trainer:
             log.info("initialised weights from %s", path)
 
     def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (a scheduler's preemption notice) and a first Ctrl-C: checkpoint after
+        this step and stop; a second Ctrl-C aborts at once."""
         def handler(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
             self._stop_signal = signum
             if self.dist.is_main:
-                log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+                again = " (Ctrl-C again aborts without it)" if signum == signal.SIGINT else ""
+                log.warning("received %s: will checkpoint and stop after this step%s",
+                            signal.Signals(signum).name, again)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. in-process tests)
@@ -235,6 +282,7 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {
             "step": self.step,
+            "run_id": self.run_id,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
@@ -258,7 +306,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         """Resume from `path` (validated by _find_resume before the engine was built)."""
         state = ckpt.read_trainer_state(path)
-        ckpt.check_shapes(path, self.model)
+        ckpt.check_shapes(path, self.model, upgrade=False)
         load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
@@ -271,9 +319,11 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        # a checkpoint from before run ids: the resumed run gets one from here on
+        self.run_id = state.get("run_id") or decide_on_main(ckpt.new_run_id, self.dist.device)
         self._last_saved = (self.step, path)
         if self.dist.is_main and not self.quiet:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d (run %s)", path, self.step, self.run_id)
 
     # ---------------------------------------------------------------------------------- loop
     def _to_device(self, batch: dict) -> dict:
@@ -292,6 +342,11 @@ class Trainer:
         return t.tolist()
 
     def fit(self) -> dict:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         summary: dict = {"start_step": self.step}
         if self.step >= t.max_steps:
@@ -405,6 +460,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
         """Token-weighted loss over train.eval_steps batches of the validation split."""
+        if self.val_missing:
+            return None
         loader = self._loader("val")
         if len(loader) == 0:
             return None  # validation split smaller than one batch

@@ -1,0 +1,115 @@
+"""The router stage of a MoM layer: each token's top-k memories and their weights (float32
+softmax, top-k, renormalised), and the load-balancing statistics of a routing.
+
+`Router.counts_reduce` is the seam for layouts that split a sequence over ranks: a function
+(counts [E], total tokens) -> the same summed over the ranks that share the routing statistics.
+With it set, the balance loss is the one of the whole sequence (each rank's gradient for its own
+tokens); it is None on one rank."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RouterStats:
+    aux_loss: torch.Tensor  # scalar, differentiable
+    z_loss: torch.Tensor  # scalar, differentiable
+    token_fraction: torch.Tensor  # [E] detached: share of routed slots per memory
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [N, E] float32
+    probs: torch.Tensor  # [N, E] float32, full softmax
+    topk_weight: torch.Tensor  # [N, k] renormalised
+    topk_index: torch.Tensor  # [N, k]
+
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, topk: int, fused: bool = False) -> RouterOutput:
+    """x: [N, d]; weight: [E, d]. Softmax in float32 (float64 inputs stay float64, the reference
+    precision of the tests), top-k, renormalise to sum 1. fused (the caller's `use_triton`): one
+    Triton kernel each way, float32 (kernels/triton/router.py; ties go to the lower memory index)."""
+    if fused:
+        from megamom.kernels.triton.router import route_fused
+        return RouterOutput(*route_fused(x, weight, topk))
+    dt = torch.promote_types(x.dtype, torch.float32)
+    # autocast would run this linear in bf16 whatever its inputs: near-ties then pick other memories
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.to(dt), weight.to(dt))
+    probs = logits.softmax(-1)
+    w, idx = probs.topk(topk, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    return RouterOutput(logits, probs, w, idx)
+
+
+
+def count_indices(index: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount with a known size. torch.bincount on CUDA reads the maximum back to the host (a
+    sync that stalls the GPU once per layer); an integer scatter-add does not, and is exact."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
+
+
+
+def load_balancing_loss(probs: torch.Tensor, topk_index: torch.Tensor, num_memories: int,
+                        counts_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch loss E * sum_e f_e P_e with f_e = tokens sent to e / (k N), P_e = mean_t p_te.
+    Equals 1 at perfect balance. `counts_reduce` (optional) all-reduces the counts and token
+    totals over the ranks that share a sequence. Returns (loss, f)."""
+    N, k = topk_index.shape
+    counts = count_indices(topk_index.reshape(-1), num_memories).to(probs.dtype)
+    prob_sum = probs.sum(0)
+    total = probs.new_full((), float(N))  # a fill kernel; torch.tensor(..., device) would copy from the host
+    if counts_reduce is not None:
+        counts, total = counts_reduce(counts, total)
+    f = counts / (k * total)
+    P = prob_sum / total
+    return num_memories * (f * P).sum(), f
+
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, -1).pow(2).mean()
+
+
+
+def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, counts_reduce=None):
+    """-> (balance loss, z loss, token fraction per memory [E], detached) of a routing. fused (the
+    caller's `use_triton`, float32 router outputs): one Triton kernel each way, also with counts
+    reduced over ranks (kernels/triton/router_loss.py); else load_balancing_loss and router_z_loss."""
+    if fused and r.probs.dtype == torch.float32 and r.probs.shape[0] > 0:
+        from megamom.kernels.triton.router_loss import router_losses_fused
+        assert r.probs.shape[1] == num_memories, (r.probs.shape, num_memories)
+        return router_losses_fused(r.logits, r.probs, r.topk_index, counts_reduce)
+    aux, f = load_balancing_loss(r.probs, r.topk_index, num_memories, counts_reduce)
+    return aux, router_z_loss(r.logits), f.detach()
+
+
+
+class Router(nn.Module):
+    """weight [E, d] (E: every routed memory, also where expert parallelism holds fewer of them)."""
+
+    def __init__(self, hidden_size: int, num_memories: int, topk: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_memories, hidden_size))
+        # drawn as nn.Linear draws its weight (MemoryMixer.reset_parameters overwrites it), so that a
+        # seed keeps giving the same model as when the router was an nn.Linear
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.topk = topk
+        self.counts_reduce: Optional[Callable] = None
+
+    @property
+    def num_memories(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor, fused: bool = False) -> RouterOutput:
+        return route(x, self.weight, self.topk, fused)
+
+    def stats(self, r: RouterOutput, fused: bool = False) -> RouterStats:
+        return RouterStats(*router_losses(r, self.num_memories, fused, self.counts_reduce))

@@ -1,0 +1,87 @@
+"""The layout of a world of ranks: world = DP x SP x TP, with TP innermost (the ranks of a tensor
+group are neighbours, on the fastest link), then SP, then DP; expert-parallel groups of EP ranks
+are formed inside DP x SP (they hold whole tokens, so the routed all-to-all never crosses a tensor
+group). Every size is checked against the model and the data here, before any group or any work."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+# (megamom.config.Config is not imported: Config.validate calls check_config, and the exported
+# Hugging Face code must import its modules without a cycle)
+
+# The parallel modes this version trains with; the others are refused before any work.
+SUPPORTED = {"tensor": False, "sequence": False, "expert": False}
+
+
+def check_config(cfg) -> None:
+    """The divisibility rules that need no world size, for a megamom.config.Config: each sharded
+    dimension splits evenly."""
+    m, p = cfg.model, cfg.parallel
+    rules = []  # (value, parallel mode that splits it, what it is, why it must split evenly)
+    if p.tensor > 1:
+        tp = p.tensor
+        rules.append((m.num_heads, "tensor", "model.num_heads", "tensor parallelism shards whole heads"))
+        if m.arch == "transformer":
+            rules.append((m.num_kv_heads or m.num_heads, "tensor", "model.num_kv_heads",
+                          "each tensor rank holds whole key / value heads"))
+        rules.append((m.mlp_hidden_size, "tensor", "the MLP width (model.intermediate_size)",
+                      "the MLP's gate / up columns and down rows split over the tensor ranks"))
+        rules.append((m.vocab_size, "tensor", "model.vocab_size",
+                      f"the embedding and output layer split the vocabulary; pad it, e.g. to "
+                      f"{-(-m.vocab_size // (128 * tp)) * 128 * tp} (a multiple of 128 x parallel.tensor)"))
+    if p.sequence > 1:
+        rules.append((cfg.data.seq_len, "sequence", "data.seq_len", "each sequence rank holds an equal slice"))
+    if p.expert > 1:
+        if m.arch != "mom":
+            raise ConfigError(f"parallel.expert={p.expert} needs model.arch=mom (routed memories to shard); "
+                              f"model.arch={m.arch} has none")
+        rules.append((m.num_memories, "expert", "model.num_memories", "each expert rank holds whole memories"))
+    for value, mode, what, why in rules:
+        size = getattr(p, mode)
+        if value % size:
+            raise ConfigError(f"{what}={value} is not divisible by parallel.{mode}={size}: {why}")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world: int
+    data: int
+    sequence: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    @classmethod
+    def build(cls, cfg, world_size: int) -> "ParallelLayout":
+        """The layout of `world_size` ranks for a megamom.config.Config, or a ConfigError saying
+        what to change."""
+        check_config(cfg)
+        p = cfg.parallel
+        model_parallel = p.tensor * p.sequence
+        if world_size % model_parallel:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.sequence = "
+                              f"{p.tensor} x {p.sequence}; launch a multiple of {model_parallel} processes")
+        data = world_size // model_parallel
+        if (data * p.sequence) % p.expert:
+            raise ConfigError(f"parallel.expert={p.expert} does not divide data x sequence parallel = {data} x "
+                              f"{p.sequence} ranks (expert groups are formed inside them); change parallel.expert "
+                              f"or the number of processes")
+        return cls(world_size, data, p.sequence, p.tensor, p.expert)
+
+    def coordinates(self, rank: int) -> dict:
+        """Where a rank sits: its data, sequence and tensor indices (TP fastest), and its expert
+        index inside its DP x SP group of the same tensor index."""
+        tp = rank % self.tensor
+        sp = rank // self.tensor % self.sequence
+        dp = rank // (self.tensor * self.sequence)
+        return {"data": dp, "sequence": sp, "tensor": tp, "expert": (dp * self.sequence + sp) % self.expert}
+
+
+def check_supported(layout: ParallelLayout) -> None:
+    """Refuse, before any work, the parallel modes this version does not train yet."""
+    asked = {"tensor": layout.tensor, "sequence": layout.sequence, "expert": layout.expert}
+    missing = [f"parallel.{mode}={size}" for mode, size in asked.items() if size > 1 and not SUPPORTED[mode]]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: not available in this version of megamom train yet; use data "
+                          f"parallelism (more processes) for now")
