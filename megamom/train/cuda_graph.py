@@ -42,7 +42,7 @@ def capture_ready_init(enabled: bool):
     AccumulateGrad node's stream (the stream current when it was made) is not the capture's.
     Initialised under a side stream, as torch's CUDA-graph docs ask of DDP, ZeRO-1 and ZeRO-2 in bf16
     and fp32 capture, and their replayed steps equal eager ones (gradients, logged terms, weights after
-    three steps: tests/test_cuda_graph_gpu.py; the trainer's loop on one GPU: that file's trainer
+    three steps: tests/gpu/test_cuda_graph_gpu.py; the trainer's loop on one GPU: that file's trainer
     case; on two data-parallel ranks: the same comparison run as a script on two H200s)."""
     if not enabled or not torch.cuda.is_available():
         yield
@@ -58,7 +58,7 @@ def check_setup(train_cfg, device: torch.device, precision: str) -> None:
     """What train.cuda_graph needs of the run beyond its config: a CUDA device, and not fp16 (its loss
     scaler skips steps on the host; untested). The config refuses the rest: ZeRO-3 (parameters
     move), document resets (shapes change), activation checkpointing, compile and optimizer offload
-    (untested). Replayed steps equal eager ones (tests/test_cuda_graph_gpu.py): torch's AdamW and
+    (untested). Replayed steps equal eager ones (tests/gpu/test_cuda_graph_gpu.py): torch's AdamW and
     DeepSpeed ZeRO-0, 1 and 2, in bf16 and fp32, with the engine built under `capture_ready_init`
     as the trainer builds it; and the trainer's own loop (ZeRO-2, bf16) on one GPU and on two
     data-parallel ranks, whose gradient reduction runs in DeepSpeed's hooks outside the graph."""
