@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_common (next to this file; the
 # interpreter subprocess runs this file as a script, pytest imports it with --import-mode=importlib)
-from triton_common import (LENS, check_interpreter_case, check_keep_equal, check_scan, check_step,  # noqa: E402
-                           interp_report, make_inputs, rel)
+from triton_common import (LENS, check_interpreter_case, check_keep_equal, check_scan, check_scan_cases,  # noqa: E402
+                           check_step, interp_report, make_inputs, rel)
 
 
 def check_transition(lens, H, K, V, device, dtype, chunk_size, seed=3):
@@ -130,12 +130,7 @@ INTERP_CASES = {
 
 def run_interp_suite() -> dict:
     """Every case of this file in one interpreter process (see triton_common.interp_report)."""
-    out = {}
-    for name, c in INTERP_CASES.items():
-        c = dict(c)
-        rule, l2, keep = c.pop("rule", "gated_delta"), c.pop("l2", True), c.pop("keep", "none")
-        ins, cu = make_inputs(c.pop("lens"), 2, 16, 32, torch.float32, "cpu", rule=rule, l2=l2, **c)
-        out[name] = check_scan(rule, ins, cu, l2, 16, keep=keep)
+    out = check_scan_cases(INTERP_CASES)
     # fp16 inputs: the backward keeps float32 intermediates where bf16 inputs store bf16, and must
     # type its products consistently (an fp16 x float32 dot does not compile). bf16 is checked on
     # the GPU only: the interpreter's bf16 arithmetic is not faithful.

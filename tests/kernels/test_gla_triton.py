@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_common (next to this file; the
 # interpreter subprocess runs this file as a script, pytest imports it with --import-mode=importlib)
-from triton_common import (check_interpreter_case, check_keep_equal, check_scan, check_step,  # noqa: E402
+from triton_common import (check_interpreter_case, check_keep_equal, check_scan_cases, check_step,  # noqa: E402
                            interp_report, make_inputs)
 
 # ------------------------------------------------------------------------------------ cases
@@ -26,12 +26,7 @@ INTERP_CASES = {
 
 def run_interp_suite() -> dict:
     """Every case of this file in one interpreter process (see triton_common.interp_report)."""
-    out = {}
-    for name, c in INTERP_CASES.items():
-        c = dict(c)
-        rule, l2, keep = c.pop("rule", "gated_delta"), c.pop("l2", True), c.pop("keep", "none")
-        ins, cu = make_inputs(c.pop("lens"), 2, 16, 32, torch.float32, "cpu", rule=rule, l2=l2, **c)
-        out[name] = check_scan(rule, ins, cu, l2, 16, keep=keep)
+    out = check_scan_cases(INTERP_CASES)
     for rule in ("scalar_decay",):
         ins, cu = make_inputs([37, 0, 1, 40], 2, 16, 32, torch.float32, "cpu", rule=rule)
         out["scan_keep_equal_" + rule] = check_keep_equal(rule, ins, cu, 16)
