@@ -199,3 +199,29 @@ def test_kill_during_pruning_leaves_an_unmarked_step_that_is_cleaned_up(tmp_path
     r = train(exe, env, out, *common)
     assert "removed what interrupted saves left" in r.stderr and "step_00000002" in r.stderr
     assert [p.name for p in root.iterdir() if p.name.startswith("step_")] == ["step_00000004"]
+
+
+def test_a_checkpoint_from_before_the_shared_memory_parameters_is_refused_for_resume_only(saved, tmp_path):
+    """Its shapes put the shared memory in the last row of k_proj, ...: a new run takes its weights
+    (init_from: the shapes fit after the key mapping), a resume is refused with that fix named (its
+    optimizer state follows the old layout)."""
+    import torch
+    from megamom.config import model_config_from_dict
+    from megamom.model import build_model
+    run = copy_run(saved, tmp_path)
+    step = run / "checkpoints" / "step_00000004"
+    f = ckpt.model_state_file(step)
+    sd = torch.load(f, map_location="cpu", weights_only=True)
+    groups = sd["param_shapes"]
+    for group in groups:  # the layout of before: shared_<name> [P, d] folded into <name> [E + 1, P, d]
+        for name in [n for n in group if n.rsplit(".", 1)[-1].startswith("shared_")]:
+            prefix, leaf = name.rsplit(".", 1)
+            stacked = f"{prefix}.{leaf[len('shared_'):]}"
+            e = group[stacked][0] if stacked in group else 0
+            group[stacked] = torch.Size((e + 1, *group.pop(name)))
+    torch.save(sd, f)
+    model = build_model(model_config_from_dict(ckpt.read_trainer_state(step)["config"]["model"]))
+    ckpt.check_shapes(step, model)  # init_from: fits
+    with pytest.raises(ckpt.CheckpointError, match="cannot be resumed") as e:
+        ckpt.check_shapes(step, model, upgrade=False)
+    assert f"train.init_from={step}" in str(e.value)

@@ -130,8 +130,12 @@ class Trainer:
                               "a run directory (a train.out_dir), auto (the newest checkpoint in train.out_dir) "
                               "or none (start over)")
         is_step_dir = given is not None and ((given / ckpt.MARKER).exists() or (given / ckpt.STATE).exists())
-        root = self.ckpt_root if given is None else given if is_step_dir or not (given / "checkpoints").is_dir() \
-            else given / "checkpoints"
+        if given is None:
+            root = self.ckpt_root
+        elif (given / "checkpoints").is_dir():  # a run directory
+            root = given / "checkpoints"
+        else:  # a checkpoints/ directory (or a step directory: taken as it is below)
+            root = given
 
         def decide() -> Optional[Path]:  # rank 0 reads and hashes the files once for every rank
             if is_step_dir:
@@ -306,7 +310,10 @@ class Trainer:
     def _load(self, path: Path) -> None:
         """Resume from `path` (validated by _find_resume before the engine was built)."""
         state = ckpt.read_trainer_state(path)
-        ckpt.check_shapes(path, self.model, upgrade=False)
+        try:
+            ckpt.check_shapes(path, self.model, upgrade=False)
+        except ckpt.CheckpointError as e:  # a checkpoint of another shape or layout: the user's input
+            raise ConfigError(str(e)) from None
         load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
