@@ -78,17 +78,22 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: tuple = (), *, e
     if require_empty and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise error(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it, or choose "
                     "another --out")
-    # A directory made and removed in the nearest existing directory shows what the OS says
-    # (permission denied, read-only filesystem, a file in the path) now rather than after the work.
-    base = out.parent if staged else out
+    check_writable(out.parent if staged else out, f"--out {str(out)!r}", error)
+    return out
+
+
+def check_writable(path: Path, name: str, error: type = ValueError) -> None:
+    """Raise `error` naming `name` (how the user gave the path) when `path`, or the nearest existing
+    directory above it, cannot be written. A directory made and removed there shows what the OS says
+    (permission denied, read-only filesystem, a file in the path) now rather than after the work, and
+    leaves nothing behind."""
+    base = Path(path)
     while not base.exists() and base != base.parent:
         base = base.parent
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".megamom-probe-", dir=base))
     except OSError as e:
-        raise error(f"--out {str(out)!r} is not writable ({e.strerror}: {str(base)!r}); choose another "
-                    "directory") from None
-    return out
+        raise error(f"{name} is not writable ({e.strerror}: {str(base)!r}); choose another directory") from None
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,

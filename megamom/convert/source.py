@@ -73,7 +73,7 @@ def check_state_dict(sd: dict, cfg: ModelConfig, what: str) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory from a step, run or checkpoints/ directory (clear errors otherwise); what
     `megamom convert`, `generate` and `eval` take as --checkpoint."""
-    from ..train.checkpoint import MARKER, STATE, complete_checkpoints
+    from ..train.checkpoint import MARKER, STATE, run_checkpoints
     p = Path(path).expanduser()
     if not p.exists():
         raise ConvertError(f"checkpoint {str(p)!r} does not exist")
@@ -86,9 +86,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ConvertError(f"{str(p)!r} is a Hugging Face model directory, not a megamom checkpoint; "
                            f"use `megamom convert from-hf --model {p}`")
     for root in (p / "checkpoints", p):
-        found = complete_checkpoints(root)
+        found = run_checkpoints(root)[1]  # the run `latest` names, newest first (what a resume takes)
         if found:
-            return found[-1][1]
+            return found[0]
     partial = sorted(q.name for q in list(p.glob(".tmp-step_*")) + list((p / "checkpoints").glob(".tmp-step_*"))
                      + list(p.glob("step_*")) + list((p / "checkpoints").glob("step_*")))
     if partial:

@@ -13,27 +13,16 @@ from . import checkpoint as ckpt
 RECORDS = ("checkpoints", "metrics.jsonl", "tb", "config.yaml")
 
 
-def check_writable(out_dir: Path, what: str = "train.out_dir") -> None:
+def check_writable(out_dir: Path) -> None:
     """Fail before any work when the run directory cannot be written (every rank checks: nodes
-    may mount it differently)."""
+    may mount it differently); nothing is created."""
     from ..config import ConfigError
-    probe = out_dir / f".write-test-{os.getpid()}"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{what}={str(out_dir)!r} is not writable ({e.strerror or e}); choose another "
-                          f"{what}") from None
+    from ..fsutil import check_writable as probe
+    probe(out_dir, f"train.out_dir={str(out_dir)!r}", ConfigError)
 
 
 def previous_run_id(out_dir: Path) -> Optional[str]:
-    root = out_dir / "checkpoints"
-    latest = ckpt.read_latest(root)
-    if latest and latest.get("run_id"):
-        return latest["run_id"]
-    complete = ckpt.complete_checkpoints(root)
-    return ckpt.checkpoint_run_id(complete[-1][1]) if complete else None
+    return ckpt.run_checkpoints(out_dir / "checkpoints")[0]
 
 
 def archive_previous_run(out_dir: Path) -> Optional[Path]:

@@ -222,7 +222,7 @@ class Trainer:
         """Datasets without a validation split: evaluation is then skipped, said once here."""
         from ..data.loader import datasets_without_split
         missing = datasets_without_split(self.cfg.data, "val")
-        if missing and self.dist.is_main and not self.quiet and (self.cfg.train.eval_every or self.cfg.train.eval_steps):
+        if missing and self.dist.is_main and not self.quiet:
             log.warning("no validation split in %s: evaluation is skipped (prepare the data with "
                         "`megamom prep ... --val-fraction 0.01` to evaluate)", ", ".join(missing))
         return missing
