@@ -255,6 +255,10 @@ class ParallelConfig:
     tensor: int = 1
     sequence: int = 1
     expert: int = 1
+    # Megatron's sequence parallelism inside the tensor group: activations outside the tensor
+    # regions (norms, residual stream, router) split along the sequence, all-gather / reduce-scatter
+    # at the regions' edges instead of all-reduces (activation memory / TP, same bytes moved)
+    tensor_sequence_parallel: bool = False
 
     def validate(self) -> None:
         for key in ("tensor", "sequence", "expert"):

@@ -86,10 +86,21 @@ def test_each_bad_layout_names_the_numbers_and_the_fix(overrides, world, fragmen
 
 
 def test_modes_not_yet_trained_are_refused_before_work(monkeypatch):
-    lay = ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2"), 4)
-    with pytest.raises(ConfigError, match=r"parallel.tensor=2, parallel.expert=2: not available"):
+    lay = ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2", "parallel.sequence=2",
+                                      "data.seq_len=128"), 4)
+    with pytest.raises(ConfigError, match=r"^parallel.sequence=2, parallel.expert=2: not available"):
         check_supported(lay)
-    monkeypatch.setitem(layout_mod.SUPPORTED, "tensor", True)
+    monkeypatch.setitem(layout_mod.SUPPORTED, "sequence", True)
     with pytest.raises(ConfigError, match=r"^parallel.expert=2: not available"):
         check_supported(lay)
     check_supported(ParallelLayout.build(cfg_of(), 4))  # data parallelism alone
+    check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2"), 4))  # and tensor parallelism
+
+
+@pytest.mark.parametrize("setting, fragment", [("train.zero_stage=3", "use train.zero_stage=1 or 2"),
+                                               ("train.offload_optimizer=true", "offload_optimizer=false")])
+def test_settings_not_combined_with_tensor_parallelism_are_refused(setting, fragment):
+    cfg = cfg_of("parallel.tensor=2", setting)
+    with pytest.raises(ConfigError, match=rf"parallel.tensor=2 cannot be combined with {setting}.*{fragment}"):
+        check_supported(ParallelLayout.build(cfg, 2), cfg)
+    check_supported(ParallelLayout.build(cfg, 2))  # (the layout alone is fine)

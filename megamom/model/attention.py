@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .cache import AttentionLayerCache
+from .layers import ParallelRegion
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -49,24 +50,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, ParallelRegion):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = cfg.head_dim
-        d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        d, H, Hkv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+        self.q_proj = nn.Linear(d, H * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, Hkv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, Hkv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(H * self.head_dim, d, bias=False)
+
+    # read off the weights: a tensor-parallel shard holds fewer heads
+    @property
+    def num_heads(self) -> int:
+        return self.q_proj.weight.shape[0] // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_proj.weight.shape[0] // self.head_dim
 
     def no_weight_decay(self) -> set[str]:
         return set()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: Optional[torch.Tensor],
                 cache: Optional[AttentionLayerCache] = None, use_cache: bool = False):
+        x = self.enter_region(x)  # (the whole sequence under TP sequence parallelism)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -99,4 +108,4 @@ class Attention(nn.Module):
                 causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
             o = o.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(o), None, new_cache
+        return self.exit_region(self.o_proj(o)), None, new_cache

@@ -32,6 +32,29 @@ def cast_for_autocast(x: torch.Tensor) -> torch.Tensor:
     return x.to(autocast_target_dtype(x))
 
 
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class ParallelRegion:
+    """The seams of a sublayer whose weights a tensor-parallel layout splits (attention / memory
+    heads, MLP columns). On one rank each is the identity; `megamom.parallel.parallelize` sets them
+    to the tensor group's communications, so every projection inside reads one entered input and
+    the sublayer pays one communication each way, as Megatron's column-parallel linears followed by
+    a row-parallel one:
+      enter_region      activations [B, T, d] in: copy (its gradient summed), or with TP sequence
+                        parallelism all-gather along T (reduce-scatter back)
+      exit_region       partial outputs [B, T, d] out: all-reduce, or reduce-scatter along T
+      enter_replicated  a tensor every rank holds alike (the routing weights) read inside: copy
+      gather_tokens     per-token values [B, T, ...] computed outside the region on this rank's
+                        slice of the sequence (the router's) -> the whole sequence; the identity
+                        without TP sequence parallelism"""
+    enter_region = staticmethod(identity)
+    exit_region = staticmethod(identity)
+    enter_replicated = staticmethod(identity)
+    gather_tokens = staticmethod(identity)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
@@ -70,7 +93,7 @@ class GatedRMSNorm(RMSNorm):
         return y if gate is None else y * F.silu(gate.to(y.dtype))
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(nn.Module, ParallelRegion):
     def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto"):
         super().__init__()
         self.backend = backend  # model.kernel_backend: auto = the fused Triton activation on CUDA
@@ -79,12 +102,12 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = cast_for_autocast(x)
+        x = self.enter_region(cast_for_autocast(x))
         if use_triton(x, self.backend):
             # one GEMM by the stacked weights: the input is read once and its gradient comes out of
             # one GEMM (two would be summed); the fused activation writes [dgate | dup] in one buffer
             from megamom.kernels.triton.swiglu import swiglu_packed
             gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-            return self.down_proj(swiglu_packed(gate_up))
+            return self.exit_region(self.down_proj(swiglu_packed(gate_up)))
         gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.exit_region(self.down_proj(F.silu(gate) * up))

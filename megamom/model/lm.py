@@ -193,11 +193,10 @@ class CausalLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         if return_logits:
-            out.logits = F.linear(x, self.output_weight)
+            out.logits = self.loss_fn.logits(x, self.output_weight)
         if labels is not None:
             # training passes no logits: the loss then never holds [tokens, vocab] (megamom.model.loss)
-            logits = out.logits.reshape(-1, out.logits.shape[-1]) if out.logits is not None else None
-            out.lm_loss = self.loss_fn(x.reshape(-1, x.shape[-1]), self.output_weight, labels.reshape(-1), logits)
+            out.lm_loss = self.loss_fn(x, self.output_weight, labels, out.logits)
             loss = out.lm_loss
             if stats:
                 out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()

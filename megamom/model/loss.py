@@ -100,10 +100,16 @@ class LMLoss(nn.Module):
         super().__init__()
         self.chunk_rows, self.backend = chunk_rows, backend
 
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The output layer: [.., d] -> [.., V] (a vocab-parallel loss gathers its shards)."""
+        return F.linear(hidden, weight)
+
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 logits: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [N, d], weight [V, d], labels [N] (-100 = ignore), logits [N, V] or None."""
+        """hidden [.., d], weight [V, d], labels [..] (-100 = ignore), logits [.., V] or None."""
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         if logits is not None:
+            logits = logits.reshape(-1, logits.shape[-1])
             ce_dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64
             return F.cross_entropy(logits.to(ce_dtype), labels, ignore_index=IGNORE_INDEX)
         return linear_cross_entropy(hidden, weight, labels, self.chunk_rows, self.backend)

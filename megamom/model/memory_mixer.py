@@ -31,7 +31,7 @@ from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, causal_co
 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
-from .layers import GatedRMSNorm, cast_for_autocast
+from .layers import GatedRMSNorm, ParallelRegion, cast_for_autocast
 from .dispatch import Dispatcher
 from .grouped_experts import MemoryWeight, grouped_projection, stack_memories
 from .router import Router, RouterOutput
@@ -60,7 +60,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class MemoryMixer(nn.Module):
+class MemoryMixer(nn.Module, ParallelRegion):
     """Stages: Router (each token's memories and weights) -> Dispatcher (the rows of the memories
     held here, packed memory-major) -> memory experts (their projections, conv, gates and one scan
     over every (memory, document) segment: `_memory_experts`) -> combiner (each token's rows summed
@@ -251,35 +251,43 @@ class MemoryMixer(nn.Module):
         """x: [B, T, d]; doc_ids: [B*T] global document index (non-decreasing); x_lowp: x already in
         the autocast dtype, else cast here; routed: the router's output on x, else routed here (the
         block's norm does both: `lm.norm_and_route`). Returns (out [B, T, d], RouterStats or None, new
-        cache or None)."""
-        B, T, d = x.shape
-        if cache is not None and T == 1:
+        cache or None). Under TP sequence parallelism x (and the routing) cover this rank's slice of
+        the sequence; the region's seams gather the whole sequence and scatter the output back."""
+        B, T_here, d = x.shape
+        if cache is not None and T_here == 1:
             return self._decode_step(x, cache)
         H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
-        N = B * T
-        xf = x.reshape(N, d)
+        xf = x.reshape(-1, d)
         backend = resolve_backend(self.cfg.kernel_backend, x.device)  # once per forward
         _announce_kernels(self.rule, backend)
 
         fused = use_triton(xf, backend)  # the Triton kernels of the router, packing, conv, combine + norm
-        # 1. router (on the fast path it ran inside the block's norm kernel: `routed`)
+        # 1. router, on this rank's tokens (on the fast path it ran inside the block's norm kernel: `routed`)
         r = routed
         if r is None and self.router is not None:
             r = self.router(xf, fused)
+        # one cast for the q, memory and gate projections (the router read xf), entering the region
+        # outside of which the router stays: its input gradient is each rank's own
+        xc = self.enter_region(x_lowp.reshape(B, T_here, d) if x_lowp is not None else cast_for_autocast(x))
+        T = xc.shape[1]
+        N = B * T
+        xc = xc.reshape(N, d)
+        if r is not None and T != T_here:  # the routing of the whole sequence
+            r = RouterOutput(*(self.gather_tokens(t.view(B, T_here, -1)).reshape(N, -1) for t in
+                               (r.logits, r.probs, r.topk_weight, r.topk_index)))
         # 2. dispatch: the memory-major rows of the memories held here
         packing = self.dispatcher(r.topk_index if r is not None else None, doc_ids, num_docs, fused)
-        # one cast for the q, memory and gate projections (the router reads xf)
-        xc = x_lowp.reshape(N, d) if x_lowp is not None else cast_for_autocast(xf)
         # 3. the memories: projections, conv, gates, one scan over every (memory, document) segment
         o_rows, final_state, conv_state = self._memory_experts(xc, packing, cache, use_cache, backend, fused)
         # 4. combine: each token's rows with its routing weights, gated norm, W_o
-        slot_w = self._slot_weights(r, N, x.device, x.dtype)
+        # the routing weights scale rows inside the region (each tensor rank's heads): they enter it too
+        slot_w = self.enter_replicated(self._slot_weights(r, N, x.device, x.dtype))
         o = self._combine_output(o_rows, packing, slot_w, xf, xc, fused)
         new_cache = None
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
         stats = self.router.stats(r, fused) if r is not None else None
-        return o.view(B, T, d), stats, new_cache
+        return self.exit_region(o.view(B, T, d)), stats, new_cache
 
     def _memory_experts(self, xc: torch.Tensor, packing, cache: Optional[MemoryLayerCache], use_cache: bool,
                         backend: str, fused: bool):
@@ -387,6 +395,7 @@ class MemoryMixer(nn.Module):
         if self.shared:
             selected[:, -1] = True
             weight[:, -1] = 1.0
+        xf = self.enter_region(xf[:, None]).squeeze(1)  # (decoding: tensor parallelism without its sequence split)
         stacked, sizes = self._projection_weights()
         y = F.linear(xf, stacked.reshape(-1, d)).view(B, M, -1)
         k, v, b, a = self._split(y, sizes)
@@ -419,7 +428,7 @@ class MemoryMixer(nn.Module):
                                    use_qk_l2norm=self.cfg.qk_norm == "l2", backend=self.cfg.kernel_backend)
         new_state = torch.where(selected.view(B * M, 1, 1, 1), new_state, state)
         o = (o.view(B, M, H, Vh) * weight[:, :, None, None].to(o.dtype)).sum(1)
-        out = self._output(o, xf)
+        out = self.exit_region(self._output(o, xf)[:, None]).squeeze(1)
         new_cache = MemoryLayerCache(new_state.view(B, M, H, K, Vh).transpose(0, 1).contiguous(), conv_state)
         return out.view(B, 1, d), None, new_cache
 

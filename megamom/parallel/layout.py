@@ -12,7 +12,7 @@ from ..errors import ConfigError
 # Hugging Face code must import its modules without a cycle)
 
 # The parallel modes this version trains with; the others are refused before any work.
-SUPPORTED = {"tensor": False, "sequence": False, "expert": False}
+SUPPORTED = {"tensor": True, "sequence": False, "expert": False}
 
 
 def check_config(cfg) -> None:
@@ -31,6 +31,9 @@ def check_config(cfg) -> None:
         rules.append((m.vocab_size, "tensor", "model.vocab_size",
                       f"the embedding and output layer split the vocabulary; pad it, e.g. to "
                       f"{-(-m.vocab_size // (128 * tp)) * 128 * tp} (a multiple of 128 x parallel.tensor)"))
+        if p.tensor_sequence_parallel:
+            rules.append((cfg.data.seq_len, "tensor", "data.seq_len",
+                          "parallel.tensor_sequence_parallel splits the sequence over the tensor ranks"))
     if p.sequence > 1:
         rules.append((cfg.data.seq_len, "sequence", "data.seq_len", "each sequence rank holds an equal slice"))
     if p.expert > 1:
@@ -78,10 +81,29 @@ class ParallelLayout:
         return {"data": dp, "sequence": sp, "tensor": tp, "expert": (dp * self.sequence + sp) % self.expert}
 
 
-def check_supported(layout: ParallelLayout) -> None:
-    """Refuse, before any work, the parallel modes this version does not train yet."""
+def check_supported(layout: ParallelLayout, cfg=None) -> None:
+    """Refuse, before any work, the parallel modes this version does not train yet, and (given the
+    run's megamom.config.Config) the training settings not combined with them yet."""
     asked = {"tensor": layout.tensor, "sequence": layout.sequence, "expert": layout.expert}
     missing = [f"parallel.{mode}={size}" for mode, size in asked.items() if size > 1 and not SUPPORTED[mode]]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: not available in this version of megamom train yet; use data "
                           f"parallelism (more processes) for now")
+    if cfg is None or layout.tensor == 1:
+        return
+    t = cfg.train
+    refused = {
+        "train.zero_stage=3": (t.zero_stage == 3, "ZeRO-3 would partition the tensor shards once more and gather "
+                               "them around each module; its consolidation of tensor-parallel checkpoints is not "
+                               "written: use train.zero_stage=1 or 2 (the optimizer state is sharded over the data "
+                               "group either way)"),
+        "train.cuda_graph=true": (t.cuda_graph, "the tensor group's collectives are not captured in the graphs yet: "
+                                  "set train.cuda_graph=false"),
+        "train.compile=true": (t.compile, "torch.compile is not tested with the tensor group's autograd "
+                               "collectives: set train.compile=false"),
+        "train.offload_optimizer=true": (t.offload_optimizer, "DeepSpeed's CPU Adam is not tested with tensor "
+                                         "parallelism here: set train.offload_optimizer=false"),
+    }
+    bad = [f"{what} ({why})" for what, (on, why) in refused.items() if on]
+    if bad:
+        raise ConfigError(f"parallel.tensor={layout.tensor} cannot be combined with " + "; ".join(bad))

@@ -19,6 +19,9 @@ class Placement:
     tensor_dim: Optional[int]  # split over the tensor group along this dim; None: a full copy on each
     expert_dim: Optional[int]  # split over the expert group along this dim (routed memories)
     why: str
+    # replicated, but each tensor rank computes part of its gradient (a weight shared by heads that
+    # are split over the group): the gradient is summed over the tensor group
+    partial_grad: bool = False
 
 
 COLUMN = Placement(0, None, "column-parallel: output rows split (its heads / MLP columns)")
@@ -44,7 +47,9 @@ _PLAN: list[tuple[str, Placement]] = [
     (r"\.attn\.shared_(k_proj|v_proj|b_proj|a_proj|q_conv|k_conv|v_conv)$", SHARED_MEMORY),
     (r"\.attn\.(q_conv|k_conv|v_conv)$", MEMORY_CONV),
     (r"\.attn\.(A_log|dt_bias)$", PER_HEAD),
-    (r"\.attn\.o_norm\.weight", Placement(None, None, "the per-head norm's weight, shared by every head")),
+    (r"\.attn\.o_norm\.weight", Placement(None, None, "the per-head norm's weight, shared by every head: each "
+                                                    "tensor rank's gradient covers its heads, summed over the group",
+                                          partial_grad=True)),
     # memory layers and attention alike
     (r"\.attn\.(q_proj|k_proj|v_proj|g_proj)\.weight", COLUMN),
     (r"\.attn\.o_proj\.weight", ROW),

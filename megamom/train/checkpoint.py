@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -303,13 +304,19 @@ def read_rank_state(ckpt: Path, rank: int) -> Optional[dict]:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def model_state_file(ckpt: Path) -> Path:
-    """DeepSpeed's file holding the module weights (ZeRO-3 shards them into zero_pp_* files)."""
-    files = sorted(Path(ckpt).glob("mp_rank_*_model_states.pt"))
+def tensor_parallel_size(ckpt: Path) -> int:
+    """The parallel.tensor a checkpoint was saved with (1 before tensor parallelism existed)."""
+    return int((read_trainer_state(ckpt).get("parallel") or {}).get("tensor", 1))
+
+
+def model_state_file(ckpt: Path, tensor_rank: int = 0) -> Path:
+    """DeepSpeed's file holding the module weights of a tensor rank (ZeRO-3 shards them into zero_pp_* files)."""
+    files = sorted(Path(ckpt).glob(f"mp_rank_{tensor_rank:02d}_model_states.pt"))
     if not files:
-        files = sorted(Path(ckpt).glob("zero_pp_rank_0_mp_rank_*_model_states.pt"))
+        files = sorted(Path(ckpt).glob(f"zero_pp_rank_0_mp_rank_{tensor_rank:02d}_model_states.pt"))
     if not files:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no DeepSpeed model states file")
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no DeepSpeed model states file for tensor rank "
+                              f"{tensor_rank}")
     return files[0]
 
 
@@ -326,16 +333,26 @@ def check_shapes(ckpt: Path, model: torch.nn.Module, upgrade: bool = True) -> No
     Memory-mapped: only the shapes are read here, the weights are loaded once, later. upgrade:
     a checkpoint with older parameter names fits if its weights do (init_from); a resume cannot
     take it (its optimizer state is laid out by the old names), and says so."""
+    from ..parallel.parallelize import whole_shape
     sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True, mmap=True)
     shapes = sd.get("param_shapes")
+    # compared as whole parameters: a tensor-parallel model or checkpoint holds shards of them
+    model_tp = getattr(getattr(model, "topology", None), "tensor", None)
+    model_tp = model_tp.size if model_tp is not None else 1
     # under ZeRO-3 a parameter is a partitioned (0,)-shaped placeholder; ds_shape is its real shape
-    ours = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+    ours = {n: whole_shape(n, tuple(getattr(p, "ds_shape", p.shape)), model_tp) for n, p in model.named_parameters()}
     if isinstance(shapes, list):  # ZeRO: one dict per param group
         saved = {n: tuple(s) for group in shapes for n, s in group.items()}
     elif sd.get("module") is not None:
         saved = {n: tuple(t.shape) for n, t in sd["module"].items()}
     else:
         return
+    ckpt_tp = tensor_parallel_size(ckpt)
+    if ckpt_tp > 1:
+        try:
+            saved = {n: whole_shape(n, s, ckpt_tp) for n, s in saved.items()}
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e.args[0]}") from None
     upgraded = _upgrade(saved, ckpt)
     if upgraded != saved:
         if not upgrade:
@@ -404,12 +421,37 @@ def load_model_state_dict(ckpt: Path) -> dict:
     This is the one place that reads checkpoint layouts (conversion and eval call it)."""
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt)  # complete, every file as saved, or a clear error naming the file
-    if list(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        with _weights_only_torch_load():
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        return _upgrade({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, ckpt)
-    sd = torch.load(model_state_file(ckpt), map_location="cpu", weights_only=True)
+    tp = tensor_parallel_size(ckpt)
+    if tp > 1:  # each tensor rank's weights, then the whole parameters
+        from ..parallel.parallelize import unshard
+        shards = [_tensor_rank_state_dict(ckpt, r) for r in range(tp)]
+        return _upgrade({n: unshard(n, [s[n] for s in shards]) for n in shards[0]}, ckpt)
+    return _upgrade(_tensor_rank_state_dict(ckpt, 0), ckpt)
+
+
+def _tensor_rank_state_dict(ckpt: Path, tensor_rank: int) -> dict:
+    """The weights of one tensor rank: its fp32 master weights from the ZeRO partitions, else its
+    module weights. DeepSpeed's zero_to_fp32 takes every optimizer file of a directory as one tensor
+    rank's, so under tensor parallelism each rank's files are linked under rank 0's names in a
+    scratch directory of their own."""
+    if list(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{tensor_rank:02d}_optim_states.pt")):
+        if not list(ckpt.glob("*zero_pp_rank_*_mp_rank_01_optim_states.pt")):  # one tensor rank
+            return _zero_fp32_state_dict(ckpt)
+        with tempfile.TemporaryDirectory(prefix="megamom-tp-") as scratch:
+            view = Path(scratch) / ckpt.name
+            view.mkdir()
+            for f in ckpt.iterdir():
+                if f"mp_rank_{tensor_rank:02d}_" in f.name:
+                    (view / f.name.replace(f"mp_rank_{tensor_rank:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
+            return _zero_fp32_state_dict(view)
+    sd = torch.load(model_state_file(ckpt, tensor_rank), map_location="cpu", weights_only=True)
     if not sd.get("module"):
         raise CheckpointError(f"checkpoint {str(ckpt)!r} holds no module weights")
-    return _upgrade(dict(sd["module"]), ckpt)
+    return dict(sd["module"])
+
+
+def _zero_fp32_state_dict(ckpt: Path) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with _weights_only_torch_load():
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

@@ -10,9 +10,11 @@ from .lr_schedule import WarmupCosine
 from .optim import build_deepspeed_config, build_optimizer, param_groups
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, device: torch.device):
-    """-> (engine, lr scheduler). With CUDA graphs the engine is built on a side stream: built on the
-    default stream, ZeRO-1/2's backward failed to capture (megamom/train/cuda_graph.py)."""
+def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, device: torch.device, mpu=None):
+    """-> (engine, lr scheduler). mpu: the topology's DeepSpeed adapter under tensor parallelism
+    (ZeRO then works over the data group; megamom.parallel.topology). With CUDA graphs the engine is
+    built on a side stream: built on the default stream, ZeRO-1/2's backward failed to capture
+    (megamom/train/cuda_graph.py)."""
     import deepspeed
     t = cfg.train
     ds_config = build_deepspeed_config(cfg, batching, precision)
@@ -24,7 +26,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, 
 
     with capture_ready_init(t.cuda_graph and device.type == "cuda"):
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                                       lr_scheduler=schedule, config=ds_config,
+                                                       lr_scheduler=schedule, config=ds_config, mpu=mpu,
                                                        dist_init_required=False)
     if t.compile:
         engine.compile()

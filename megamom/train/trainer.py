@@ -19,6 +19,8 @@ from ..config import IMPLEMENTATION_ONLY_KEYS, Config, ConfigError, dump_config
 from ..model import build_model
 from ..model.counting import count_parameters, flops_per_token
 from ..parallel import ParallelLayout, check_supported
+from ..parallel.parallelize import parallelize
+from ..parallel.topology import Topology
 from . import checkpoint as ckpt
 from . import run_dir
 from .distributed import DistInfo, all_reduce_max_flag, barrier, decide_on_main, init_distributed
@@ -50,7 +52,7 @@ def resolve_batching(cfg: Config, world_size: int) -> Batching:
     the global batch is given)."""
     t = cfg.train
     layout = ParallelLayout.build(cfg, world_size)
-    check_supported(layout)
+    check_supported(layout, cfg)
     dp = layout.data
     accum = t.grad_accum
     if t.global_batch_size is not None:
@@ -89,7 +91,8 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.dist: DistInfo = init_distributed(device)
-        self.batching = resolve_batching(cfg, self.dist.world_size)
+        self.batching = resolve_batching(cfg, self.dist.world_size)  # (checks the layout first)
+        self.topology = Topology(ParallelLayout.build(cfg, self.dist.world_size), self.dist.rank)
         self.precision = _resolve_precision(cfg, self.dist.device)
         check_cuda_graph_setup(t, self.dist.device, self.precision)
         run_dir.check_writable(self.out_dir)
@@ -189,6 +192,11 @@ class Trainer:
             raise ConfigError(f"checkpoint {str(path)!r} was trained with a different model config: "
                               + "; ".join(diff) + ". Pass train.allow_config_change_on_resume=true to load "
                               "it anyway (tensors must still fit), or --resume none to start over")
+        saved_tp = (state.get("parallel") or {}).get("tensor", 1)
+        if saved_tp != self.topology.tensor.size:
+            raise ConfigError(f"checkpoint {str(path)!r} holds parallel.tensor={saved_tp} shards but this run has "
+                              f"parallel.tensor={self.topology.tensor.size}; resume with the same layout, or start a new "
+                              f"run from its weights (resharded on load) with train.init_from={path}")
         if state.get("world_size") not in (None, self.dist.world_size) and self.cfg.train.zero_stage > 0:
             raise ConfigError(f"checkpoint {str(path)!r} holds ZeRO-{self.cfg.train.zero_stage} shards of "
                               f"{state['world_size']} ranks but this run has {self.dist.world_size}; resume with "
@@ -230,7 +238,7 @@ class Trainer:
     def _loader(self, split: str):
         from ..data import build_loader
         return build_loader(self.cfg.data, split=split, micro_batch_size=self.batching.micro,
-                            dp_rank=self.dist.rank // (self.cfg.parallel.tensor * self.cfg.parallel.sequence),
+                            dp_rank=self.topology.data.rank,
                             dp_size=self.batching.dp_size, seed=self.cfg.train.seed)
 
     def _build_engine(self) -> None:
@@ -242,10 +250,13 @@ class Trainer:
         model.activation_checkpointing = cfg.train.activation_checkpointing
         if self.dist.is_main and not self.quiet:
             pc = count_parameters(model)
-            log.info("model: %s, %.1fM parameters (%.1fM activated per token), %s, ZeRO-%d, %d data-parallel ranks",
-                     cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision, cfg.train.zero_stage,
-                     self.batching.dp_size)
-        self.engine, self.scheduler = build_engine(cfg, model, self.batching, self.precision, self.dist.device)
+            log.info("model: %s, %.1fM parameters (%.1fM activated per token), %s, ZeRO-%d, %d data-parallel x %d "
+                     "tensor-parallel ranks", cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision,
+                     cfg.train.zero_stage, self.batching.dp_size, self.topology.tensor.size)
+        # built whole on every rank (same seed), this rank's shard kept
+        model = parallelize(model, self.topology, cfg.parallel.tensor_sequence_parallel)
+        mpu = self.topology.mpu() if self.topology.tensor.size > 1 else None
+        self.engine, self.scheduler = build_engine(cfg, model, self.batching, self.precision, self.dist.device, mpu)
         self.model = self.engine.module
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
         self.peak_flops = peak_flops(self.dist.device)
@@ -291,6 +302,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "world_size": self.dist.world_size,
             "dp_size": self.batching.dp_size,
+            "parallel": {"tensor": self.topology.tensor.size, "sequence": self.topology.sequence.size,
+                         "expert": self.topology.expert.size},
             "global_batch": self.batching.global_batch,
             "config": self.cfg.to_dict(),
             "tokenizer": {"path": self.cfg.data.tokenizer, "hash": getattr(self.tokenizer, "hash", None)},
@@ -483,8 +496,8 @@ class Trainer:
             total += torch.tensor([out.lm_loss.double().item() * n.item(), n.item()], dtype=torch.float64)
         self.model.train()
         total = total.to(self.dist.device)
-        if self.dist.world_size > 1:
-            dist.all_reduce(total)
+        if self.topology.data.size > 1:  # (the tensor ranks of a data rank saw the same tokens)
+            dist.all_reduce(total, group=self.topology.data.group)
         if total[1] == 0:
             return None
         loss = float(total[0] / total[1])

@@ -1,0 +1,107 @@
+"""Apply a layout to a plain model (torchtitan style: the model files know nothing of it).
+
+`parallelize(model, topology)` takes a model built whole on every rank (same seed, so the same
+weights as one process) and keeps this rank's tensor shard of each parameter, as the sharding plan
+(`plan.py`) says: column-parallel rows of q / g / the memories' k / v / beta / decay and of the
+MLP's gate / up, row-parallel columns of o_proj and down_proj, the per-head A_log / dt_bias and
+conv channels, the vocabulary rows of the embedding and output layer. The sublayers' region seams
+get the tensor group's copy / all-reduce, the loss becomes the vocabulary-parallel cross entropy,
+and a replicated weight whose gradient each rank computes in part (the memories' output norm,
+shared by every head) has it summed over the group. The fast GPU path (grouped GEMM, fused Triton
+kernels) runs unchanged on each shard: the layers read their head counts off their weights."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .mappings import (copy_to_region, gather_along, gather_from_split, reduce_from_region, reduce_scatter_along,
+                       sum_grad_over)
+from .plan import sharding_plan
+from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
+                              mark_sharded, shard)
+from .topology import Topology
+
+
+def parallelize(model, topology: Topology, sequence_parallel: bool = False):
+    """Shard `model` (a megamom CausalLM) in place over `topology`'s tensor group; returns it. A
+    world of one, or a tensor group of one, leaves it as it is. sequence_parallel: Megatron's TP
+    sequence parallelism (parallel.tensor_sequence_parallel): the residual stream, the norms and the
+    routers hold this rank's slice of the sequence; every replicated weight then has its gradient
+    summed over the group (each rank saw its slice of the tokens)."""
+    tp = topology.tensor
+    model.topology = topology
+    if tp.size == 1:
+        return model
+    cfg = model.config
+    sizes = {"model.vocab_size": cfg.vocab_size, "model.num_heads": cfg.num_heads,
+             "the MLP width": cfg.mlp_hidden_size}
+    if cfg.arch == "transformer":
+        sizes["model.num_kv_heads"] = cfg.num_kv_heads or cfg.num_heads
+    for what, size in sizes.items():  # (the layout checked these for a run; a direct call is checked here)
+        if size % tp.size:
+            raise ConfigError(f"{what}={size} does not split over parallel.tensor={tp.size}")
+    plan = sharding_plan(model)  # before any change: a parameter with no place is an error here
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    sp = sequence_parallel
+    embedding = VocabParallelEmbedding(model.model.embeddings, tp, sp)
+    model.model.embeddings = embedding
+    if model.lm_head is not None:
+        ColumnParallelLinear.adopt(model.lm_head, tp)  # vocabulary rows, as the embedding's
+    model.loss_fn = VocabParallelLMLoss(model.loss_fn.chunk_rows, tp, embedding.vocab_start, sp)
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not getattr(module.weight, "tensor_model_parallel", False):
+            place = plan[names[id(module.weight)]]
+            if place.tensor_dim is not None:
+                (ColumnParallelLinear if place.tensor_dim == 0 else RowParallelLinear).adopt(module, tp)
+    for name, p in model.named_parameters():
+        place = plan[name]
+        if place.tensor_dim is not None and not getattr(p, "tensor_model_parallel", False):
+            p.data = shard(p.data, place.tensor_dim, tp)
+            mark_sharded(p, place.tensor_dim)
+        if place.partial_grad or (sp and place.tensor_dim is None):
+            sum_grad_over(p, tp)
+    for block in model.model.layers:
+        for region in (block.attn, block.mlp):
+            if sp:
+                region.enter_region = partial(gather_along, dim=1, group=tp)
+                region.exit_region = partial(reduce_scatter_along, dim=1, group=tp)
+                region.gather_tokens = partial(gather_from_split, dim=1, group=tp)
+            else:
+                region.enter_region = partial(copy_to_region, group=tp)
+                region.exit_region = partial(reduce_from_region, group=tp)
+            region.enter_replicated = partial(copy_to_region, group=tp)
+    model.tensor_sequence_parallel = sp
+    return model
+
+
+def whole_shape(name: str, shape: tuple, tensor_size: int) -> tuple:
+    """The shape of the whole parameter a tensor shard of `shape` belongs to."""
+    from .plan import placement
+    dim = placement(name).tensor_dim
+    if dim is None or tensor_size == 1:
+        return tuple(shape)
+    return tuple(s * tensor_size if i == dim else s for i, s in enumerate(shape))
+
+
+def unshard(name: str, shards: list):
+    """The whole parameter from its tensor shards (tensor rank order): concatenated along the
+    plan's dimension, or the first copy of a replicated one."""
+    from .plan import placement
+    import torch
+    dim = placement(name).tensor_dim
+    return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim)
+
+
+def tensor_shard_of(name: str, full, tensor_size: int, tensor_rank: int):
+    """The tensor-parallel shard of one full parameter (checkpoint resharding): the plan's
+    dimension split evenly, or the full tensor for a replicated one."""
+    from .plan import placement
+    from .topology import Group
+    dim = placement(name).tensor_dim
+    if dim is None or tensor_size == 1:
+        return full
+    return shard(full, dim, Group(None, tuple(range(tensor_size)), tensor_rank))

@@ -1,0 +1,220 @@
+"""What each rank of the pool runs for the tensor-parallel tests: a tiny float64 model, once whole
+(the single-process reference, computed on every rank alike) and once parallelized over the pool's
+layout, compared for the loss, the logits, every gradient and the parameters after one optimizer
+step through DeepSpeed."""
+from __future__ import annotations
+
+
+import torch
+import torch.distributed as dist
+
+from megamom.config import Config, ModelConfig
+from megamom.model import build_model
+from megamom.parallel.layout import ParallelLayout
+from megamom.parallel.parallelize import parallelize, tensor_shard_of
+from megamom.parallel.topology import Topology
+
+ATOL = 1e-10
+_topologies: dict = {}
+
+MODELS = {
+    "mom_gated_delta": dict(arch="mom", update_rule="gated_delta", num_memories=4, topk=2),
+    "mom_gla": dict(arch="mom", update_rule="gla", num_memories=4, topk=2, per_memory_conv=True),
+    "gated_deltanet": dict(arch="linear", update_rule="gated_delta"),
+    "transformer": dict(arch="transformer", num_kv_heads=2),
+}
+
+
+def model_config(name: str, **over) -> ModelConfig:
+    base = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, head_dim=8, intermediate_size=64,
+                chunk_size=8, loss_chunk_size=7, tie_word_embeddings=True)
+    base.update(MODELS[name])
+    base.update(over)
+    return ModelConfig(**base)
+
+
+def topology(data: int, tensor: int) -> Topology:
+    key = (data, tensor)
+    if key not in _topologies:  # new_group is collective: built once per layout, in the same order on every rank
+        _topologies[key] = Topology(ParallelLayout(dist.get_world_size(), data, 1, tensor, 1), dist.get_rank())
+    return _topologies[key]
+
+
+def batch(micro: int, T: int, seed: int, vocab: int = 128):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (micro, T + 1), generator=g)
+    seg = torch.cumsum((torch.rand(micro, T, generator=g) < 0.08).long(), 1)
+    return ids[:, :-1], ids[:, 1:].clone(), seg
+
+
+def _close(a, b, what, atol=ATOL):
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= atol * max(1.0, b.abs().max().item()), f"{what}: max |diff| {err:.3e}"
+
+
+def forward_and_grads(name: str, tensor: int, data: int = 1, segments: bool = True, over: dict | None = None,
+                      checkpointing: bool = False, sequence_parallel: bool = False):
+    """Loss, gathered logits and every gradient of the TP model equal the whole model's (each rank's
+    shard of them); with data > 1 the whole model's are the mean over the data ranks' batches."""
+    torch.set_default_dtype(torch.float64)
+    cfg = model_config(name, **(over or {}))
+    top = topology(data, tensor)
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    torch.manual_seed(0)
+    par = parallelize(build_model(cfg), top, sequence_parallel)
+    par.activation_checkpointing = checkpointing  # (the blocks' collectives run again in the recomputation)
+    dp = top.data.rank
+    batches = [batch(2, 24, 100 + r) for r in range(data)]
+    # reference: every data rank's micro-batch, losses averaged (what data parallelism averages)
+    ref_loss = 0.0
+    for ids, labels, seg in batches:
+        out = ref(ids, labels=labels, segment_ids=seg if segments else None)
+        (out.loss / data).backward()
+        ref_loss += out.loss.item() / data
+    ids, labels, seg = batches[dp]
+    out = par(ids, labels=labels, segment_ids=seg if segments else None)
+    out.loss.backward()
+    ref_one = ref(ids, labels=labels, segment_ids=seg if segments else None, return_logits=True)
+    _close(out.loss.detach(), ref_one.loss.detach(), "loss")
+    if out.logits is not None:
+        _close(out.logits, ref_one.logits, "logits")
+    ref_params = dict(ref.named_parameters())
+    bad = []
+    for n, p in par.named_parameters():
+        g = p.grad
+        if data > 1:  # what the data group's all-reduce does
+            g = g.clone()
+            dist.all_reduce(g, group=top.data.group)
+            g /= data
+        want = tensor_shard_of(n, ref_params[n].grad, top.tensor.size, top.tensor.rank)
+        assert g.shape == want.shape, (n, g.shape, want.shape)
+        try:
+            _close(g, want, f"grad of {n}")
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, "; ".join(bad)
+    torch.set_default_dtype(torch.float32)
+    return {"loss": out.loss.item(), "params": sum(p.numel() for p in par.parameters())}
+
+
+def deepspeed_step(name: str, tensor: int, data: int, zero_stage: int, grad_clip: float):
+    """One optimizer step through DeepSpeed (ZeRO-`zero_stage`, the tensor group as its mpu): every
+    parameter shard equals the whole model's after the same step (AdamW, gradient clipping by the
+    global norm, which counts every replica once and every shard once). To 1e-6: ZeRO-1/2 step
+    float32 master weights (the gradients are float64 here), and ZeRO-0 runs in float32 (its
+    gradient all-reduce takes 16- and 32-bit floats only)."""
+    import deepspeed
+
+    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    dtype = torch.float32 if zero_stage == 0 else torch.float64
+    atol = 1e-6
+    torch.set_default_dtype(dtype)
+    cfg = Config()
+    cfg.model = model_config(name)
+    cfg.train.zero_stage, cfg.train.grad_clip, cfg.train.lr, cfg.train.weight_decay = zero_stage, grad_clip, 1e-2, 0.1
+    # Adam's first step is nearly blind to the gradient's scale (g / (|g| + eps)); a large eps makes
+    # the update about lr * g, so a gradient averaged or clipped wrongly shows in the parameters
+    cfg.train.adam_eps = 1.0
+    top = topology(data, tensor)
+
+    class B:
+        micro, accum, global_batch = 2, 1, 2 * data
+
+    def engine_for(model, mpu):
+        groups = param_groups(model, cfg.train.weight_decay)
+        opt = build_optimizer(groups, cfg.train, "fp32")
+        ds = build_deepspeed_config(cfg, B, "fp32")
+        if mpu is None:
+            ds["train_batch_size"], ds["zero_optimization"] = 2, {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=opt, config=ds,
+                                          mpu=mpu, dist_init_required=False)
+        return engine
+
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    # the reference: one process, the data ranks' micro-batches as accumulated gradients of mean losses
+    ref_opt = build_optimizer(param_groups(ref, cfg.train.weight_decay), cfg.train, "fp32")
+    for r in range(data):
+        ids, labels, seg = batch(2, 24, 100 + r)
+        (ref(ids, labels=labels, segment_ids=seg).loss / data).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), grad_clip)
+    ref_opt.step()
+
+    torch.manual_seed(0)
+    par = parallelize(build_model(cfg.model), top)
+    engine = engine_for(par, top.mpu())
+    ids, labels, seg = batch(2, 24, 100 + top.data.rank)
+    out = engine(ids, labels=labels, segment_ids=seg)
+    engine.backward(out.loss)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    if norm is None:  # ZeRO-0 in fp32 clips (deepspeed.runtime.utils.clip_grad_norm_) but keeps no norm
+        norm = ref_norm
+    # (DeepSpeed accumulates the norm in float32)
+    assert abs(float(norm) - float(ref_norm)) <= 1e-5 * float(ref_norm), (norm, float(ref_norm))
+    assert float(ref_norm) > grad_clip, "the test must clip"
+    ref_params = dict(ref.named_parameters())
+    bad = []
+    for n, p in engine.module.named_parameters():
+        want = tensor_shard_of(n, ref_params[n].detach(), top.tensor.size, top.tensor.rank)
+        try:
+            _close(p.detach(), want, f"{n} after one step", atol)
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, "; ".join(bad) + f" (norm {float(norm)} vs {float(ref_norm)})"
+    torch.set_default_dtype(torch.float32)
+    return float(norm)
+
+
+def save_consolidate_reshard(name: str, tensor: int, zero_stage: int, root: str):
+    """One DeepSpeed step at TP=`tensor`, saved as a run checkpoint; rank 0 consolidates it
+    (checkpoint.load_model_state_dict) into the whole model, whose logits equal the TP model's; every
+    rank reshards the whole weights at TP=`tensor` again and gets its own parameters back. float64
+    (ZeRO-1/2 keep float32 master weights of them: to 1e-6), ZeRO-0 in float32 (DeepSpeed's
+    all-reduce takes no float64; its module weights come back bitwise)."""
+    import deepspeed
+
+    from megamom.train import checkpoint as ckpt
+    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    dtype = torch.float32 if zero_stage == 0 else torch.float64
+    torch.set_default_dtype(dtype)
+    cfg = Config()
+    cfg.model = model_config(name)
+    cfg.train.zero_stage = zero_stage
+    top = topology(dist.get_world_size() // tensor, tensor)
+
+    class B:
+        micro, accum, global_batch = 2, 1, 2 * top.data.size
+
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model), top)
+    groups = param_groups(model, 0.1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=build_optimizer(groups, cfg.train, "fp32"),
+                                      config=build_deepspeed_config(cfg, B, "fp32"), mpu=top.mpu(),
+                                      dist_init_required=False)
+    ids, labels, seg = batch(2, 24, 7)
+    engine.backward(engine(ids, labels=labels, segment_ids=seg).loss)
+    engine.step()
+    state = {"step": 1, "run_id": "test", "world_size": dist.get_world_size(), "config": cfg.to_dict(),
+             "parallel": {"tensor": tensor, "sequence": 1, "expert": 1}}
+    path = ckpt.save_checkpoint(engine, __import__("pathlib").Path(root), 1, state, {}, dist.get_rank(), 2)
+    logits = engine.module(ids, segment_ids=seg).logits.detach()
+    whole_sd = ckpt.load_model_state_dict(path)
+    whole = build_model(cfg.model)
+    whole.load_state_dict({k: v.to(dtype) for k, v in whole_sd.items()})
+    _close(whole(ids, segment_ids=seg).logits.detach(), logits, "logits of the consolidated model", 1e-5 if
+           zero_stage == 0 else 1e-6)
+    for n, p in engine.module.named_parameters():
+        _close(tensor_shard_of(n, whole_sd[n].to(dtype), top.tensor.size, top.tensor.rank), p.detach(),
+               f"{n} resharded", 0.0 if zero_stage == 0 else 1e-6)
+    # the same weights at every other tensor size of this world give the same logits
+    for other in (t for t in (1, 2, 4) if t != tensor and dist.get_world_size() % t == 0):
+        moved = build_model(cfg.model)
+        moved.load_state_dict({k: v.to(dtype) for k, v in whole_sd.items()})
+        moved = parallelize(moved, topology(dist.get_world_size() // other, other))
+        _close(moved(ids, segment_ids=seg).logits.detach(), logits, f"logits resharded to TP={other}",
+               1e-5 if zero_stage == 0 else 1e-6)
+    dist.barrier()
+    torch.set_default_dtype(torch.float32)
+    return str(path)

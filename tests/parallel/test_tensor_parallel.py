@@ -1,0 +1,45 @@
+"""Tensor parallelism equals one process: TP = 2 and 4 (and DP 2 x TP 2) against the whole model in
+float64, for the loss, the logits, every gradient, and the parameters after one DeepSpeed step."""
+import pytest
+
+import cases_tensor as cases
+
+
+@pytest.mark.parametrize("name", list(cases.MODELS))
+@pytest.mark.parametrize("world,tensor,data", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
+def test_forward_and_gradients_equal_one_process(pools, name, world, tensor, data):
+    # (4 key / value heads at TP=4: each rank holds whole ones)
+    over = {"num_kv_heads": 4} if name == "transformer" and tensor == 4 else None
+    results = pools(world).run(cases.forward_and_grads, name, tensor, data, True, over)
+    # the tensor ranks of one data rank computed the same loss
+    assert len({round(r["loss"], 12) for r in results[:tensor]}) == 1
+
+
+# (ZeRO-0 reduces float64 gradients over a data group of more than one rank nowhere: DeepSpeed's
+# buffered all-reduce takes 16- and 32-bit floats only)
+@pytest.mark.parametrize("zero_stage,world,tensor,data", [(0, 2, 2, 1), (0, 4, 4, 1), (1, 2, 2, 1), (1, 4, 2, 2),
+                                                          (2, 2, 2, 1), (2, 4, 2, 2)])
+def test_one_deepspeed_step_equals_one_process(pools, zero_stage, world, tensor, data):
+    pools(world).run(cases.deepspeed_step, "mom_gated_delta", tensor, data, zero_stage, 0.05)
+
+
+@pytest.mark.parametrize("name", list(cases.MODELS))
+@pytest.mark.parametrize("world,tensor,data", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
+def test_tensor_sequence_parallelism_equals_one_process(pools, name, world, tensor, data):
+    over = {"num_kv_heads": 4} if name == "transformer" and tensor == 4 else None
+    pools(world).run(cases.forward_and_grads, name, tensor, data, True, over, False, True)
+
+
+@pytest.mark.parametrize("name", ["mom_gated_delta", "transformer"])
+def test_activation_checkpointing_under_tensor_parallelism(pools, name):
+    pools(2).run(cases.forward_and_grads, name, 2, 1, True, None, True)
+
+
+def test_no_segments_and_untied_output_layer(pools):
+    pools(2).run(cases.forward_and_grads, "mom_gated_delta", 2, 1, False, {"tie_word_embeddings": False})
+
+
+@pytest.mark.parametrize("zero_stage,world,tensor", [(0, 2, 2), (1, 4, 2), (2, 4, 4)])
+def test_checkpoint_consolidates_to_the_whole_model_and_reshards(pools, tmp_path, zero_stage, world, tensor):
+    paths = pools(world).run(cases.save_consolidate_reshard, "mom_gated_delta", tensor, zero_stage, str(tmp_path))
+    assert len(set(paths)) == 1
