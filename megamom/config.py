@@ -87,6 +87,7 @@ class ModelConfig:
     # What the Triton scan's backward takes from the forward instead of recomputing it: none (the
     # least memory), states (chunk states + v_new), all (+ w, and the MoM layer's packed token rows
     # its projection's weight gradient reads): more memory for a faster step (benchmarks/RESULTS.md).
+    # auto: the trainer picks the most that fits the GPU by `megamom plan`'s estimate (none elsewhere).
     scan_keep: str = "none"
 
     @property
@@ -124,7 +125,7 @@ class ModelConfig:
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
         _choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
         _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        _choice("model.scan_keep", self.scan_keep, SCAN_KEEPS)
+        _choice("model.scan_keep", self.scan_keep, SCAN_KEEPS + ("auto",))
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "expand_v",
                     "chunk_size", "max_position_embeddings"):
             _positive(f"model.{key}", getattr(self, key))

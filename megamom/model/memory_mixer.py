@@ -127,6 +127,11 @@ class MemoryMixer(nn.Module, ParallelRegion):
         return self.num_routed + int(self.shared)
 
     @property
+    def scan_keep(self) -> str:
+        """model.scan_keep; `auto` left unresolved (the trainer resolves it) keeps the least."""
+        return "none" if self.cfg.scan_keep == "auto" else self.cfg.scan_keep
+
+    @property
     def topk(self) -> int:
         return self.router.topk if self.router is not None else 0
 
@@ -297,7 +302,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
         q = self.q_proj(xc)  # [N, H*K]: one q per token, shared by its memories
         wide, narrow = self._projection_groups()
         rows, narrow_rows = grouped_projection(xc, wide, packing, fused, narrow,  # [A, k | v (| GLA decay)]
-                                               keep_rows=self.cfg.scan_keep == "all" and torch.is_grad_enabled())
+                                               keep_rows=self.scan_keep == "all" and torch.is_grad_enabled())
 
         conv_state = None
         if self.conv_size:
@@ -323,7 +328,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
             scale=K ** -0.5, initial_state=initial_state, output_final_state=use_cache or cache is not None,
             cu_seqlens=packing.cu_seqlens, chunk_size=self.cfg.chunk_size,
             use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size, backend=backend,  # else in the conv
-            keep=self.cfg.scan_keep if torch.is_grad_enabled() else "none",
+            keep=self.scan_keep if torch.is_grad_enabled() else "none",
         )
         # squeeze, a view: indexing o_rows[0] would backward through a zero-filled full-size copy
         return o_rows.squeeze(0), final_state, conv_state

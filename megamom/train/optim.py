@@ -21,14 +21,22 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 class AdamWSkipNonFinite(torch.optim.AdamW):
     """AdamW that skips its update when a gradient is non-finite, for the one setup where DeepSpeed
     does not: see `needs_nonfinite_guard`. The engine reads `overflow` to count the step as skipped
-    (and not advance the lr schedule). The check costs a device-to-host sync every step."""
+    (and not advance the lr schedule). The check costs a device-to-host sync every step. Over
+    several ranks the verdict is all-reduced: a tensor-parallel rank holds its shard of the
+    gradients only, and every rank must skip the same steps."""
 
     overflow = False
 
     @torch.no_grad()
     def step(self, closure=None):
+        import torch.distributed as dist
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        device = self.param_groups[0]["params"][0].device
+        bad = (torch.stack([~g.isfinite().all() for g in grads]).any().float() if grads
+               else torch.zeros((), device=device))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad)
         if self.overflow:
             return None
         return super().step(closure)

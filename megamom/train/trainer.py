@@ -241,8 +241,24 @@ class Trainer:
                             dp_rank=self.topology.data.rank,
                             dp_size=self.batching.dp_size, seed=self.cfg.train.seed)
 
+    def _resolve_scan_keep(self) -> None:
+        """model.scan_keep=auto: by the planner's estimate for this GPU and layout (none on CPU)."""
+        m = self.cfg.model
+        if m.scan_keep != "auto":
+            return
+        keep = "none"
+        if self.dist.device.type == "cuda" and m.arch != "transformer":
+            from ..parallel.planner import choose_scan_keep
+            total = torch.cuda.get_device_properties(self.dist.device).total_memory
+            keep = choose_scan_keep(self.cfg, self.topology.tensor.size, self.topology.data.size, total,
+                                    self.precision)
+        m.scan_keep = keep
+        if self.dist.is_main and not self.quiet:
+            log.info("model.scan_keep=auto: %s", keep)
+
     def _build_engine(self) -> None:
         cfg = self.cfg
+        self._resolve_scan_keep()
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         if cfg.train.init_from and self.resume_from is None:

@@ -218,3 +218,39 @@ def save_consolidate_reshard(name: str, tensor: int, zero_stage: int, root: str)
     dist.barrier()
     torch.set_default_dtype(torch.float32)
     return str(path)
+
+
+def nonfinite_shard_skips_everywhere(zero_stage: int):
+    """A non-finite gradient in one tensor rank's shard: every rank skips the step (the replicated
+    weights stay equal across the group) and every weight is unchanged."""
+    import deepspeed
+
+    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    torch.set_default_dtype(torch.float32)
+    cfg = Config()
+    cfg.model = model_config("mom_gated_delta")
+    cfg.train.zero_stage = zero_stage
+    top = topology(dist.get_world_size() // 2, 2)
+
+    class B:
+        micro, accum, global_batch = 2, 1, 2 * top.data.size
+
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model), top)
+    groups = param_groups(model, 0.1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                      optimizer=build_optimizer(groups, cfg.train, "fp32"),
+                                      config=build_deepspeed_config(cfg, B, "fp32"), mpu=top.mpu(),
+                                      dist_init_required=False)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    ids, labels, seg = batch(2, 24, 3)
+    out = engine(ids, labels=labels, segment_ids=seg)
+    poison = engine.module.model.layers[0].attn.q_proj.weight  # a tensor shard
+    if top.tensor.rank == 1:
+        poison.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("nan")))
+    engine.backward(out.loss)
+    engine.step()
+    assert not engine.was_step_applied(), "the step must be skipped on every rank"
+    for n, p in engine.module.named_parameters():
+        assert torch.equal(p.detach(), before[n]), f"{n} changed in a skipped step"
+    return True

@@ -43,3 +43,8 @@ def test_no_segments_and_untied_output_layer(pools):
 def test_checkpoint_consolidates_to_the_whole_model_and_reshards(pools, tmp_path, zero_stage, world, tensor):
     paths = pools(world).run(cases.save_consolidate_reshard, "mom_gated_delta", tensor, zero_stage, str(tmp_path))
     assert len(set(paths)) == 1
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_a_nonfinite_gradient_in_one_shard_skips_the_step_on_every_rank(pools, zero_stage):
+    assert all(pools(2).run(cases.nonfinite_shard_skips_everywhere, zero_stage))

@@ -1,0 +1,218 @@
+"""`megamom plan`: per-GPU memory and communication of the layouts a config can train with on N
+GPUs, and which fit, best first.
+
+What is exact and what is estimated:
+- parameters per GPU: counted from the model (built on the meta device) and the sharding plan;
+- gradients and optimizer state per ZeRO stage: DeepSpeed's mixed-precision layout (bf16 module
+  weights and gradients; fp32 master weights, Adam moments and gradient partition), divided over
+  the data group where the stage partitions them;
+- activations per micro-batch: an analytic count of what the backward keeps per token and layer
+  (`activation_bytes_per_token`, below), by architecture, `model.scan_keep` and activation
+  checkpointing, with what the scan keeps fitted to mom-340m's measured peaks at T=2048 (H200)
+  and checked against its peaks at T=32768 (benchmarks/RESULTS.md). An estimate: not yet checked
+  for other models, tensor parallelism or activation checkpointing on a GPU.
+- communication per optimizer step: bytes each GPU sends in the tensor group (ring all-reduce /
+  all-gather / reduce-scatter) and in the data group (ZeRO's gradient and parameter exchanges).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+GiB = 2 ** 30
+HEADROOM = 0.9  # the allocator's fragmentation and the CUDA context: plan to 90% of the card
+
+
+@dataclass
+class Estimate:
+    tensor: int
+    data: int
+    zero: int
+    checkpointing: bool
+    scan_keep: str
+    params: float  # bytes per GPU
+    grads: float
+    optimizer: float
+    activations: float
+    tensor_comm: float  # bytes sent per GPU per optimizer step
+    data_comm: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def parameter_counts(cfg, tensor: int) -> tuple[int, int]:
+    """(parameters of the whole model, parameters held by one tensor rank)."""
+    import torch
+
+    from ..model import build_model
+    from .plan import sharding_plan
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    plan = sharding_plan(model)
+    total = sum(p.numel() for p in model.parameters())
+    local = sum(p.numel() // (tensor if plan[n].tensor_dim is not None else 1) for n, p in model.named_parameters())
+    return total, local
+
+
+def state_bytes(local_params: int, data: int, zero: int, precision: str) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes per GPU for `local_params` parameters."""
+    if precision == "fp32":
+        weights, grads, optim = 4.0, 4.0, 8.0  # Adam's two moments; the weights are the master copy
+    else:  # bf16 / fp16: the module's 16-bit weights and gradients, fp32 master + moments + grad partition
+        weights, grads, optim = 2.0, 2.0, 16.0
+    n = local_params
+    if zero == 0:
+        return weights * n, grads * n, optim * n
+    if zero == 1:
+        return weights * n, grads * n, optim * n / data
+    if zero == 2:
+        return weights * n, grads * n / data, optim * n / data
+    return weights * n / data, grads * n / data, optim * n / data  # ZeRO-3
+
+
+def activation_bytes_per_token(cfg, tensor: int, sequence_parallel: bool, scan_keep: str,
+                               checkpointing: bool) -> float:
+    """Bytes the backward keeps per token, summed over the layers (16-bit activations, fp32 where
+    the model keeps fp32: the residual stream, the norms' inputs, the scan's chunk states).
+    Per-head tensors are split over the tensor group; the residual stream, the norms and the router
+    only with TP sequence parallelism. With activation checkpointing a layer keeps its input alone
+    and one layer's activations are live again during its recomputation."""
+    m = cfg.model
+    d, L, F = m.hidden_size, m.num_layers, m.mlp_hidden_size
+    tp, outside = tensor, (tensor if sequence_parallel else 1)
+    Kd, Vd = m.num_heads * m.head_dim, m.num_heads * m.head_v_dim
+    norms = 2 * (4 * d + 2 * d) / outside  # fp32 input and 16-bit output of the two norms
+    mlp = 2 * (3 * F) / tp  # gate | up and the activation's output
+    if m.arch == "transformer":
+        kv = (m.num_kv_heads or m.num_heads) * m.head_dim
+        mixer = 2 * (Kd + 2 * kv + Kd) / tp + 4 * m.num_heads / tp  # q, k, v, output; the softmax's log-sum-exp
+    else:
+        R = (m.topk + int(m.shared_mem)) if m.arch == "mom" else 1  # memory rows per token
+        gates = m.num_heads * 2  # beta and a scalar decay, per head (GLA's per-key decay: Kd)
+        rows = R * (Kd + Vd + gates)  # the per-memory projections' outputs
+        conv = R * (2 * Kd + Vd) if m.use_short_conv else 0  # the conv's outputs (q, k, v rows)
+        out = R * Vd + 3 * Vd  # each memory's output rows; combined, gate, normed
+        mixer = 2 * (Kd + rows + conv + out) / tp + 2 * m.num_memories * 4 / outside * (m.arch == "mom")
+        # what the scan keeps beyond "none" grows with its chunk states (H K V per chunk of every row's
+        # segment); bytes per state element fitted to mom-340m's measured peaks (B8 T2048, graphs, H200:
+        # none 34.7, states <= 49.8, all 47.4 GiB; "all" keeps w, u and the rows but frees what states
+        # recomputes from them)
+        state_elems = R * m.num_heads * m.head_dim * m.head_v_dim / m.chunk_size / tp
+        mixer += {"none": 0.0, "states": 3.35, "all": 2.8}[scan_keep] * state_elems
+    per_layer = norms + mlp + mixer
+    if checkpointing:
+        return L * (4 * d / outside) + per_layer
+    return L * per_layer + 4 * d / outside  # (+ the final norm's input)
+
+
+def communication(cfg, tensor: int, data: int, zero: int, local_params: int, sequence_parallel: bool,
+                  checkpointing: bool, tokens_per_step: int, precision: str) -> tuple[float, float]:
+    """Bytes one GPU sends per optimizer step in the tensor group and in the data group (ring
+    collectives: an all-reduce sends 2 (n-1)/n of its size, an all-gather or reduce-scatter (n-1)/n)."""
+    m = cfg.model
+    act = 2 * cfg.model.hidden_size * tokens_per_step  # one [tokens, d] 16-bit activation of the local batch
+    tp_comm = 0.0
+    if tensor > 1:
+        ring = 2 * (tensor - 1) / tensor  # all-reduce, or all-gather + reduce-scatter: the same bytes
+        per_sublayer = 2 * ring * act  # forward and backward
+        if checkpointing:
+            per_sublayer += ring * act / 2  # the recomputed forward's
+        tp_comm = (2 * m.num_layers + 2) * per_sublayer  # + the embedding and the loss's input
+    grad_bytes = 2 if precision != "fp32" else 4
+    dp_comm = 0.0
+    if data > 1:
+        ring = (data - 1) / data
+        dp_comm = 2 * ring * grad_bytes * local_params  # gradient reduction (+ ZeRO's parameter all-gather)
+        if zero == 3:
+            dp_comm *= 1.5  # parameters gathered in the forward and again in the backward
+    return tp_comm, dp_comm
+
+
+def plan_layouts(cfg, gpus: int, gpu_mem_gib: float, precision: str = "bf16") -> list[Estimate]:
+    """Every supported layout of `gpus` GPUs with its best fitting (checkpointing, scan_keep), or its
+    smallest one when none fits; fitting ones first, best first."""
+    m = cfg.model
+    micro, T = cfg.train.micro_batch_size, cfg.data.seq_len
+    tokens = micro * T
+    accum = cfg.train.grad_accum
+    keeps = ("all", "states", "none") if m.arch != "transformer" else ("none",)
+    out = []
+    for tensor in [t for t in (1, 2, 4, 8) if gpus % t == 0]:
+        if any(n % tensor for n in (m.num_heads, m.mlp_hidden_size, m.vocab_size, m.num_kv_heads or m.num_heads)):
+            continue
+        if cfg.parallel.tensor_sequence_parallel and T % tensor:
+            continue
+        data = gpus // tensor
+        _, local = parameter_counts(cfg, tensor)
+        for zero in ((0, 1, 2, 3) if tensor == 1 else (0, 1, 2)):
+            weights, grads, optim = state_bytes(local, data, zero, precision)
+            options = []
+            for checkpointing in (False, True):
+                for keep in keeps:
+                    act = tokens * activation_bytes_per_token(cfg, tensor, cfg.parallel.tensor_sequence_parallel,
+                                                              keep, checkpointing)
+                    tpc, dpc = communication(cfg, tensor, data, zero, local, cfg.parallel.tensor_sequence_parallel,
+                                             checkpointing, tokens * accum, precision)
+                    options.append(Estimate(tensor, data, zero, checkpointing, keep, weights, grads, optim, act,
+                                            tpc, dpc))
+            fitting = [e for e in options if e.total <= HEADROOM * gpu_mem_gib * GiB]
+            out.append(fitting[0] if fitting else min(options, key=lambda e: e.total))
+    budget = HEADROOM * gpu_mem_gib * GiB
+
+    def rank(e: Estimate):
+        # fits first; then less tensor parallelism (its all-reduces sit on the critical path), no
+        # recomputation, the scan keeping more, a lower ZeRO stage (fewer exchanges), less memory
+        return (e.total > budget, e.tensor, e.checkpointing, keeps.index(e.scan_keep), e.zero, e.total)
+    return sorted(out, key=rank)
+
+
+def choose_scan_keep(cfg, tensor: int, data: int, gpu_mem_bytes: float, precision: str) -> str:
+    """model.scan_keep=auto: the most the scan keeps (all, states, none) whose estimated peak fits
+    the GPU at this layout, ZeRO stage and micro-batch; none when nothing does."""
+    _, local = parameter_counts(cfg, tensor)
+    fixed = sum(state_bytes(local, data, cfg.train.zero_stage, precision))
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    for keep in ("all", "states"):
+        act = tokens * activation_bytes_per_token(cfg, tensor, cfg.parallel.tensor_sequence_parallel, keep,
+                                                  cfg.train.activation_checkpointing)
+        if fixed + act <= HEADROOM * gpu_mem_bytes:
+            return keep
+    return "none"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+
+
+def run(args) -> int:
+    from ..config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus}: give the number of GPUs of the job (>= 1)")
+    total, _ = parameter_counts(cfg, 1)
+    m = cfg.model
+    print(f"{m.arch} {total / 1e6:.0f}M parameters, micro-batch {cfg.train.micro_batch_size} x "
+          f"{cfg.data.seq_len} tokens, {args.precision}, {args.gpus} GPUs of {args.gpu_mem:g} GiB "
+          f"(planned to {HEADROOM:.0%}); TP sequence parallelism "
+          f"{'on' if cfg.parallel.tensor_sequence_parallel else 'off'}")
+    print("GiB per GPU; activations are an estimate (fitted to mom-340m's measured peaks on one GPU, "
+          "docs/parallel.md); comm = GB sent per GPU per optimizer step")
+    head = (f"{'layout':<12}{'ZeRO':>5}{'ckpt':>6}{'keep':>8}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
+            f"{'total':>8}{'TP comm':>9}{'DP comm':>9}  fits")
+    print(head)
+    for e in plan_layouts(cfg, args.gpus, args.gpu_mem, args.precision):
+        fits = e.total <= HEADROOM * args.gpu_mem * GiB
+        print(f"{f'DP{e.data} x TP{e.tensor}':<12}{e.zero:>5}{'yes' if e.checkpointing else 'no':>6}"
+              f"{e.scan_keep:>8}{e.params / GiB:>8.1f}{e.grads / GiB:>8.1f}{e.optimizer / GiB:>8.1f}"
+              f"{e.activations / GiB:>8.1f}{e.total / GiB:>8.1f}{e.tensor_comm / 1e9:>9.2f}{e.data_comm / 1e9:>9.2f}"
+              f"  {'yes' if fits else 'no'}")
+    print("sequence and expert parallelism are not planned yet (not trained yet)")
+    return 0
