@@ -8,7 +8,6 @@ Prints a table: estimate, measured, estimate / measured (the planner aims within
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 from pathlib import Path
@@ -48,9 +47,6 @@ def measure(name: str, micro: int, keep: str, T: int) -> dict:
                   "ratio": round(estimate / peak, 3)}
     except torch.cuda.OutOfMemoryError:
         result = {"estimate_GiB": round(estimate / 2**30, 1), "measured_GiB": "out of memory", "ratio": None}
-    del engine, model, out
-    gc.collect()
-    torch.cuda.empty_cache()
     return result
 
 
@@ -58,13 +54,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=DEFAULT, help="config:micro_batch:scan_keep, comma-separated")
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--one", help="measure this one case in this process (the driver runs each in its own: "
+                                  "a DeepSpeed engine's memory is not all returned when it is dropped)")
     a = ap.parse_args()
-    from megamom.train.distributed import init_distributed
-    init_distributed("cuda")
+    if a.one:
+        from megamom.train.distributed import init_distributed
+        init_distributed("cuda")
+        name, micro, keep = a.one.split(":")
+        print("RESULT " + json.dumps(measure(name, int(micro), keep, a.seq_len)), flush=True)
+        return
+    import subprocess
+    import sys
     rows = {}
     for case in a.cases.split(","):
-        name, micro, keep = case.split(":")
-        rows[case] = measure(name, int(micro), keep, a.seq_len)
+        r = subprocess.run([sys.executable, __file__, "--one", case, "--seq-len", str(a.seq_len)],
+                           capture_output=True, text=True)
+        lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+        rows[case] = json.loads(lines[-1][7:]) if lines else {"estimate_GiB": None, "measured_GiB": f"failed "
+                                                                f"({r.stderr.strip().splitlines()[-1:]})", "ratio": None}
         print(case, rows[case], flush=True)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "bench_memory.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "seq_len": a.seq_len, "rows": rows}, f, indent=1)

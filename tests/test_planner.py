@@ -79,3 +79,15 @@ def test_cli_prints_the_table_and_checks_its_input(megamom_exe):
     assert rows and rows[0].endswith("yes") and any("DP4 x TP2" in line for line in rows)
     r = subprocess.run([megamom_exe, "plan", "--gpus", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--gpus 0" in r.stderr
+
+
+@pytest.mark.parametrize("config,batch,keep,measured", [
+    ("mom-340m", 8, "all", 50.7), ("mom-340m", 4, "all", 29.6), ("transformer-340m", 8, "none", 18.3),
+    ("transformer-340m", 4, "none", 12.0), ("mom-1.3b", 4, "none", 42.8), ("mom-1.3b", 2, "none", 34.3)])
+def test_estimate_within_20_percent_of_the_trainers_engine(config, batch, keep, measured):
+    """benchmarks/RESULTS.md: benchmarks/bench_memory.py on one H100 (DeepSpeed ZeRO-1, bf16, T=2048)."""
+    cfg = cfg_of(f"{config}.yaml", f"train.micro_batch_size={batch}", "data.seq_len=2048")
+    _, local = planner.parameter_counts(cfg, 1)
+    estimate = (sum(planner.state_bytes(local, 1, 1, "bf16"))
+                + batch * 2048 * planner.activation_bytes_per_token(cfg, 1, False, keep, False)) / GiB
+    assert abs(estimate - measured) <= 0.2 * measured, (estimate, measured)

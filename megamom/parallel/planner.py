@@ -8,9 +8,10 @@ What is exact and what is estimated:
   the data group where the stage partitions them;
 - activations per micro-batch: an analytic count of what the backward keeps per token and layer
   (`activation_bytes_per_token`, below), by architecture, `model.scan_keep` and activation
-  checkpointing, with what the scan keeps fitted to mom-340m's measured peaks at T=2048 (H200)
-  and checked against its peaks at T=32768 (benchmarks/RESULTS.md). An estimate: not yet checked
-  for other models, tensor parallelism or activation checkpointing on a GPU.
+  checkpointing, with what the scan keeps fitted to mom-340m's measured peaks (H200). Checked on
+  the trainer's engine on one H100: within 12% for mom-340m, transformer-340m and mom-1.3b at two
+  micro-batch sizes each (benchmarks/RESULTS.md). Not yet checked under tensor parallelism or with
+  activation checkpointing.
 - communication per optimizer step: bytes each GPU sends in the tensor group (ring all-reduce /
   all-gather / reduce-scatter) and in the data group (ZeRO's gradient and parameter exchanges).
 """
@@ -203,8 +204,8 @@ def run(args) -> int:
           f"{cfg.data.seq_len} tokens, {args.precision}, {args.gpus} GPUs of {args.gpu_mem:g} GiB "
           f"(planned to {HEADROOM:.0%}); TP sequence parallelism "
           f"{'on' if cfg.parallel.tensor_sequence_parallel else 'off'}")
-    print("GiB per GPU; activations are an estimate (fitted to mom-340m's measured peaks on one GPU, "
-          "docs/parallel.md); comm = GB sent per GPU per optimizer step")
+    print("GiB per GPU; activations are an estimate (within 12% of measured peaks on one GPU, "
+          "benchmarks/RESULTS.md); comm = GB sent per GPU per optimizer step")
     head = (f"{'layout':<12}{'ZeRO':>5}{'ckpt':>6}{'keep':>8}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
             f"{'total':>8}{'TP comm':>9}{'DP comm':>9}  fits")
     print(head)
