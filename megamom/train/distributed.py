@@ -60,10 +60,13 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         except Exception:
             pass
-    if not dist.is_initialized():
-        import deepspeed
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=int(os.environ.get("MEGAMOM_DIST_TIMEOUT_MIN", "30"))))
+    if not dist.is_initialized() and world == 1:
+        # a world of one needs no rendezvous: an in-memory store instead of a TCP port (a port found
+        # free, released, then bound again can be taken in between by another process on the host)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    import deepspeed  # (takes over a process group that is already there)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=int(os.environ.get("MEGAMOM_DIST_TIMEOUT_MIN", "30"))))
     return DistInfo(rank, world, local_rank, device, backend)
 
 
