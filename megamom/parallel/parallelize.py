@@ -24,6 +24,23 @@ from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabPara
 from .topology import Topology
 
 
+def universal_checkpoint_info(model) -> dict:
+    """How DeepSpeed's universal checkpoints (deepspeed.checkpoint.ds_to_universal, and loading with
+    `checkpoint.load_universal`) merge and re-split each parameter over tensor ranks: the plan's
+    replicated ones are taken once, the row-parallel ones joined along dim 1, the rest along dim 0.
+    Saved with every checkpoint (as the module's `universal_checkpoint_info`), so any checkpoint can
+    resume at another tensor size."""
+    import re
+
+    from deepspeed.checkpoint import constants as uc
+    plan = sharding_plan(model)
+    return {
+        uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        uc.TP_REPLICATED_PARAMETER_PATTERNS: [re.escape(n) + "$" for n, p in plan.items() if p.tensor_dim is None],
+        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [re.escape(n) + "$" for n, p in plan.items() if p.tensor_dim == 1],
+    }
+
+
 def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     """Shard `model` (a megamom CausalLM) in place over `topology`'s tensor group; returns it. A
     world of one, or a tensor group of one, leaves it as it is. sequence_parallel: Megatron's TP
@@ -32,6 +49,7 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     summed over the group (each rank saw its slice of the tokens)."""
     tp = topology.tensor
     model.topology = topology
+    model.universal_checkpoint_info = universal_checkpoint_info(model)  # (before any shard: whole names)
     if tp.size == 1:
         return model
     cfg = model.config

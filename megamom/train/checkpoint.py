@@ -414,6 +414,25 @@ def _weights_only_torch_load():
         torch.load = original
 
 
+def to_universal(ckpt: Path, out: Path) -> Path:
+    """DeepSpeed's universal form of a ZeRO-1/2 checkpoint (every parameter's fp32 weights and Adam
+    moments whole, per parameter name: deepspeed.checkpoint.ds_to_universal), which an engine of
+    any tensor / data-parallel size loads (`checkpoint.load_universal`). Written to `out` through a
+    temporary directory; the files are read with torch.load(weights_only=True)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+    out = Path(out)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with _weights_only_torch_load(), contextlib.redirect_stdout(None):
+        ds_to_universal.main(args)
+    replace_dir(tmp, out)
+    return out
+
+
 def load_model_state_dict(ckpt: Path) -> dict:
     """Full model weights of a checkpoint, whatever its ZeRO stage, without DeepSpeed's engine:
     the fp32 master weights from the optimizer partitions (ZeRO 1-3), else the module weights,

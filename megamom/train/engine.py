@@ -10,7 +10,8 @@ from .lr_schedule import WarmupCosine
 from .optim import build_deepspeed_config, build_optimizer, param_groups
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, device: torch.device, mpu=None):
+def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, device: torch.device, mpu=None,
+                 load_universal: bool = False):
     """-> (engine, lr scheduler). mpu: the topology's DeepSpeed adapter under tensor parallelism
     (ZeRO then works over the data group; megamom.parallel.topology). With CUDA graphs the engine is
     built on a side stream: built on the default stream, ZeRO-1/2's backward failed to capture
@@ -18,6 +19,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, 
     import deepspeed
     t = cfg.train
     ds_config = build_deepspeed_config(cfg, batching, precision)
+    if load_universal:  # the checkpoint to resume is in DeepSpeed's universal form (another layout)
+        ds_config["checkpoint"] = {"load_universal": True}
     groups = param_groups(model, t.weight_decay)
     optimizer = None if t.offload_optimizer else build_optimizer(groups, t, precision)
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ class Trainer:
         self.precision = _resolve_precision(cfg, self.dist.device)
         check_cuda_graph_setup(t, self.dist.device, self.precision)
         run_dir.check_writable(self.out_dir)
+        self.reshard: Optional[tuple[int, int]] = None  # (tensor size, world size) of a checkpoint of another layout
         self.resume_from = self._find_resume(resume)
 
         self._prepare_data()
@@ -193,14 +195,20 @@ class Trainer:
                               + "; ".join(diff) + ". Pass train.allow_config_change_on_resume=true to load "
                               "it anyway (tensors must still fit), or --resume none to start over")
         saved_tp = (state.get("parallel") or {}).get("tensor", 1)
-        if saved_tp != self.topology.tensor.size:
-            raise ConfigError(f"checkpoint {str(path)!r} holds parallel.tensor={saved_tp} shards but this run has "
-                              f"parallel.tensor={self.topology.tensor.size}; resume with the same layout, or start a new "
-                              f"run from its weights (resharded on load) with train.init_from={path}")
-        if state.get("world_size") not in (None, self.dist.world_size) and self.cfg.train.zero_stage > 0:
-            raise ConfigError(f"checkpoint {str(path)!r} holds ZeRO-{self.cfg.train.zero_stage} shards of "
-                              f"{state['world_size']} ranks but this run has {self.dist.world_size}; resume with "
-                              f"the same number of processes (or consolidate it with megamom convert)")
+        saved_zero = ((state.get("config") or {}).get("train") or {}).get("zero_stage", self.cfg.train.zero_stage)
+        ours_tp, zero = self.topology.tensor.size, self.cfg.train.zero_stage
+        saved_world = state.get("world_size") or self.dist.world_size
+        if saved_tp == ours_tp and (saved_world == self.dist.world_size or (zero == 0 and saved_zero == 0)):
+            return  # the same layout (ZeRO-0 files hold no data-parallel partition: any data size)
+        if saved_zero in (1, 2) and zero in (1, 2):
+            # DeepSpeed's universal form re-splits the weights and the optimizer state (checkpoint.to_universal)
+            self.reshard = (saved_tp, saved_world)
+            return
+        raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at parallel.tensor={saved_tp}, "
+                          f"ZeRO-{saved_zero}; this run has {self.dist.world_size} at parallel.tensor={ours_tp}, "
+                          f"ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints with train.zero_stage=1 or 2 "
+                          f"(re-split through DeepSpeed's universal checkpoint); else resume with the same layout, or "
+                          f"start a new run from its weights (resharded on load) with train.init_from={path}")
 
     def _prepare_data(self) -> None:
         from ..data import ensure_default_dataset, load_tokenizer
@@ -272,7 +280,8 @@ class Trainer:
         # built whole on every rank (same seed), this rank's shard kept
         model = parallelize(model, self.topology, cfg.parallel.tensor_sequence_parallel)
         mpu = self.topology.mpu() if self.topology.tensor.size > 1 else None
-        self.engine, self.scheduler = build_engine(cfg, model, self.batching, self.precision, self.dist.device, mpu)
+        self.engine, self.scheduler = build_engine(cfg, model, self.batching, self.precision, self.dist.device, mpu,
+                                                   load_universal=self.reshard is not None)
         self.model = self.engine.module
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, training=True)
         self.peak_flops = peak_flops(self.dist.device)
@@ -343,11 +352,17 @@ class Trainer:
             ckpt.check_shapes(path, self.model, upgrade=False)
         except ckpt.CheckpointError as e:  # a checkpoint of another shape or layout: the user's input
             raise ConfigError(str(e)) from None
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+        load_dir, tag = path.parent, path.name
+        if self.reshard is not None:
+            load_dir, tag = self._universal(path)
+        load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {str(path)!r}")
         rank_state = ckpt.read_rank_state(path, self.dist.rank)
+        if rank_state is None and self.reshard is not None:
+            # another layout: the loader's position is global (every rank's is the same); rank 0's RNG
+            rank_state = ckpt.read_rank_state(path, 0)
         if rank_state is None:
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r} has no state for rank {self.dist.rank}")
         self.train_loader.load_state_dict(rank_state["loader"])
@@ -358,8 +373,32 @@ class Trainer:
         # a checkpoint from before run ids: the resumed run gets one from here on
         self.run_id = state.get("run_id") or decide_on_main(ckpt.new_run_id, self.dist.device)
         self._last_saved = (self.step, path)
+        if self.reshard is not None:
+            barrier()
+            if self.dist.is_main:
+                shutil.rmtree(load_dir, ignore_errors=True)
         if self.dist.is_main and not self.quiet:
             log.info("resumed from %s at step %d (run %s)", path, self.step, self.run_id)
+
+    def _universal(self, path: Path) -> tuple[Path, str]:
+        """Rank 0 writes the universal form of a checkpoint of another layout into
+        train.out_dir/universal/ (removed once loaded); every rank loads it from there."""
+        tp, world = self.reshard
+        root = self.out_dir / "universal"
+
+        def convert() -> None:
+            if self.dist.is_main and not self.quiet:
+                log.info("resuming %s (%d processes, parallel.tensor=%d) at %d processes, parallel.tensor=%d: "
+                         "re-splitting weights and optimizer state through DeepSpeed's universal checkpoint",
+                         path, world, tp, self.dist.world_size, self.topology.tensor.size)
+            try:
+                ckpt.to_universal(path, root / path.name)
+            except AssertionError as e:  # ds_to_universal's checks: a checkpoint without the info it needs
+                raise ConfigError(f"checkpoint {str(path)!r} cannot be re-split ({e}); resume it with its own layout "
+                                  f"({world} processes, parallel.tensor={tp}) or start a new run from its weights with "
+                                  f"train.init_from={path}") from None
+        decide_on_main(convert, self.dist.device)
+        return root, path.name
 
     # ---------------------------------------------------------------------------------- loop
     def _to_device(self, batch: dict) -> dict:

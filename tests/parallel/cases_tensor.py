@@ -254,3 +254,76 @@ def nonfinite_shard_skips_everywhere(zero_stage: int):
     for n, p in engine.module.named_parameters():
         assert torch.equal(p.detach(), before[n]), f"{n} changed in a skipped step"
     return True
+
+
+def reshard_resume(name: str, tensor_from: int, tensor_to: int, root: str):
+    """A ZeRO-1 checkpoint saved at TP=`tensor_from` resumes at TP=`tensor_to` (same world: the
+    data-parallel size changes too) through DeepSpeed's universal form: the next step of the
+    resumed engine gives the parameters the original engine's next step gives."""
+    import deepspeed
+    from pathlib import Path
+
+    from megamom.train import checkpoint as ckpt
+    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    torch.set_default_dtype(torch.float64)
+    cfg = Config()
+    cfg.model = model_config(name)
+    cfg.train.zero_stage, cfg.train.lr, cfg.train.grad_clip = 1, 1e-2, 0.05
+    cfg.train.adam_eps = 1.0  # (a well-conditioned update: see deepspeed_step)
+    W = dist.get_world_size()
+
+    def engine_at(tensor, universal=False):
+        top = topology(W // tensor, tensor)
+
+        class B:
+            micro, accum, global_batch = 2, 1, 2 * top.data.size
+        torch.manual_seed(0)
+        model = parallelize(build_model(cfg.model), top)
+        groups = param_groups(model, 0.1)
+        ds = build_deepspeed_config(cfg, B, "fp32")
+        if universal:
+            ds["checkpoint"] = {"load_universal": True}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                          optimizer=build_optimizer(groups, cfg.train, "fp32"), config=ds,
+                                          mpu=top.mpu(), dist_init_required=False)
+        return engine, top
+
+    def step(engine, top, seed):  # the same global batch at any layout: data rank d takes rows d of it
+        ids, labels, seg = batch(2 * W, 24, seed)
+        per = 2 * W // top.data.size
+        rows = slice(top.data.rank * per, (top.data.rank + 1) * per)
+        out = engine(ids[rows], labels=labels[rows], segment_ids=seg[rows])
+        engine.backward(out.loss)
+        engine.step()
+
+    root = Path(root)
+    a, top_a = engine_at(tensor_from)
+    step(a, top_a, 1)
+    state = {"step": 1, "run_id": "t", "world_size": W, "config": cfg.to_dict(),
+             "parallel": {"tensor": tensor_from, "sequence": 1, "expert": 1}}
+    path = ckpt.save_checkpoint(a, root, 1, state, {}, dist.get_rank(), 2)
+    step(a, top_a, 2)  # the reference: the original layout's next step
+    want = {n: p.detach().clone() for n, p in a.module.named_parameters()}
+    if dist.get_rank() == 0:
+        ckpt.to_universal(path, root / "universal")
+    dist.barrier()
+    b, top_b = engine_at(tensor_to, universal=True)
+    b.load_checkpoint(str(root), tag="universal", load_optimizer_states=True, load_lr_scheduler_states=True)
+    step(b, top_b, 2)
+    got = {n: p.detach() for n, p in b.module.named_parameters()}
+    whole_a = {n: want[n] for n in want}
+    bad = []
+    for n, p in got.items():
+        # compare whole parameters: gather both layouts' shards
+        from megamom.parallel.parallelize import unshard
+        pa = [torch.empty_like(whole_a[n]) for _ in range(top_a.tensor.size)]
+        dist.all_gather(pa, whole_a[n].contiguous(), group=top_a.tensor.group) if top_a.tensor.size > 1 else pa.__setitem__(0, whole_a[n])
+        pb = [torch.empty_like(p) for _ in range(top_b.tensor.size)]
+        dist.all_gather(pb, p.contiguous(), group=top_b.tensor.group) if top_b.tensor.size > 1 else pb.__setitem__(0, p)
+        try:
+            _close(unshard(n, pb), unshard(n, pa), f"{n} after the resumed step", 1e-6)
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, "; ".join(bad)
+    torch.set_default_dtype(torch.float32)
+    return True

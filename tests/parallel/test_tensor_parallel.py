@@ -48,3 +48,8 @@ def test_checkpoint_consolidates_to_the_whole_model_and_reshards(pools, tmp_path
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_a_nonfinite_gradient_in_one_shard_skips_the_step_on_every_rank(pools, zero_stage):
     assert all(pools(2).run(cases.nonfinite_shard_skips_everywhere, zero_stage))
+
+
+@pytest.mark.parametrize("world,tensor_from,tensor_to", [(2, 2, 1), (2, 2, 2), (2, 1, 1), (4, 2, 4), (4, 4, 2)])
+def test_a_checkpoint_resumes_at_another_tensor_size(pools, tmp_path, world, tensor_from, tensor_to):
+    assert all(pools(world).run(cases.reshard_resume, "mom_gated_delta", tensor_from, tensor_to, str(tmp_path)))

@@ -43,9 +43,10 @@ def test_tp2_exact_resume_after_kill_9_then_a_tp1_run_from_its_weights(tmp_path,
     env = dict(megamom_env, MEGAMOM_FAULT="ckpt_after_commit:2")  # SIGKILL right after saving step 2
     r = train(megamom_exe, env, crashed, *common, nproc=2, check=False)
     assert r.returncode != 0 and max(losses(crashed)) == 2
-    # a resume at another tensor size is refused before any work, with the way to reshard
+    # ZeRO-0 keeps no re-splittable optimizer state: a resume at another tensor size is refused before
+    # any work, with the ways out
     r = train(megamom_exe, megamom_env, crashed, *common[:-1], check=False)
-    assert r.returncode != 0 and "parallel.tensor=2 shards" in r.stderr and "train.init_from=" in r.stderr
+    assert r.returncode == 2 and "at parallel.tensor=2" in r.stderr and "train.init_from=" in r.stderr
     r = train(megamom_exe, megamom_env, crashed, *common, nproc=2)
     assert "resumed from" in r.stderr + r.stdout
     a, b = losses(straight), losses(crashed)
@@ -58,3 +59,19 @@ def test_tp2_exact_resume_after_kill_9_then_a_tp1_run_from_its_weights(tmp_path,
     moved = ckpt.load_model_state_dict(again / "checkpoints" / "step_00000001")
     for n, t in ckpt.load_model_state_dict(start).items():  # (one Adam step of 1e-12 apart)
         torch.testing.assert_close(moved[n], t, rtol=0, atol=1e-10, msg=lambda m: f"{n}: {m}")
+
+
+def test_a_zero1_tp2_run_resumes_at_tp1_on_two_data_ranks(tmp_path, megamom_env, megamom_exe):
+    """Weights and optimizer state re-split through DeepSpeed's universal checkpoint: the steps after
+    the resume at DP=2 x TP=1 continue the TP=2 run's losses (fp32: to 1e-4)."""
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    common = ["train.max_steps=4", "train.save_every=2", "train.zero_stage=1", "train.precision=fp32"]
+    train(megamom_exe, megamom_env, straight, *common, "parallel.tensor=2", nproc=2)
+    train(megamom_exe, megamom_env, moved, *common[1:], "train.max_steps=2", "parallel.tensor=2", nproc=2)
+    r = train(megamom_exe, megamom_env, moved, *common, "train.micro_batch_size=2", nproc=2)
+    assert "re-splitting weights and optimizer state" in r.stderr + r.stdout
+    assert not (moved / "universal").exists()  # the conversion is removed once loaded
+    a, b = losses(straight), losses(moved)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), f"step {s}: TP=2 {a[s]} vs resumed at TP=1 {b[s]}"
