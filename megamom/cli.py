@@ -21,7 +21,7 @@ COMMANDS = {
     "convert": ("megamom.convert.cli", "convert checkpoints to and from Hugging Face format"),
     "generate": ("megamom.generate_cli", "generate text from a checkpoint or Hugging Face export"),
     "info": ("megamom.info", "parameters (total / activated) and FLOPs per token of a config"),
-    "plan": ("megamom.parallel.planner", "per-GPU memory and communication of the layouts that train a config on N GPUs"),
+    "plan": ("megamom.parallel.planner", "per-GPU memory and communication of the layouts for a config on N GPUs"),
 }
 
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ..model.layers import compute_dtype
 from ..model.loss import IGNORE_INDEX
-from .mappings import all_reduce_, copy_to_region, gather_along, gather_from_split, reduce_from_region, reduce_scatter_along
+from .mappings import (all_reduce_, copy_to_region, gather_along, gather_from_split, reduce_from_region,
+                       reduce_scatter_along)
 from .topology import Group
 
 

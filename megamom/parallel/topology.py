@@ -53,8 +53,10 @@ class Topology:
             return (dp * L.sequence + sp) * L.tensor + tp
 
         groups = {
-            "tensor": [[rank_of(dp, sp, t) for t in range(L.tensor)] for dp in range(L.data) for sp in range(L.sequence)],
-            "sequence": [[rank_of(dp, s, tp) for s in range(L.sequence)] for dp in range(L.data) for tp in range(L.tensor)],
+            "tensor": [[rank_of(dp, sp, t) for t in range(L.tensor)]
+                       for dp in range(L.data) for sp in range(L.sequence)],
+            "sequence": [[rank_of(dp, s, tp) for s in range(L.sequence)]
+                         for dp in range(L.data) for tp in range(L.tensor)],
             "data": [[rank_of(d, sp, tp) for d in range(L.data)] for sp in range(L.sequence) for tp in range(L.tensor)],
             # the ranks that hold one copy of every parameter: a data rank's whole tensor x sequence block
             "model": [[rank_of(dp, s, t) for s in range(L.sequence) for t in range(L.tensor)] for dp in range(L.data)],

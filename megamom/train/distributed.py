@@ -65,8 +65,8 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         # free, released, then bound again can be taken in between by another process on the host)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     import deepspeed  # (takes over a process group that is already there)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=int(os.environ.get("MEGAMOM_DIST_TIMEOUT_MIN", "30"))))
+    timeout = datetime.timedelta(minutes=int(os.environ.get("MEGAMOM_DIST_TIMEOUT_MIN", "30")))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return DistInfo(rank, world, local_rank, device, backend)
 
 

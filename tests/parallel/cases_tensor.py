@@ -190,7 +190,8 @@ def save_consolidate_reshard(name: str, tensor: int, zero_stage: int, root: str)
     torch.manual_seed(0)
     model = parallelize(build_model(cfg.model), top)
     groups = param_groups(model, 0.1)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=build_optimizer(groups, cfg.train, "fp32"),
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                      optimizer=build_optimizer(groups, cfg.train, "fp32"),
                                       config=build_deepspeed_config(cfg, B, "fp32"), mpu=top.mpu(),
                                       dist_init_required=False)
     ids, labels, seg = batch(2, 24, 7)
@@ -256,6 +257,16 @@ def nonfinite_shard_skips_everywhere(zero_stage: int):
     return True
 
 
+def _whole(name: str, shard: torch.Tensor, top: Topology) -> torch.Tensor:
+    """The whole parameter from every tensor rank's shard of it."""
+    from megamom.parallel.parallelize import unshard
+    if top.tensor.size == 1:
+        return shard.detach()
+    pieces = [torch.empty_like(shard) for _ in range(top.tensor.size)]
+    dist.all_gather(pieces, shard.detach().contiguous(), group=top.tensor.group)
+    return unshard(name, pieces)
+
+
 def reshard_resume(name: str, tensor_from: int, tensor_to: int, root: str):
     """A ZeRO-1 checkpoint saved at TP=`tensor_from` resumes at TP=`tensor_to` (same world: the
     data-parallel size changes too) through DeepSpeed's universal form: the next step of the
@@ -288,7 +299,7 @@ def reshard_resume(name: str, tensor_from: int, tensor_to: int, root: str):
                                           mpu=top.mpu(), dist_init_required=False)
         return engine, top
 
-    def step(engine, top, seed):  # the same global batch at any layout: data rank d takes rows d of it
+    def step(engine, top, seed):  # the same global batch at any layout: each data rank its rows of it
         ids, labels, seg = batch(2 * W, 24, seed)
         per = 2 * W // top.data.size
         rows = slice(top.data.rank * per, (top.data.rank + 1) * per)
@@ -310,18 +321,10 @@ def reshard_resume(name: str, tensor_from: int, tensor_to: int, root: str):
     b, top_b = engine_at(tensor_to, universal=True)
     b.load_checkpoint(str(root), tag="universal", load_optimizer_states=True, load_lr_scheduler_states=True)
     step(b, top_b, 2)
-    got = {n: p.detach() for n, p in b.module.named_parameters()}
-    whole_a = {n: want[n] for n in want}
     bad = []
-    for n, p in got.items():
-        # compare whole parameters: gather both layouts' shards
-        from megamom.parallel.parallelize import unshard
-        pa = [torch.empty_like(whole_a[n]) for _ in range(top_a.tensor.size)]
-        dist.all_gather(pa, whole_a[n].contiguous(), group=top_a.tensor.group) if top_a.tensor.size > 1 else pa.__setitem__(0, whole_a[n])
-        pb = [torch.empty_like(p) for _ in range(top_b.tensor.size)]
-        dist.all_gather(pb, p.contiguous(), group=top_b.tensor.group) if top_b.tensor.size > 1 else pb.__setitem__(0, p)
+    for n, p in b.module.named_parameters():
         try:
-            _close(unshard(n, pb), unshard(n, pa), f"{n} after the resumed step", 1e-6)
+            _close(_whole(n, p, top_b), _whole(n, want[n], top_a), f"{n} after the resumed step", 1e-6)
         except AssertionError as e:
             bad.append(str(e))
     assert not bad, "; ".join(bad)

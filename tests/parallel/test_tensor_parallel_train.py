@@ -54,8 +54,8 @@ def test_tp2_exact_resume_after_kill_9_then_a_tp1_run_from_its_weights(tmp_path,
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
     # weights resharded on load: a TP=1 run from the TP=2 checkpoint starts where it ended
     start = crashed / "checkpoints" / "step_00000004"
-    train(megamom_exe, megamom_env, again, "train.max_steps=1", "train.warmup_steps=0", "train.zero_stage=0", "train.lr=1e-12",
-          "train.weight_decay=0", f"train.init_from={start}")
+    train(megamom_exe, megamom_env, again, "train.max_steps=1", "train.warmup_steps=0", "train.zero_stage=0",
+          "train.lr=1e-12", "train.weight_decay=0", f"train.init_from={start}")
     moved = ckpt.load_model_state_dict(again / "checkpoints" / "step_00000001")
     for n, t in ckpt.load_model_state_dict(start).items():  # (one Adam step of 1e-12 apart)
         torch.testing.assert_close(moved[n], t, rtol=0, atol=1e-10, msg=lambda m: f"{n}: {m}")
