@@ -26,34 +26,46 @@ def _chunk_logits(xc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
 
 
+def _loss_grad(xc: torch.Tensor, wd: torch.Tensor, lab: torch.Tensor):
+    """One chunk of rows: (sum of their losses, d(that sum)/d logits in xc's dtype)."""
+    valid = lab != IGNORE_INDEX
+    logits = _chunk_logits(xc, wd)
+    lse = logits.logsumexp(-1)
+    tgt = lab.clamp(min=0)
+    loss = ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+    # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows; in place of the
+    # logits (dead after the gather above): one [chunk, vocab] buffer, not two
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad[torch.arange(grad.shape[0], device=grad.device), tgt] -= 1.0
+    grad.mul_(valid[:, None])
+    return loss, grad.to(xc.dtype)
+
+
+def _loss_grad_fused(xc: torch.Tensor, wd: torch.Tensor, lab: torch.Tensor):
+    """_loss_grad in one Triton kernel, which overwrites the logits (in the matmul's dtype) with
+    their gradient."""
+    from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
+    grad = xc @ wd.t()
+    return cross_entropy_loss_grad_(grad, lab, IGNORE_INDEX).sum(), grad
+
+
+def _loss_sum(xc: torch.Tensor, wd: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+    """One chunk of rows: the sum of their losses (evaluation)."""
+    return F.cross_entropy(_chunk_logits(xc, wd), lab, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, labels, chunk_rows, dtype, fused):
+    def forward(ctx, x, weight, labels, chunk_rows, dtype, loss_grad):
         xd, wd = x.to(dtype), weight.to(dtype)
-        valid_all = labels != IGNORE_INDEX
-        n_valid = valid_all.sum().clamp(min=1)
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         dx = torch.empty_like(x)
         dw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
-        if fused:
-            from megamom.kernels.triton.cross_entropy import cross_entropy_loss_grad_
         for s in range(0, x.shape[0], chunk_rows):
-            xc, lab = xd[s:s + chunk_rows], labels[s:s + chunk_rows]
-            if fused:  # the kernel overwrites the logits (in the matmul's dtype) with their gradient
-                grad = xc @ wd.t()
-                loss += cross_entropy_loss_grad_(grad, lab, IGNORE_INDEX).sum()
-            else:
-                valid = valid_all[s:s + chunk_rows]
-                logits = _chunk_logits(xc, wd)
-                lse = logits.logsumexp(-1)
-                tgt = lab.clamp(min=0)
-                loss += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
-                # d(sum of losses)/d logits = softmax - onehot(target), zero for ignored rows; in place
-                # of the logits (dead after the gather above): one [chunk, vocab] buffer, not two
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(grad.shape[0], device=grad.device), tgt] -= 1.0
-                grad.mul_(valid[:, None])
-                grad = grad.to(dtype)
+            xc = xd[s:s + chunk_rows]
+            chunk_loss, grad = loss_grad(xc, wd, labels[s:s + chunk_rows])
+            loss += chunk_loss
             dx[s:s + chunk_rows] = grad @ wd
             dw += (grad.t() @ xc).to(dw.dtype)
         ctx.save_for_backward(dx, dw, n_valid)
@@ -67,27 +79,35 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (dx * scale).to(dx.dtype), (dw * scale).to(ctx.weight_dtype), None, None, None, None
 
 
+def chunked_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
+                                 dtype: torch.dtype, loss_grad=_loss_grad, loss_sum=_loss_sum) -> torch.Tensor:
+    """mean over non-ignored rows of CE(x @ weight^T, labels), `chunk_rows` rows at a time, the
+    matmuls in `dtype`. With gradients, those of x and weight are computed in the same pass from
+    `loss_grad(x chunk, weight, labels chunk) -> (loss sum, logits gradient)`; without, the loss is
+    summed by `loss_sum(...)`. The vocabulary-parallel loss (megamom.parallel.tensor_parallel)
+    passes its own pair."""
+    with torch.autocast(x.device.type, enabled=False):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_rows, dtype, loss_grad)
+        with torch.no_grad():  # evaluation: the loss only
+            xd, wd = x.to(dtype), weight.to(dtype)
+            total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+            for s in range(0, x.shape[0], chunk_rows):
+                total += loss_sum(xd[s:s + chunk_rows], wd, labels[s:s + chunk_rows])
+            return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int,
                          backend: str = "auto") -> torch.Tensor:
     """mean over non-ignored rows of CE(x @ weight^T, labels). x [N, d]; weight [V, d]; labels [N]
     (-100 = ignore). chunk_rows <= 0: the plain path (all logits at once). backend: the model's
     kernel_backend (auto: the fused Triton cross entropy on CUDA)."""
-    dtype = compute_dtype(x)
     if chunk_rows <= 0:
         logits = F.linear(x, weight)
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
                                ignore_index=IGNORE_INDEX)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        with torch.autocast(x.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy.apply(x, weight, labels, chunk_rows, dtype, use_triton(x, backend))
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # evaluation: the loss only
-        xd, wd = x.to(dtype), weight.to(dtype)
-        valid = labels != IGNORE_INDEX
-        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
-        for s in range(0, x.shape[0], chunk_rows):
-            logits = _chunk_logits(xd[s:s + chunk_rows], wd)
-            total += F.cross_entropy(logits, labels[s:s + chunk_rows], ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / valid.sum().clamp(min=1)
+    return chunked_linear_cross_entropy(x, weight, labels, chunk_rows, compute_dtype(x),
+                                        _loss_grad_fused if use_triton(x, backend) else _loss_grad)
 
 
 class LMLoss(nn.Module):

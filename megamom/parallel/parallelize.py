@@ -11,29 +11,28 @@ shared by every head) has it summed over the group. The fast GPU path (grouped G
 kernels) runs unchanged on each shard: the layers read their head counts off their weights."""
 from __future__ import annotations
 
+import re
 from functools import partial
 
+import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
 from .mappings import (copy_to_region, gather_along, gather_from_split, reduce_from_region, reduce_scatter_along,
                        sum_grad_over)
-from .plan import sharding_plan
+from .plan import placement, sharding_plan
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
                               mark_sharded, shard)
-from .topology import Topology
+from .topology import Group, Topology
 
 
-def universal_checkpoint_info(model) -> dict:
+def universal_checkpoint_info(plan: dict) -> dict:
     """How DeepSpeed's universal checkpoints (deepspeed.checkpoint.ds_to_universal, and loading with
     `checkpoint.load_universal`) merge and re-split each parameter over tensor ranks: the plan's
     replicated ones are taken once, the row-parallel ones joined along dim 1, the rest along dim 0.
     Saved with every checkpoint (as the module's `universal_checkpoint_info`), so any checkpoint can
     resume at another tensor size."""
-    import re
-
     from deepspeed.checkpoint import constants as uc
-    plan = sharding_plan(model)
     return {
         uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         uc.TP_REPLICATED_PARAMETER_PATTERNS: [re.escape(n) + "$" for n, p in plan.items() if p.tensor_dim is None],
@@ -43,13 +42,14 @@ def universal_checkpoint_info(model) -> dict:
 
 def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     """Shard `model` (a megamom CausalLM) in place over `topology`'s tensor group; returns it. A
-    world of one, or a tensor group of one, leaves it as it is. sequence_parallel: Megatron's TP
+    tensor group of one leaves its weights as they are. sequence_parallel: Megatron's TP
     sequence parallelism (parallel.tensor_sequence_parallel): the residual stream, the norms and the
     routers hold this rank's slice of the sequence; every replicated weight then has its gradient
     summed over the group (each rank saw its slice of the tokens)."""
     tp = topology.tensor
     model.topology = topology
-    model.universal_checkpoint_info = universal_checkpoint_info(model)  # (before any shard: whole names)
+    plan = sharding_plan(model)  # before any change: a parameter with no place is an error here
+    model.universal_checkpoint_info = universal_checkpoint_info(plan)
     if tp.size == 1:
         return model
     cfg = model.config
@@ -60,7 +60,6 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     for what, size in sizes.items():  # (the layout checked these for a run; a direct call is checked here)
         if size % tp.size:
             raise ConfigError(f"{what}={size} does not split over parallel.tensor={tp.size}")
-    plan = sharding_plan(model)  # before any change: a parameter with no place is an error here
     names = {id(p): n for n, p in model.named_parameters()}
 
     sp = sequence_parallel
@@ -98,7 +97,6 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
 
 def whole_shape(name: str, shape: tuple, tensor_size: int) -> tuple:
     """The shape of the whole parameter a tensor shard of `shape` belongs to."""
-    from .plan import placement
     dim = placement(name).tensor_dim
     if dim is None or tensor_size == 1:
         return tuple(shape)
@@ -108,8 +106,6 @@ def whole_shape(name: str, shape: tuple, tensor_size: int) -> tuple:
 def unshard(name: str, shards: list):
     """The whole parameter from its tensor shards (tensor rank order): concatenated along the
     plan's dimension, or the first copy of a replicated one."""
-    from .plan import placement
-    import torch
     dim = placement(name).tensor_dim
     return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim)
 
@@ -117,8 +113,6 @@ def unshard(name: str, shards: list):
 def tensor_shard_of(name: str, full, tensor_size: int, tensor_rank: int):
     """The tensor-parallel shard of one full parameter (checkpoint resharding): the plan's
     dimension split evenly, or the full tensor for a replicated one."""
-    from .plan import placement
-    from .topology import Group
     dim = placement(name).tensor_dim
     if dim is None or tensor_size == 1:
         return full

@@ -8,12 +8,14 @@ so a sublayer with several column-parallel projections (q, gate, the memories' k
 decay) pays one all-reduce of its input gradient, not one per projection."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.layers import compute_dtype
-from ..model.loss import IGNORE_INDEX
+from ..model.loss import IGNORE_INDEX, _chunk_logits, chunked_linear_cross_entropy
 from .mappings import (all_reduce_, copy_to_region, gather_along, gather_from_split, reduce_from_region,
                        reduce_scatter_along)
 from .topology import Group
@@ -99,40 +101,23 @@ def _vocab_parallel_rows(logits: torch.Tensor, labels: torch.Tensor, vocab_start
     return (lse - sums[1]) * valid, lse, torch.where(mine, local, torch.full_like(local, -1))
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """megamom.model.loss._ChunkedLinearCrossEntropy over a vocabulary shard: the logits of this
-    rank's columns, chunk by chunk of rows; the gradients of x (partial: this shard's columns; the
-    region's copy sums them over the group) and of the weight shard computed in the same pass."""
+def _vocab_parallel_loss_grad(xc: torch.Tensor, wd: torch.Tensor, lab: torch.Tensor, vocab_start: int, group: Group):
+    """megamom.model.loss._loss_grad over this rank's vocabulary columns: the loss sum of the chunk
+    (the same on every tensor rank) and the gradient of its logit columns (softmax - onehot, the
+    onehot where the target is one of them)."""
+    logits = _chunk_logits(xc, wd)
+    rows, lse, col = _vocab_parallel_rows(logits, lab, vocab_start, group)
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax of this rank's columns, in place
+    # -1 at the local target column (a scatter, not boolean indexing: no read of the count to the host)
+    hit = (col >= 0).to(grad.dtype)
+    grad.scatter_add_(1, col.clamp(min=0)[:, None], -hit[:, None])
+    grad.mul_((lab != IGNORE_INDEX)[:, None])
+    return rows.sum(), grad.to(xc.dtype)
 
-    @staticmethod
-    def forward(ctx, x, weight, labels, chunk_rows, dtype, group, vocab_start):
-        xd, wd = x.to(dtype), weight.to(dtype)
-        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        acc = torch.promote_types(dtype, torch.float32)
-        loss = torch.zeros((), dtype=acc, device=x.device)
-        dx = torch.empty_like(x)
-        dw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=x.device)
-        for s in range(0, x.shape[0], chunk_rows):
-            xc, lab = xd[s:s + chunk_rows], labels[s:s + chunk_rows]
-            logits = (xc @ wd.t()).to(acc)
-            rows, lse, col = _vocab_parallel_rows(logits, lab, vocab_start, group)
-            loss += rows.sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax of this rank's columns, in place
-            hit = col >= 0
-            grad[hit.nonzero()[:, 0], col[hit]] -= 1.0
-            grad.mul_((lab != IGNORE_INDEX)[:, None])
-            grad = grad.to(dtype)
-            dx[s:s + chunk_rows] = grad @ wd
-            dw += (grad.t() @ xc).to(dw.dtype)
-        ctx.save_for_backward(dx, dw, n_valid)
-        ctx.weight_dtype = weight.dtype
-        return loss / n_valid
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw, n_valid = ctx.saved_tensors
-        scale = grad_loss / n_valid
-        return (dx * scale).to(dx.dtype), (dw * scale).to(ctx.weight_dtype), None, None, None, None, None
+def _vocab_parallel_loss_sum(xc: torch.Tensor, wd: torch.Tensor, lab: torch.Tensor, vocab_start: int,
+                             group: Group) -> torch.Tensor:
+    return _vocab_parallel_rows(_chunk_logits(xc, wd), lab, vocab_start, group)[0].sum()
 
 
 class VocabParallelLMLoss(nn.Module):
@@ -167,16 +152,7 @@ class VocabParallelLMLoss(nn.Module):
         hidden = self._enter(hidden)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         chunk = self.chunk_rows if self.chunk_rows > 0 else max(hidden.shape[0], 1)
-        with torch.autocast(hidden.device.type, enabled=False):
-            if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-                return _VocabParallelLinearCrossEntropy.apply(hidden, weight, labels, chunk, dtype, self.group,
-                                                              self.vocab_start)
-            with torch.no_grad():  # evaluation: the loss only
-                xd, wd = hidden.to(dtype), weight.to(dtype)
-                acc = torch.promote_types(dtype, torch.float32)
-                total = torch.zeros((), dtype=acc, device=hidden.device)
-                for s in range(0, hidden.shape[0], chunk):
-                    rows, _, _ = _vocab_parallel_rows((xd[s:s + chunk] @ wd.t()).to(acc), labels[s:s + chunk],
-                                                      self.vocab_start, self.group)
-                    total += rows.sum()
-                return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        where = dict(vocab_start=self.vocab_start, group=self.group)
+        return chunked_linear_cross_entropy(hidden, weight, labels, chunk, dtype,
+                                            partial(_vocab_parallel_loss_grad, **where),
+                                            partial(_vocab_parallel_loss_sum, **where))

@@ -48,12 +48,13 @@ class Batching:
         return self.micro * self.accum * self.dp_size
 
 
-def resolve_batching(cfg: Config, world_size: int) -> Batching:
+def resolve_batching(cfg: Config, world_size: int, layout: Optional[ParallelLayout] = None) -> Batching:
     """Validate micro x accumulation x data-parallel = global batch (derive accumulation when only
-    the global batch is given)."""
+    the global batch is given). layout: the run's, else built (and checked) here."""
     t = cfg.train
-    layout = ParallelLayout.build(cfg, world_size)
-    check_supported(layout, cfg)
+    if layout is None:
+        layout = ParallelLayout.build(cfg, world_size)
+        check_supported(layout, cfg)
     dp = layout.data
     accum = t.grad_accum
     if t.global_batch_size is not None:
@@ -92,8 +93,10 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.dist: DistInfo = init_distributed(device)
-        self.batching = resolve_batching(cfg, self.dist.world_size)  # (checks the layout first)
-        self.topology = Topology(ParallelLayout.build(cfg, self.dist.world_size), self.dist.rank)
+        layout = ParallelLayout.build(cfg, self.dist.world_size)
+        check_supported(layout, cfg)
+        self.batching = resolve_batching(cfg, self.dist.world_size, layout)
+        self.topology = Topology(layout, self.dist.rank)
         self.precision = _resolve_precision(cfg, self.dist.device)
         check_cuda_graph_setup(t, self.dist.device, self.precision)
         run_dir.check_writable(self.out_dir)
@@ -204,9 +207,9 @@ class Trainer:
             # DeepSpeed's universal form re-splits the weights and the optimizer state (checkpoint.to_universal)
             self.reshard = (saved_tp, saved_world)
             return
-        raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at parallel.tensor={saved_tp}, "
-                          f"ZeRO-{saved_zero}; this run has {self.dist.world_size} at parallel.tensor={ours_tp}, "
-                          f"ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints with train.zero_stage=1 or 2 "
+        raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at "
+                          f"parallel.tensor={saved_tp}, ZeRO-{saved_zero}; this run has {self.dist.world_size} at "
+                          f"parallel.tensor={ours_tp}, ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints with train.zero_stage=1 or 2 "
                           f"(re-split through DeepSpeed's universal checkpoint); else resume with the same layout, or "
                           f"start a new run from its weights (resharded on load) with train.init_from={path}")
 

@@ -33,10 +33,29 @@ def check_cross_entropy(R, V, device, dtype, seed=11):
     return {"loss": rel(loss, ref_loss), "dlogits": rel(work, ref.grad)}
 
 
+def check_chunked_loss(N, d, V, chunk, seed=12):
+    """The model's chunked linear cross entropy with the fused kernel (megamom.model.loss, the chunk
+    loop the vocabulary-parallel loss shares) vs float64: the loss and the gradients of x and W."""
+    from megamom.model import loss as L
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=gen).requires_grad_()
+    w = torch.randn(V, d, generator=gen).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[::7] = -100
+    loss = L.chunked_linear_cross_entropy(x, w, labels, chunk, torch.float32, L._loss_grad_fused)
+    loss.backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.cross_entropy(xr @ wr.t(), labels, ignore_index=-100)
+    ref.backward()
+    return {"loss": rel(loss, ref), "dx": rel(x.grad, xr.grad), "dw": rel(w.grad, wr.grad)}
+
+
 def run_interp_suite() -> dict:
     """Every case of this file in one interpreter process (see triton_common.interp_report)."""
     out = {}
     out["cross_entropy"] = check_cross_entropy(9, 300, "cpu", torch.float32)  # 300: blocks of 256 + a partial one
+    out["chunked_loss"] = check_chunked_loss(300, 32, 300, 128)  # chunks of 128 rows + a partial one
     return out
 
 
@@ -45,7 +64,7 @@ def interp_results():
     return interp_report(__file__)
 
 
-@pytest.mark.parametrize("case", ["cross_entropy"])
+@pytest.mark.parametrize("case", ["cross_entropy", "chunked_loss"])
 def test_interpreter(interp_results, case):
     check_interpreter_case(interp_results, case)
 

@@ -47,6 +47,23 @@ def batch(micro: int, T: int, seed: int, vocab: int = 128):
     return ids[:, :-1], ids[:, 1:].clone(), seg
 
 
+def deepspeed_engine(cfg: Config, model, top: Topology, universal: bool = False):
+    """The trainer's DeepSpeed set-up (megamom.train.optim: AdamW, groups, ZeRO config) for `model`
+    over `top` (the tensor group as mpu), fp32, 2 rows per data rank. universal: it will load a
+    checkpoint in DeepSpeed's universal form."""
+    import deepspeed
+
+    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    from megamom.train.trainer import Batching
+    groups = param_groups(model, cfg.train.weight_decay)
+    ds = build_deepspeed_config(cfg, Batching(2, 1, top.data.size), "fp32")
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, mpu=top.mpu(),
+                                      optimizer=build_optimizer(groups, cfg.train, "fp32"), dist_init_required=False)
+    return engine
+
+
 def _close(a, b, what, atol=ATOL):
     err = (a - b).abs().max().item() if a.numel() else 0.0
     assert err <= atol * max(1.0, b.abs().max().item()), f"{what}: max |diff| {err:.3e}"
@@ -104,9 +121,7 @@ def deepspeed_step(name: str, tensor: int, data: int, zero_stage: int, grad_clip
     global norm, which counts every replica once and every shard once). To 1e-6: ZeRO-1/2 step
     float32 master weights (the gradients are float64 here), and ZeRO-0 runs in float32 (its
     gradient all-reduce takes 16- and 32-bit floats only)."""
-    import deepspeed
-
-    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
+    from megamom.train.optim import build_optimizer, param_groups
     dtype = torch.float32 if zero_stage == 0 else torch.float64
     atol = 1e-6
     torch.set_default_dtype(dtype)
@@ -117,19 +132,6 @@ def deepspeed_step(name: str, tensor: int, data: int, zero_stage: int, grad_clip
     # the update about lr * g, so a gradient averaged or clipped wrongly shows in the parameters
     cfg.train.adam_eps = 1.0
     top = topology(data, tensor)
-
-    class B:
-        micro, accum, global_batch = 2, 1, 2 * data
-
-    def engine_for(model, mpu):
-        groups = param_groups(model, cfg.train.weight_decay)
-        opt = build_optimizer(groups, cfg.train, "fp32")
-        ds = build_deepspeed_config(cfg, B, "fp32")
-        if mpu is None:
-            ds["train_batch_size"], ds["zero_optimization"] = 2, {"stage": 0}
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=opt, config=ds,
-                                          mpu=mpu, dist_init_required=False)
-        return engine
 
     torch.manual_seed(0)
     ref = build_model(cfg.model)
@@ -143,7 +145,7 @@ def deepspeed_step(name: str, tensor: int, data: int, zero_stage: int, grad_clip
 
     torch.manual_seed(0)
     par = parallelize(build_model(cfg.model), top)
-    engine = engine_for(par, top.mpu())
+    engine = deepspeed_engine(cfg, par, top)
     ids, labels, seg = batch(2, 24, 100 + top.data.rank)
     out = engine(ids, labels=labels, segment_ids=seg)
     engine.backward(out.loss)
@@ -173,27 +175,15 @@ def save_consolidate_reshard(name: str, tensor: int, zero_stage: int, root: str)
     rank reshards the whole weights at TP=`tensor` again and gets its own parameters back. float64
     (ZeRO-1/2 keep float32 master weights of them: to 1e-6), ZeRO-0 in float32 (DeepSpeed's
     all-reduce takes no float64; its module weights come back bitwise)."""
-    import deepspeed
-
     from megamom.train import checkpoint as ckpt
-    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
     dtype = torch.float32 if zero_stage == 0 else torch.float64
     torch.set_default_dtype(dtype)
     cfg = Config()
     cfg.model = model_config(name)
     cfg.train.zero_stage = zero_stage
     top = topology(dist.get_world_size() // tensor, tensor)
-
-    class B:
-        micro, accum, global_batch = 2, 1, 2 * top.data.size
-
     torch.manual_seed(0)
-    model = parallelize(build_model(cfg.model), top)
-    groups = param_groups(model, 0.1)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                      optimizer=build_optimizer(groups, cfg.train, "fp32"),
-                                      config=build_deepspeed_config(cfg, B, "fp32"), mpu=top.mpu(),
-                                      dist_init_required=False)
+    engine = deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
     ids, labels, seg = batch(2, 24, 7)
     engine.backward(engine(ids, labels=labels, segment_ids=seg).loss)
     engine.step()
@@ -224,25 +214,13 @@ def save_consolidate_reshard(name: str, tensor: int, zero_stage: int, root: str)
 def nonfinite_shard_skips_everywhere(zero_stage: int):
     """A non-finite gradient in one tensor rank's shard: every rank skips the step (the replicated
     weights stay equal across the group) and every weight is unchanged."""
-    import deepspeed
-
-    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
     torch.set_default_dtype(torch.float32)
     cfg = Config()
     cfg.model = model_config("mom_gated_delta")
     cfg.train.zero_stage = zero_stage
     top = topology(dist.get_world_size() // 2, 2)
-
-    class B:
-        micro, accum, global_batch = 2, 1, 2 * top.data.size
-
     torch.manual_seed(0)
-    model = parallelize(build_model(cfg.model), top)
-    groups = param_groups(model, 0.1)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                      optimizer=build_optimizer(groups, cfg.train, "fp32"),
-                                      config=build_deepspeed_config(cfg, B, "fp32"), mpu=top.mpu(),
-                                      dist_init_required=False)
+    engine = deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     ids, labels, seg = batch(2, 24, 3)
     out = engine(ids, labels=labels, segment_ids=seg)
@@ -271,11 +249,9 @@ def reshard_resume(name: str, tensor_from: int, tensor_to: int, root: str):
     """A ZeRO-1 checkpoint saved at TP=`tensor_from` resumes at TP=`tensor_to` (same world: the
     data-parallel size changes too) through DeepSpeed's universal form: the next step of the
     resumed engine gives the parameters the original engine's next step gives."""
-    import deepspeed
     from pathlib import Path
 
     from megamom.train import checkpoint as ckpt
-    from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
     torch.set_default_dtype(torch.float64)
     cfg = Config()
     cfg.model = model_config(name)
@@ -285,19 +261,8 @@ def reshard_resume(name: str, tensor_from: int, tensor_to: int, root: str):
 
     def engine_at(tensor, universal=False):
         top = topology(W // tensor, tensor)
-
-        class B:
-            micro, accum, global_batch = 2, 1, 2 * top.data.size
         torch.manual_seed(0)
-        model = parallelize(build_model(cfg.model), top)
-        groups = param_groups(model, 0.1)
-        ds = build_deepspeed_config(cfg, B, "fp32")
-        if universal:
-            ds["checkpoint"] = {"load_universal": True}
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                          optimizer=build_optimizer(groups, cfg.train, "fp32"), config=ds,
-                                          mpu=top.mpu(), dist_init_required=False)
-        return engine, top
+        return deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top, universal), top
 
     def step(engine, top, seed):  # the same global batch at any layout: each data rank its rows of it
         ids, labels, seg = batch(2 * W, 24, seed)
