@@ -6,7 +6,6 @@ import pytest
 from megamom.config import ConfigError, load_config
 from megamom.model import build_model
 from megamom.parallel import ParallelLayout, check_supported, placement, sharding_plan
-from megamom.parallel import layout as layout_mod
 
 SMALL = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=4", "model.head_dim=16",
          "model.vocab_size=512", "model.intermediate_size=128"]
@@ -85,16 +84,14 @@ def test_each_bad_layout_names_the_numbers_and_the_fix(overrides, world, fragmen
     assert all(f in str(e.value) for f in fragments), str(e.value)
 
 
-def test_modes_not_yet_trained_are_refused_before_work(monkeypatch):
+def test_modes_not_yet_trained_are_refused_before_work():
     lay = ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2", "parallel.sequence=2",
                                       "data.seq_len=128"), 4)
-    with pytest.raises(ConfigError, match=r"^parallel.sequence=2, parallel.expert=2: not available"):
-        check_supported(lay)
-    monkeypatch.setitem(layout_mod.SUPPORTED, "sequence", True)
-    with pytest.raises(ConfigError, match=r"^parallel.expert=2: not available"):
+    with pytest.raises(ConfigError, match=r"^parallel.sequence=2: not available"):
         check_supported(lay)
     check_supported(ParallelLayout.build(cfg_of(), 4))  # data parallelism alone
     check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2"), 4))  # and tensor parallelism
+    check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2"), 4))  # and experts
 
 
 @pytest.mark.parametrize("setting, fragment", [("train.zero_stage=3", "use train.zero_stage=1 or 2"),
@@ -104,3 +101,12 @@ def test_settings_not_combined_with_tensor_parallelism_are_refused(setting, frag
     with pytest.raises(ConfigError, match=rf"parallel.tensor=2 cannot be combined with {setting}.*{fragment}"):
         check_supported(ParallelLayout.build(cfg, 2), cfg)
     check_supported(ParallelLayout.build(cfg, 2))  # (the layout alone is fine)
+
+
+@pytest.mark.parametrize("setting, fragment", [("train.zero_stage=3", "use train.zero_stage=1 or 2"),
+                                               ("train.compile=true", "compile=false"),
+                                               ("train.offload_optimizer=true", "offload_optimizer=false")])
+def test_settings_not_combined_with_expert_parallelism_are_refused(setting, fragment):
+    cfg = cfg_of("parallel.expert=2", setting)
+    with pytest.raises(ConfigError, match=rf"parallel.expert=2 cannot be combined with {setting}.*{fragment}"):
+        check_supported(ParallelLayout.build(cfg, 2), cfg)

@@ -161,7 +161,7 @@ def combine(rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> 
 
 
 class Dispatcher(nn.Module):
-    """Tokens -> packed rows of the memories held here (today: all of them) and back. No parameters."""
+    """Tokens -> packed rows of the memories and back, on a rank that holds every memory. No parameters."""
 
     def __init__(self, num_routed: int, shared: bool):
         super().__init__()
@@ -173,6 +173,12 @@ class Dispatcher(nn.Module):
 
     def gather(self, x: torch.Tensor, packing: Packing, fused: bool = False) -> torch.Tensor:
         return pack(x, packing, fused)
+
+    def run(self, x: torch.Tensor, doc_ids: torch.Tensor, packing: Packing, experts, row_shape: tuple,
+            fused: bool = False):
+        """The memory experts over the packed rows: here every memory is held, so experts(x, packing)
+        as it is (megamom.parallel.expert_parallel exchanges the rows with the ranks holding them)."""
+        return experts(x, packing)
 
     def combine(self, rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> torch.Tensor:
         return combine(rows, packing, slot_weight)

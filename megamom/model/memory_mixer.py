@@ -283,7 +283,10 @@ class MemoryMixer(nn.Module, ParallelRegion):
         # 2. dispatch: the memory-major rows of the memories held here
         packing = self.dispatcher(r.topk_index if r is not None else None, doc_ids, num_docs, fused)
         # 3. the memories: projections, conv, gates, one scan over every (memory, document) segment
-        o_rows, final_state, conv_state = self._memory_experts(xc, packing, cache, use_cache, backend, fused)
+        # (under expert parallelism the dispatcher runs them where each memory is held: `run`)
+        o_rows, final_state, conv_state = self.dispatcher.run(
+            xc, doc_ids, packing, lambda rows, p: self._memory_experts(rows, p, cache, use_cache, backend, fused),
+            (H, Vh), fused)
         # 4. combine: each token's rows with its routing weights, gated norm, W_o
         # the routing weights scale rows inside the region (each tensor rank's heads): they enter it too
         slot_w = self.enter_replicated(self._slot_weights(r, N, x.device, x.dtype))

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 # Hugging Face code must import its modules without a cycle)
 
 # The parallel modes this version trains with; the others are refused before any work.
-SUPPORTED = {"tensor": True, "sequence": False, "expert": False}
+SUPPORTED = {"tensor": True, "sequence": False, "expert": True}
 
 
 def check_config(cfg) -> None:
@@ -89,21 +89,36 @@ def check_supported(layout: ParallelLayout, cfg=None) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)}: not available in this version of megamom train yet; use data "
                           f"parallelism (more processes) for now")
-    if cfg is None or layout.tensor == 1:
+    if cfg is None:
         return
     t = cfg.train
-    refused = {
-        "train.zero_stage=3": (t.zero_stage == 3, "ZeRO-3 would partition the tensor shards once more and gather "
-                               "them around each module; its consolidation of tensor-parallel checkpoints is not "
-                               "written: use train.zero_stage=1 or 2 (the optimizer state is sharded over the data "
-                               "group either way)"),
-        "train.cuda_graph=true": (t.cuda_graph, "the tensor group's collectives are not captured in the graphs yet: "
-                                  "set train.cuda_graph=false"),
-        "train.compile=true": (t.compile, "torch.compile is not tested with the tensor group's autograd "
-                               "collectives: set train.compile=false"),
-        "train.offload_optimizer=true": (t.offload_optimizer, "DeepSpeed's CPU Adam is not tested with tensor "
-                                         "parallelism here: set train.offload_optimizer=false"),
-    }
+    if layout.tensor > 1:
+        _refuse(f"parallel.tensor={layout.tensor}", {
+            "train.zero_stage=3": (t.zero_stage == 3, "ZeRO-3 would partition the tensor shards once more and gather "
+                                   "them around each module; its consolidation of tensor-parallel checkpoints is not "
+                                   "written: use train.zero_stage=1 or 2 (the optimizer state is sharded over the data "
+                                   "group either way)"),
+            "train.cuda_graph=true": (t.cuda_graph, "the tensor group's collectives are not captured in the graphs "
+                                      "yet: set train.cuda_graph=false"),
+            "train.compile=true": (t.compile, "torch.compile is not tested with the tensor group's autograd "
+                                   "collectives: set train.compile=false"),
+            "train.offload_optimizer=true": (t.offload_optimizer, "DeepSpeed's CPU Adam is not tested with tensor "
+                                             "parallelism here: set train.offload_optimizer=false"),
+        })
+    if layout.expert > 1:
+        _refuse(f"parallel.expert={layout.expert}", {
+            "train.zero_stage=3": (t.zero_stage == 3, "DeepSpeed's ZeRO-3 refuses its expert (MoE) parameter groups, "
+                                   "which hold the memories split over expert ranks: use train.zero_stage=1 or 2"),
+            "train.cuda_graph=true": (t.cuda_graph, "the memories' all-to-all has sizes that change every step (read "
+                                      "on the host), which a CUDA graph cannot replay: set train.cuda_graph=false"),
+            "train.compile=true": (t.compile, "the all-to-all's host-side sizes would break the compiled graph every "
+                                   "layer: set train.compile=false"),
+            "train.offload_optimizer=true": (t.offload_optimizer, "DeepSpeed's CPU Adam is not tested with expert "
+                                             "parallelism here: set train.offload_optimizer=false"),
+        })
+
+
+def _refuse(mode: str, refused: dict) -> None:
     bad = [f"{what} ({why})" for what, (on, why) in refused.items() if on]
     if bad:
-        raise ConfigError(f"parallel.tensor={layout.tensor} cannot be combined with " + "; ".join(bad))
+        raise ConfigError(f"{mode} cannot be combined with " + "; ".join(bad))

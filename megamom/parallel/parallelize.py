@@ -50,6 +50,8 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     model.topology = topology
     plan = sharding_plan(model)  # before any change: a parameter with no place is an error here
     model.universal_checkpoint_info = universal_checkpoint_info(plan)
+    if topology.expert.size > 1:
+        _shard_memories(model, topology.expert, plan)
     if tp.size == 1:
         return model
     cfg = model.config
@@ -95,6 +97,40 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     return model
 
 
+def expert_group_name(expert_size: int) -> str:
+    """DeepSpeed's name for the expert groups of this size (deepspeed.utils.groups: "ep_size_<EP>")."""
+    return f"ep_size_{expert_size}"
+
+
+def is_expert_sharded(name: str, param, num_memories: int) -> bool:
+    """Whether the plan splits this parameter over the expert group: a routed memories' stack
+    [memories, ...] (a conv shared by every memory, [1, C, W], is not)."""
+    return placement(name).expert_dim is not None and param.shape[0] == num_memories
+
+
+def is_expert_param(param) -> bool:
+    """A parameter split over the expert group (DeepSpeed's mark: `allreduce=False`)."""
+    return getattr(param, "allreduce", True) is False
+
+
+def _shard_memories(model, ep: Group, plan: dict) -> None:
+    """Keep this expert rank's routed memories of every MoM layer, and give its layers the dispatcher
+    that exchanges rows with the other expert ranks. The memory parameters are marked for DeepSpeed's
+    MoE handling (`allreduce=False`, `group_name`): ZeRO reduces and partitions their gradients over the
+    expert-data group, the ranks that hold the same memories."""
+    from ..model.memory_mixer import MemoryMixer
+    from .expert_parallel import ExpertParallelDispatcher
+    E = model.config.num_memories
+    for name, p in model.named_parameters():
+        if is_expert_sharded(name, p, E):
+            p.data = shard(p.data, plan[name].expert_dim, ep)
+            p.allreduce = False
+            p.group_name = expert_group_name(ep.size)
+    for module in model.modules():
+        if isinstance(module, MemoryMixer) and module.router is not None:
+            module.dispatcher = ExpertParallelDispatcher(E, module.shared, ep)
+
+
 def whole_shape(name: str, shape: tuple, tensor_size: int) -> tuple:
     """The shape of the whole parameter a tensor shard of `shape` belongs to."""
     dim = placement(name).tensor_dim
@@ -108,6 +144,15 @@ def unshard(name: str, shards: list):
     plan's dimension, or the first copy of a replicated one."""
     dim = placement(name).tensor_dim
     return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim)
+
+
+def local_shard(name: str, full, topology: Topology, num_memories: int):
+    """This rank's piece of one whole parameter under `topology`: its expert rank's memories (a
+    routed memories' stack), then its tensor shard."""
+    ep = topology.expert
+    if ep.size > 1 and is_expert_sharded(name, full, num_memories):
+        full = shard(full, placement(name).expert_dim, ep)
+    return tensor_shard_of(name, full, topology.tensor.size, topology.tensor.rank)
 
 
 def tensor_shard_of(name: str, full, tensor_size: int, tensor_rank: int):

@@ -9,7 +9,10 @@ DP. With 8 ranks at DP=2 x SP=2 x TP=2:
     sequence: 0  0  1  1  0  0  1  1     sequence groups {0,2} {1,3} {4,6} {5,7}
     data:     0  0  0  0  1  1  1  1     data groups    {0,4} {1,5} {2,6} {3,7}
 
-Expert groups (EP ranks) are formed inside DP x SP among ranks of the same tensor index.
+Expert groups (EP ranks) are formed inside DP x SP among ranks of the same tensor index: consecutive
+blocks of EP of the DP x SP ranks (expert rank = DP x SP index mod EP); the expert-data groups join
+the ranks of one expert index across the blocks. At DP=4, EP=2 (TP=SP=1): expert groups {0,1} {2,3},
+expert-data groups {0,2} {1,3}.
 `Topology.mpu()` is the adapter DeepSpeed takes (`deepspeed.initialize(mpu=...)`): ZeRO then
 partitions and reduces over the data group only, and its gradient norm counts a parameter sharded
 over the tensor group once per shard and a replicated one once."""
@@ -65,6 +68,10 @@ class Topology:
         dpsp = L.data * L.sequence
         groups["expert"] = [[rank_of(i // L.sequence, i % L.sequence, tp) for i in range(b, b + L.expert)]
                             for tp in range(L.tensor) for b in range(0, dpsp, L.expert)]
+        # expert-data groups: the ranks holding the same memories (the same expert index), whose
+        # copies of those memories' gradients are reduced together
+        groups["expert_data"] = [[rank_of(i // L.sequence, i % L.sequence, tp) for i in range(e, dpsp, L.expert)]
+                                 for tp in range(L.tensor) for e in range(L.expert)]
         self._groups: dict[str, Group] = {}
         for name, lists in groups.items():
             mine = None
@@ -96,6 +103,11 @@ class Topology:
     @property
     def expert(self) -> Group:
         return self._groups["expert"]
+
+    @property
+    def expert_data(self) -> Group:
+        """The ranks that hold the same routed memories as this one (one per expert group)."""
+        return self._groups["expert_data"]
 
     @property
     def model(self) -> Group:

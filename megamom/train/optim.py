@@ -15,7 +15,13 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             (no_decay if name in no_decay_names else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+        # expert parallelism: the memories split over expert ranks go to groups of their own, which
+        # ZeRO reduces and partitions over the expert-data group (megamom.parallel.expert_parallel)
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 class AdamWSkipNonFinite(torch.optim.AdamW):

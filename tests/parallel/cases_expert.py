@@ -1,0 +1,154 @@
+"""What each rank of the pool runs for the expert-parallel tests: a tiny float64 MoM model, once
+whole (the single-process reference, computed on every rank alike) and once with its memories split
+over the expert ranks (and heads over tensor ranks), compared for the loss, the logits, the router
+losses, every gradient and the parameters after one DeepSpeed step."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamom.config import Config, ModelConfig
+from megamom.model import build_model
+from megamom.parallel.layout import ParallelLayout
+from megamom.parallel.parallelize import is_expert_param, local_shard, parallelize
+from megamom.parallel.topology import Topology
+
+from cases_tensor import _close, batch
+
+_topologies: dict = {}
+
+
+def model_config(**over) -> ModelConfig:
+    base = dict(arch="mom", update_rule="gated_delta", num_memories=4, topk=2, vocab_size=128, hidden_size=32,
+                num_layers=2, num_heads=4, head_dim=8, intermediate_size=64, chunk_size=8, loss_chunk_size=7,
+                tie_word_embeddings=True, aux_loss_coef=0.01, z_loss_coef=0.001)
+    base.update(over)
+    return ModelConfig(**base)
+
+
+def topology(expert: int, tensor: int = 1) -> Topology:
+    W = dist.get_world_size()
+    key = (expert, tensor)
+    if key not in _topologies:  # new_group is collective: built once per layout, in the same order everywhere
+        _topologies[key] = Topology(ParallelLayout(W, W // tensor, 1, tensor, expert), dist.get_rank())
+    return _topologies[key]
+
+
+def _force_routing(model, memory: int) -> None:
+    """Every token of every layer to `memory` first: the routers get a large bias towards it (the
+    router has no bias of its own: its forward is replaced by route() plus one)."""
+    from megamom.model.router import RouterOutput
+
+    def biased(router):
+        def forward(x, fused=False):
+            logits = torch.nn.functional.linear(x, router.weight)
+            logits = logits + 20.0 * (torch.arange(logits.shape[1]) == memory)
+            probs = logits.softmax(-1)
+            w, idx = probs.topk(router.topk, dim=-1)
+            return RouterOutput(logits, probs, w / w.sum(-1, keepdim=True), idx)
+        return forward
+
+    for block in model.model.layers:
+        block.attn.router.forward = biased(block.attn.router)
+
+
+def reduced_grad(name: str, p, top: Topology, num_memories: int) -> torch.Tensor:
+    """What ZeRO does with a gradient: the mean over the data ranks, a routed memory's over the
+    ranks that hold it (its other ranks' tokens reached it through the all-to-all already)."""
+    g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    group = top.expert_data if is_expert_param(p) else top.data
+    if group.size > 1:
+        dist.all_reduce(g, group=group.group)
+    return g / top.data.size
+
+
+def forward_and_grads(expert: int, tensor: int = 1, over: dict | None = None, segments: bool = True,
+                      force_memory: int | None = None, T: int = 24):
+    torch.set_default_dtype(torch.float64)
+    cfg = model_config(**(over or {}))
+    top = topology(expert, tensor)
+    data = top.data.size
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    torch.manual_seed(0)
+    whole = build_model(cfg)
+    if force_memory is not None:
+        _force_routing(ref, force_memory)
+        _force_routing(whole, force_memory)
+    par = parallelize(whole, top)
+    batches = [batch(2, T, 100 + r) for r in range(data)]
+    ref_stats = []
+    for ids, labels, seg in batches:  # every data rank's micro-batch, losses averaged
+        out = ref(ids, labels=labels, segment_ids=seg if segments else None)
+        (out.loss / data).backward()
+        ref_stats.append((out.aux_loss.item(), out.z_loss.item()))
+    ids, labels, seg = batches[top.data.rank]
+    out = par(ids, labels=labels, segment_ids=seg if segments else None, return_logits=True)
+    out.loss.backward()
+    ref_one = ref(ids, labels=labels, segment_ids=seg if segments else None, return_logits=True)
+    _close(out.loss.detach(), ref_one.loss.detach(), "loss")
+    _close(out.logits, ref_one.logits, "logits")
+    _close(out.aux_loss.detach(), ref_one.aux_loss.detach(), "load-balancing loss")
+    _close(out.z_loss.detach(), ref_one.z_loss.detach(), "z loss")
+    ref_params = dict(ref.named_parameters())
+    bad = []
+    for n, p in par.named_parameters():
+        g = reduced_grad(n, p, top, cfg.num_memories)
+        want = local_shard(n, ref_params[n].grad, top, cfg.num_memories)
+        assert g.shape == want.shape, (n, g.shape, want.shape)
+        try:
+            _close(g, want, f"grad of {n}")
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, "; ".join(bad)
+    exchange = par.model.layers[0].attn.dispatcher.last_exchange
+    torch.set_default_dtype(torch.float32)
+    return exchange
+
+
+def deepspeed_step(expert: int, tensor: int, zero_stage: int, grad_clip: float, over: dict | None = None):
+    """One optimizer step through DeepSpeed at DP x EP (x TP): every parameter equals the whole
+    model's after the same step on the data ranks' micro-batches (AdamW, clipping by the global
+    norm, which counts each memory once). To 1e-6: ZeRO-1/2 step float32 master weights."""
+    from megamom.train.optim import build_optimizer, param_groups
+
+    from cases_tensor import deepspeed_engine
+    dtype = torch.float32 if zero_stage == 0 else torch.float64
+    torch.set_default_dtype(dtype)
+    cfg = Config()
+    cfg.model = model_config(**(over or {}))
+    cfg.train.zero_stage, cfg.train.grad_clip, cfg.train.lr, cfg.train.weight_decay = zero_stage, grad_clip, 1e-2, 0.1
+    cfg.train.adam_eps = 1.0  # (a well-conditioned update: see cases_tensor.deepspeed_step)
+    top = topology(expert, tensor)
+    data = top.data.size
+
+    torch.manual_seed(0)
+    ref = build_model(cfg.model)
+    ref_opt = build_optimizer(param_groups(ref, cfg.train.weight_decay), cfg.train, "fp32")
+    for r in range(data):
+        ids, labels, seg = batch(2, 24, 100 + r)
+        (ref(ids, labels=labels, segment_ids=seg).loss / data).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), grad_clip)
+    ref_opt.step()
+
+    torch.manual_seed(0)
+    engine = deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
+    ids, labels, seg = batch(2, 24, 100 + top.data.rank)
+    engine.backward(engine(ids, labels=labels, segment_ids=seg).loss)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    if norm is None:  # ZeRO-0 in fp32 clips but keeps no norm
+        norm = ref_norm
+    assert abs(float(norm) - float(ref_norm)) <= 1e-5 * float(ref_norm), (float(norm), float(ref_norm))
+    assert float(ref_norm) > grad_clip, "the test must clip"
+    ref_params = dict(ref.named_parameters())
+    bad = []
+    for n, p in engine.module.named_parameters():
+        try:
+            _close(p.detach(), local_shard(n, ref_params[n].detach(), top, cfg.model.num_memories),
+                   f"{n} after one step", 1e-6)
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, "; ".join(bad) + f" (norm {float(norm)} vs {float(ref_norm)})"
+    torch.set_default_dtype(torch.float32)
+    return float(norm)
