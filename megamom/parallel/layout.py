@@ -109,6 +109,9 @@ def check_supported(layout: ParallelLayout, cfg=None) -> None:
         _refuse(f"parallel.expert={layout.expert}", {
             "train.zero_stage=3": (t.zero_stage == 3, "DeepSpeed's ZeRO-3 refuses its expert (MoE) parameter groups, "
                                    "which hold the memories split over expert ranks: use train.zero_stage=1 or 2"),
+            "train.zero_stage=0": (t.zero_stage == 0, "a ZeRO-0 checkpoint keeps data rank 0's module weights only, "
+                                   "so the other expert ranks' memories would not be saved: use train.zero_stage=1 "
+                                   "or 2 (their optimizer partitions hold every memory)"),
             "train.cuda_graph=true": (t.cuda_graph, "the memories' all-to-all has sizes that change every step (read "
                                       "on the host), which a CUDA graph cannot replay: set train.cuda_graph=false"),
             "train.compile=true": (t.compile, "the all-to-all's host-side sizes would break the compiled graph every "

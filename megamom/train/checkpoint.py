@@ -263,7 +263,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
             shutil.rmtree(stale)
         remove_leftovers(root)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+    with saved_as_dense(engine):
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
     _write_json_atomic(tmp / f"rank_{rank:05d}.json", rank_state)
     _fault("ckpt_before_commit", step)
     barrier()
@@ -284,6 +285,35 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
     _fault("ckpt_after_commit", step)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def saved_as_dense(engine):
+    """DeepSpeed saves an MoE model's experts through its own MoE modules (a file per expert, found
+    by their module names); the memories split by expert parallelism are stacked parameters, not
+    such modules. For the span of a save or load the engine treats the model as dense: data rank 0
+    writes the module file and every rank its ZeRO-1/2 partition, which holds its memories' fp32
+    master weights and optimizer state (a load restores the module weights from them; the ZeRO
+    optimizer keeps its expert groups either way)."""
+    moe = getattr(engine, "has_moe_layers", False)
+    engine.has_moe_layers = False
+    try:
+        yield engine
+    finally:
+        engine.has_moe_layers = moe
+
+
+def load_engine_checkpoint(engine, load_dir: Path, tag: str):
+    """engine.load_checkpoint with the optimizer and lr schedule. Under expert parallelism the
+    module file holds data rank 0's memories only (see saved_as_dense): every rank's module weights
+    are then set from its fp32 master partitions, as a step sets them."""
+    moe = getattr(engine, "has_moe_layers", False)
+    with saved_as_dense(engine):
+        loaded = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+    if moe and loaded[0] is not None:
+        engine.optimizer.update_lp_params()
+    return loaded
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -307,6 +337,11 @@ def read_rank_state(ckpt: Path, rank: int) -> Optional[dict]:
 def tensor_parallel_size(ckpt: Path) -> int:
     """The parallel.tensor a checkpoint was saved with (1 before tensor parallelism existed)."""
     return int((read_trainer_state(ckpt).get("parallel") or {}).get("tensor", 1))
+
+
+def expert_parallel_size(ckpt: Path) -> int:
+    """The parallel.expert a checkpoint was saved with (1 before expert parallelism existed)."""
+    return int((read_trainer_state(ckpt).get("parallel") or {}).get("expert", 1))
 
 
 def model_state_file(ckpt: Path, tensor_rank: int = 0) -> Path:
@@ -340,17 +375,23 @@ def check_shapes(ckpt: Path, model: torch.nn.Module, upgrade: bool = True) -> No
     model_tp = getattr(getattr(model, "topology", None), "tensor", None)
     model_tp = model_tp.size if model_tp is not None else 1
     # under ZeRO-3 a parameter is a partitioned (0,)-shaped placeholder; ds_shape is its real shape
-    ours = {n: whole_shape(n, tuple(getattr(p, "ds_shape", p.shape)), model_tp) for n, p in model.named_parameters()}
+    model_ep = getattr(getattr(model, "topology", None), "expert", None)
+    model_ep = model_ep.size if model_ep is not None else 1
+    ours = {n: _whole_over_experts(whole_shape(n, tuple(getattr(p, "ds_shape", p.shape)), model_tp),
+                                   model_ep if getattr(p, "allreduce", True) is False else 1)
+            for n, p in model.named_parameters()}
     if isinstance(shapes, list):  # ZeRO: one dict per param group
         saved = {n: tuple(s) for group in shapes for n, s in group.items()}
     elif sd.get("module") is not None:
         saved = {n: tuple(t.shape) for n, t in sd["module"].items()}
     else:
         return
-    ckpt_tp = tensor_parallel_size(ckpt)
-    if ckpt_tp > 1:
+    ckpt_tp, ckpt_ep = tensor_parallel_size(ckpt), expert_parallel_size(ckpt)
+    if ckpt_tp > 1 or ckpt_ep > 1:
+        model_cfg = (read_trainer_state(ckpt).get("config") or {}).get("model") or {}
         try:
-            saved = {n: whole_shape(n, s, ckpt_tp) for n, s in saved.items()}
+            saved = {n: _whole_over_experts(whole_shape(n, s, ckpt_tp), ckpt_ep if _is_memory_stack(n, model_cfg)
+                                            else 1) for n, s in saved.items()}
         except KeyError as e:
             raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e.args[0]}") from None
     upgraded = _upgrade(saved, ckpt)
@@ -373,6 +414,11 @@ def check_shapes(ckpt: Path, model: torch.nn.Module, upgrade: bool = True) -> No
         if unexpected:
             lines.append("not in model: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
         raise CheckpointError(f"checkpoint {str(ckpt)!r} does not fit the model: " + " | ".join(lines))
+
+
+def _whole_over_experts(shape: tuple, expert_size: int) -> tuple:
+    """The shape of a memory stack whole over `expert_size` expert ranks (memories along dim 0)."""
+    return (shape[0] * expert_size, *shape[1:]) if expert_size > 1 else tuple(shape)
 
 
 def deepspeed_safe_globals() -> list:
@@ -441,6 +487,10 @@ def load_model_state_dict(ckpt: Path) -> dict:
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt)  # complete, every file as saved, or a clear error naming the file
     tp = tensor_parallel_size(ckpt)
+    if expert_parallel_size(ckpt) > 1:
+        from ..parallel.parallelize import unshard
+        shards = [_expert_parallel_state_dict(ckpt, r) for r in range(tp)]
+        return _upgrade({n: unshard(n, [s[n] for s in shards]) for n in shards[0]}, ckpt)
     if tp > 1:  # each tensor rank's weights, then the whole parameters
         from ..parallel.parallelize import unshard
         shards = [_tensor_rank_state_dict(ckpt, r) for r in range(tp)]
@@ -474,3 +524,50 @@ def _zero_fp32_state_dict(ckpt: Path) -> dict:
     with _weights_only_torch_load():
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _expert_parallel_state_dict(ckpt: Path, tensor_rank: int) -> dict:
+    """The fp32 master weights of one tensor rank of an expert-parallel ZeRO-1/2 checkpoint, whole
+    over the expert ranks. Each data rank's optimizer file holds its partition of every parameter
+    group, and where each parameter's pieces lie in it (`param_slice_mappings`); a dense group is
+    partitioned over the data ranks, a group of memories over the ranks holding the same memories
+    (data rank d holds expert shard d mod EP). A parameter is its pieces in data-rank order; a memory
+    stack is then its expert shards joined along the memories."""
+    from ..parallel.plan import placement
+    state = read_trainer_state(ckpt)
+    ep = expert_parallel_size(ckpt)
+    files = sorted(ckpt.glob(f"*zero_pp_rank_*_mp_rank_{tensor_rank:02d}_optim_states.pt"),
+                   key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    if not files:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no ZeRO-1/2 optimizer files for tensor rank "
+                              f"{tensor_rank} (expert-parallel checkpoints are ZeRO-1/2)")
+    shapes = torch.load(model_state_file(ckpt, tensor_rank), map_location="cpu", weights_only=True,
+                        mmap=True)["param_shapes"]
+    shapes = {n: s for group in shapes for n, s in group.items()}
+    model_cfg = (state.get("config") or {}).get("model") or {}
+    pieces: dict = {}  # (name, expert shard or None) -> [flat pieces in data-rank order]
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        for d, f in enumerate(files):
+            osd = torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+            for flat, mapping in zip(osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]):
+                for name, frag in mapping.items():
+                    expert = d % ep if _is_memory_stack(name, model_cfg) else None
+                    pieces.setdefault((name, expert), []).append(flat.narrow(0, frag.start, frag.numel))
+    out = {}
+    for name, shape in shapes.items():
+        if _is_memory_stack(name, model_cfg):
+            stacks = [torch.cat(pieces[(name, e)]).view(shape) for e in range(ep)]
+            out[name] = torch.cat(stacks, placement(name).expert_dim).float()
+        else:
+            out[name] = torch.cat(pieces[(name, None)]).view(shape).float()
+    return out
+
+
+def _is_memory_stack(name: str, model_cfg: dict) -> bool:
+    """Whether a parameter is a stack of the routed memories (split by expert parallelism): their
+    projections, and their convs when each memory has its own."""
+    from ..parallel.plan import MEMORY_CONV, placement
+    place = placement(name)
+    if place.expert_dim is None or model_cfg.get("arch") != "mom":
+        return False
+    return place is not MEMORY_CONV or bool(model_cfg.get("per_memory_conv"))

@@ -198,11 +198,21 @@ class Trainer:
                               + "; ".join(diff) + ". Pass train.allow_config_change_on_resume=true to load "
                               "it anyway (tensors must still fit), or --resume none to start over")
         saved_tp = (state.get("parallel") or {}).get("tensor", 1)
+        saved_ep = (state.get("parallel") or {}).get("expert", 1)
         saved_zero = ((state.get("config") or {}).get("train") or {}).get("zero_stage", self.cfg.train.zero_stage)
         ours_tp, zero = self.topology.tensor.size, self.cfg.train.zero_stage
+        ours_ep = self.topology.expert.size
         saved_world = state.get("world_size") or self.dist.world_size
-        if saved_tp == ours_tp and (saved_world == self.dist.world_size or (zero == 0 and saved_zero == 0)):
+        same_world = saved_world == self.dist.world_size
+        if saved_tp == ours_tp and saved_ep == ours_ep and (same_world or (zero == 0 and saved_zero == 0)):
             return  # the same layout (ZeRO-0 files hold no data-parallel partition: any data size)
+        if saved_ep > 1 or ours_ep > 1:
+            raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at parallel.tensor="
+                              f"{saved_tp}, parallel.expert={saved_ep}; this run has {self.dist.world_size} at "
+                              f"parallel.tensor={ours_tp}, parallel.expert={ours_ep}. An expert-parallel run resumes "
+                              f"at its own layout (its optimizer state is not re-split across expert sizes yet); "
+                              f"resume with that layout, or start a new run from its weights with "
+                              f"train.init_from={path}")
         if saved_zero in (1, 2) and zero in (1, 2):
             # DeepSpeed's universal form re-splits the weights and the optimizer state (checkpoint.to_universal)
             self.reshard = (saved_tp, saved_world)
@@ -277,9 +287,11 @@ class Trainer:
         model.activation_checkpointing = cfg.train.activation_checkpointing
         if self.dist.is_main and not self.quiet:
             pc = count_parameters(model)
+            experts = self.topology.expert.size
             log.info("model: %s, %.1fM parameters (%.1fM activated per token), %s, ZeRO-%d, %d data-parallel x %d "
-                     "tensor-parallel ranks", cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision,
-                     cfg.train.zero_stage, self.batching.dp_size, self.topology.tensor.size)
+                     "tensor-parallel ranks%s", cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision,
+                     cfg.train.zero_stage, self.batching.dp_size, self.topology.tensor.size,
+                     f", memories split over {experts} expert-parallel ranks" if experts > 1 else "")
         # built whole on every rank (same seed), this rank's shard kept
         model = parallelize(model, self.topology, cfg.parallel.tensor_sequence_parallel)
         mpu = self.topology.mpu() if self.topology.tensor.size > 1 else None
@@ -358,8 +370,7 @@ class Trainer:
         load_dir, tag = path.parent, path.name
         if self.reshard is not None:
             load_dir, tag = self._universal(path)
-        load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        load_path, _ = ckpt.load_engine_checkpoint(self.engine, load_dir, tag)
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load checkpoint {str(path)!r}")
         rank_state = ckpt.read_rank_state(path, self.dist.rank)
