@@ -229,15 +229,19 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 3
     max_nonfinite_in_row: int = 5
+    # a warning when a memory's share of the routed slots (over the data-parallel ranks) stays under
+    # collapse_share x its balanced share (1 / num_memories) for collapse_logs logged steps in a row
+    collapse_share: float = 0.1
+    collapse_logs: int = 10
     allow_config_change_on_resume: bool = False
     init_from: Optional[str] = None  # checkpoint whose weights start a NEW run (e.g. from `convert from-hf`)
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_last",
-                    "max_nonfinite_in_row", "eval_steps"):
+                    "max_nonfinite_in_row", "eval_steps", "collapse_logs"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
-        for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+        for key in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip", "collapse_share"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
         if self.warmup_steps > self.max_steps:  # the lr would never reach train.lr

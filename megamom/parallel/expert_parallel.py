@@ -76,9 +76,9 @@ class ExpertParallelDispatcher(Dispatcher):
         # 4. one packing of the received rows (+ this rank's tokens for the shared memory), segments
         # (memory, source, document): within a memory the received order is (source, document, position)
         A_recv = sum(recv)
-        source = torch.repeat_interleave(torch.arange(P, device=device), torch.tensor(recv, device=device),
-                                         output_size=A_recv)
-        docs = torch.tensor(docs_from, device=device)[source]
+        # (from the received header, on the device: no host-to-device copy)
+        source = torch.repeat_interleave(torch.arange(P, device=device), received_header[:, 0], output_size=A_recv)
+        docs = received_header[:, 1][source]
         stride = max(docs_from)  # documents per source in the segment numbering
         mem_all, doc_all, x_all = key_recv // docs, source * stride + key_recv % docs, x_recv
         if self.shared:

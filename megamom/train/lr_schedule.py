@@ -20,7 +20,8 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
 class WarmupCosine:
     def __init__(self, optimizer, peak_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float):
         self.optimizer = optimizer
-        self.peak_lr, self.warmup_steps, self.max_steps, self.min_lr_ratio = peak_lr, warmup_steps, max_steps, min_lr_ratio
+        self.peak_lr, self.warmup_steps = peak_lr, warmup_steps
+        self.max_steps, self.min_lr_ratio = max_steps, min_lr_ratio
         self.step_count = 0
         self._apply()
 

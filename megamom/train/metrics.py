@@ -48,7 +48,8 @@ class MetricsLogger:
             if resume_step and path.is_file():
                 self._logged_at_resume = _truncate_after(path, resume_step)
             # purge_step drops events of steps after the resume point (a crash replays them).
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"),
+                                        purge_step=resume_step + 1 if resume_step else None)
             self.resume_step = resume_step
             self.jsonl = open(path, "a")
 

@@ -115,6 +115,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_in_row = 0
+        self._low_share: dict = {}  # (layer, memory) -> logged steps in a row under the collapse floor
         self.skipped_steps = 0
         self._last_saved: Optional[tuple[int, Path]] = None  # (step, directory) of the newest save
         self.run_id: Optional[str] = None
@@ -219,7 +220,8 @@ class Trainer:
             return
         raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at "
                           f"parallel.tensor={saved_tp}, ZeRO-{saved_zero}; this run has {self.dist.world_size} at "
-                          f"parallel.tensor={ours_tp}, ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints with train.zero_stage=1 or 2 "
+                          f"parallel.tensor={ours_tp}, ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints "
+                          f"with train.zero_stage=1 or 2 "
                           f"(re-split through DeepSpeed's universal checkpoint); else resume with the same layout, or "
                           f"start a new run from its weights (resharded on load) with train.init_from={path}")
 
@@ -423,6 +425,31 @@ class Trainer:
             out.pop("segment_ids", None)
         return out
 
+    def _memory_shares(self, stats) -> list[list[float]]:
+        """Per routed layer, each memory's share of the routed slots of the last micro-batch, over
+        every data-parallel rank (the tensor ranks of one data rank routed the same tokens)."""
+        shares = torch.stack([s.token_fraction.detach().float() for s in stats])
+        if self.topology.data.size > 1:
+            dist.all_reduce(shares, group=self.topology.data.group)
+            shares /= self.topology.data.size
+        return shares.tolist()
+
+    def _watch_collapse(self, shares: list[list[float]]) -> None:
+        """Warn once when a memory's share stays under train.collapse_share x its balanced share for
+        train.collapse_logs logged steps in a row (a collapsed memory: its router stopped choosing it)."""
+        t = self.cfg.train
+        floor = t.collapse_share / max(len(shares[0]), 1)
+        for i, layer in enumerate(shares):
+            for e, share in enumerate(layer):
+                key = (i, e)
+                low = self._low_share.get(key, 0) + 1 if share < floor else 0
+                self._low_share[key] = low
+                if low == t.collapse_logs and self.dist.is_main:
+                    log.warning("memory %d of layer %d has received %.2g%% of the routed slots (under %.2g%%) for "
+                                "%d logged steps in a row: it has collapsed; raise model.aux_loss_coef, or check "
+                                "the routing with the router/layer%d/mem* metrics", e, i, 100 * share, 100 * floor,
+                                low, i)
+
     def _reduce_mean(self, values: torch.Tensor) -> list[float]:
         t = values.to(self.dist.device)
         if self.dist.world_size > 1:
@@ -511,10 +538,12 @@ class Trainer:
                 if stats:
                     values["aux_loss"] = aux
                     values["z_loss"] = z
+                    shares = self._memory_shares(stats)
                     for i, s in enumerate(stats):
                         values[f"router/layer{i}/aux"] = float(s.aux_loss.detach())
-                        for e, frac in enumerate(s.token_fraction.tolist()):
+                        for e, frac in enumerate(shares[i]):
                             values[f"router/layer{i}/mem{e}"] = frac
+                    self._watch_collapse(shares)
                 self.metrics.log(self.step, values)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")

@@ -2,6 +2,7 @@
 losses of one process on the same global batch, resumes bitwise after kill -9, and its checkpoint
 consolidates to the one-process run's weights; a resume at another expert size is refused before
 any work, naming the way out."""
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_train import losses, train  # noqa: E402
 
 from megamom.train import checkpoint as ckpt  # noqa: E402
+
+
+def shares(out_dir, step: int) -> dict:
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train" and rec["step"] == step:
+            return {k: v for k, v in rec.items() if k.startswith("router/") and "/mem" in k}
+    raise AssertionError(f"no train record of step {step}")
 
 
 def test_ep2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, megamom_env, megamom_exe):
@@ -26,6 +35,11 @@ def test_ep2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, 
     assert "memories split over 2 expert-parallel ranks" in r.stderr + r.stdout
     a, b = losses(one), losses(straight)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    # the memories' shares of the first step are the global batch's (the two ranks' averaged)
+    share_one, share_ep = shares(one, 1), shares(straight, 1)
+    assert len(share_one) == 2 * 4 and abs(sum(v for k, v in share_one.items() if "layer0" in k) - 1) < 1e-6
+    assert share_one.keys() == share_ep.keys()
+    assert all(abs(share_one[k] - share_ep[k]) < 1e-6 for k in share_one), (share_one, share_ep)
     for s in a:
         assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), f"step {s}: 1 process {a[s]} vs EP=2 {b[s]}"
 
