@@ -122,18 +122,31 @@ def _deepspeed_moe_marker(num_experts: int):
     return ExpertParallelMarker()
 
 
+_registered: set = set()  # DeepSpeed group names registered by this process
+
+
 def register_expert_groups(model) -> None:
-    """Before deepspeed.initialize, for a model parallelized with expert parallelism: give
-    DeepSpeed's group registry (deepspeed.utils.groups) the topology's expert and expert-data groups
-    under the name its marked parameters carry, and mark the model as MoE for the engine."""
+    """Before deepspeed.initialize: give DeepSpeed's group registry (deepspeed.utils.groups) the
+    topology's expert and expert-data groups under the name the marked memory parameters carry, and
+    mark the model as MoE for the engine; a model without expert parallelism clears what an earlier
+    engine of this process registered (DeepSpeed's universal-checkpoint loader splits expert
+    parameters by whatever the registry holds)."""
     from deepspeed.utils import groups
 
     from .parallelize import expert_group_name
-    top = model.topology
+    for name in _registered:
+        for registry in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                         groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            registry.pop(name, None)
+    _registered.clear()
+    top = getattr(model, "topology", None)
+    if top is None or top.expert.size == 1:
+        return
     name = expert_group_name(top.expert.size)
     groups._EXPERT_PARALLEL_GROUP[name] = top.expert.group
     groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(top.expert.ranks)
     groups._EXPERT_DATA_PARALLEL_GROUP[name] = top.expert_data.group
     groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(top.expert_data.ranks)
+    _registered.add(name)
     if not hasattr(model, "expert_parallel_marker"):
         model.expert_parallel_marker = _deepspeed_moe_marker(model.config.num_memories)

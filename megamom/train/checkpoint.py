@@ -528,11 +528,18 @@ def _zero_fp32_state_dict(ckpt: Path) -> dict:
 
 def _expert_parallel_state_dict(ckpt: Path, tensor_rank: int) -> dict:
     """The fp32 master weights of one tensor rank of an expert-parallel ZeRO-1/2 checkpoint, whole
-    over the expert ranks. Each data rank's optimizer file holds its partition of every parameter
-    group, and where each parameter's pieces lie in it (`param_slice_mappings`); a dense group is
-    partitioned over the data ranks, a group of memories over the ranks holding the same memories
-    (data rank d holds expert shard d mod EP). A parameter is its pieces in data-rank order; a memory
-    stack is then its expert shards joined along the memories."""
+    over the expert ranks (see _merged_zero_states)."""
+    return {n: states["fp32"] for n, states in _merged_zero_states(ckpt, tensor_rank).items()}
+
+
+def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
+    """name -> {"fp32", "exp_avg", "exp_avg_sq": float32 tensors, "step"}: one tensor rank's parameters
+    and Adam state from a ZeRO-1/2 checkpoint, whole over data and expert ranks. Each data rank's
+    optimizer file holds its partition of every parameter group, and where each parameter's pieces
+    lie in it (`param_slice_mappings`); a dense group is partitioned over the data ranks, a group of
+    memories over the ranks holding the same memories (data rank d holds expert shard d mod EP). A
+    parameter is its pieces in data-rank order; a memory stack is then its expert shards joined along
+    the memories."""
     from ..parallel.plan import placement
     state = read_trainer_state(ckpt)
     ep = expert_parallel_size(ckpt)
@@ -545,21 +552,93 @@ def _expert_parallel_state_dict(ckpt: Path, tensor_rank: int) -> dict:
                         mmap=True)["param_shapes"]
     shapes = {n: s for group in shapes for n, s in group.items()}
     model_cfg = (state.get("config") or {}).get("model") or {}
-    pieces: dict = {}  # (name, expert shard or None) -> [flat pieces in data-rank order]
+    pieces: dict = {}  # (name, expert shard or None, state) -> [flat pieces in data-rank order]
+    steps: dict = {}
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for d, f in enumerate(files):
             osd = torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
-            for flat, mapping in zip(osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]):
+            adam = osd["base_optimizer_state"]["state"]
+            for i, (flat, mapping) in enumerate(zip(osd["single_partition_of_fp32_groups"],
+                                                    osd["param_slice_mappings"])):
+                flats = {"fp32": flat, **{k: adam[i][k] for k in ("exp_avg", "exp_avg_sq") if i in adam}}
                 for name, frag in mapping.items():
                     expert = d % ep if _is_memory_stack(name, model_cfg) else None
-                    pieces.setdefault((name, expert), []).append(flat.narrow(0, frag.start, frag.numel))
+                    for key, t in flats.items():
+                        pieces.setdefault((name, expert, key), []).append(t.narrow(0, frag.start, frag.numel))
+                    if i in adam:
+                        steps[name] = adam[i]["step"]
     out = {}
     for name, shape in shapes.items():
-        if _is_memory_stack(name, model_cfg):
-            stacks = [torch.cat(pieces[(name, e)]).view(shape) for e in range(ep)]
-            out[name] = torch.cat(stacks, placement(name).expert_dim).float()
-        else:
-            out[name] = torch.cat(pieces[(name, None)]).view(shape).float()
+        stack = _is_memory_stack(name, model_cfg)
+        merged = {}
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            if (name, 0 if stack else None, key) not in pieces:
+                continue
+            if stack:
+                shards = [torch.cat(pieces[(name, e, key)]).view(shape) for e in range(ep)]
+                merged[key] = torch.cat(shards, placement(name).expert_dim).float()
+            else:
+                merged[key] = torch.cat(pieces[(name, None, key)]).view(shape).float()
+        merged["step"] = steps.get(name)
+        out[name] = merged
+    return out
+
+
+def to_universal_by_name(ckpt: Path, out: Path) -> Path:
+    """DeepSpeed's universal form of a ZeRO-1/2 checkpoint written here rather than by
+    deepspeed.checkpoint.ds_to_universal, which cannot read memories split over expert ranks: per
+    parameter the whole fp32 weights and Adam moments (joined over data, expert and tensor ranks)
+    with how a loading rank takes its piece (`cat_dim` for its tensor shard; memory stacks marked as
+    expert parameters, which DeepSpeed's loader splits over the expert ranks of the new layout);
+    the optimizer's global state; the module files. An engine of any data, tensor and expert size
+    loads it with `checkpoint.load_universal`."""
+    from deepspeed.checkpoint.constants import CAT_DIM, EP_IS_EXPERT_PARAM, EP_NUM_EXPERTS, PARAM
+
+    from ..parallel.parallelize import unshard
+    from ..parallel.plan import placement
+    out = Path(out)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "zero").mkdir(parents=True)
+    state = read_trainer_state(ckpt)
+    model_cfg = (state.get("config") or {}).get("model") or {}
+    tp = tensor_parallel_size(ckpt)
+    ranks = [_merged_zero_states(ckpt, t) for t in range(tp)]
+    for name in ranks[0]:
+        folder = tmp / "zero" / name
+        folder.mkdir()
+        stack = _is_memory_stack(name, model_cfg)
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            if key in ranks[0][name]:
+                whole = unshard(name, [r[name][key] for r in ranks])
+                entry = {PARAM: whole, CAT_DIM: placement(name).tensor_dim or 0}
+                if stack:
+                    entry.update({EP_IS_EXPERT_PARAM: True, EP_NUM_EXPERTS: whole.shape[0]})
+                torch.save(entry, folder / f"{key}.pt")
+        if ranks[0][name]["step"] is not None:
+            torch.save(ranks[0][name]["step"], folder / "step.pt")
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        first = sorted(ckpt.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))[0]
+        osd = torch.load(first, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+    sharded = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")
+    common = {k: v for k, v in osd.items() if k not in sharded}
+    # the groups' hyperparameters, without their names: the loading engine's groups keep their own
+    # (its expert groups are named by its own expert size)
+    groups = osd["base_optimizer_state"]["param_groups"]
+    common["param_groups"] = [{k: v for k, v in g.items() if k not in ("name", "moe")} for g in groups]
+    if not any(g.get("moe") for g in groups):
+        # saved without expert parallelism: a loading engine with it has the memories in groups of
+        # their own after its dense ones, one per dense group holding memories (DeepSpeed's
+        # split_params_into_different_moe_groups_for_optimizer), and DeepSpeed's loader pairs the
+        # saved groups with its own by position: they get their dense group's hyperparameters
+        shapes = torch.load(model_state_file(ckpt, 0), map_location="cpu", weights_only=True, mmap=True)
+        holding = [i for i, names in enumerate(shapes["param_shapes"]) if any(_is_memory_stack(n, model_cfg)
+                                                                               for n in names)]
+        common["param_groups"] += [dict(common["param_groups"][i]) for i in holding]
+    torch.save(common, tmp / "zero" / "optimizer_state.pt")
+    for f in ckpt.glob("mp_rank_*_model_states.pt"):
+        shutil.copy2(f, tmp / f.name)
+    replace_dir(tmp, out)
     return out
 
 

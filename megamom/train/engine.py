@@ -21,9 +21,8 @@ def build_engine(cfg: Config, model: torch.nn.Module, batching, precision: str, 
     ds_config = build_deepspeed_config(cfg, batching, precision)
     if load_universal:  # the checkpoint to resume is in DeepSpeed's universal form (another layout)
         ds_config["checkpoint"] = {"load_universal": True}
-    if getattr(model, "topology", None) is not None and model.topology.expert.size > 1:
-        from ..parallel.expert_parallel import register_expert_groups
-        register_expert_groups(model)
+    from ..parallel.expert_parallel import register_expert_groups
+    register_expert_groups(model)  # (expert parallelism: DeepSpeed's MoE groups)
     groups = param_groups(model, t.weight_decay)
     optimizer = None if t.offload_optimizer else build_optimizer(groups, t, precision)
 

@@ -100,7 +100,8 @@ class Trainer:
         self.precision = _resolve_precision(cfg, self.dist.device)
         check_cuda_graph_setup(t, self.dist.device, self.precision)
         run_dir.check_writable(self.out_dir)
-        self.reshard: Optional[tuple[int, int]] = None  # (tensor size, world size) of a checkpoint of another layout
+        # (tensor size, expert size, world size) of a checkpoint of another layout
+        self.reshard: Optional[tuple[int, int, int]] = None
         self.resume_from = self._find_resume(resume)
 
         self._prepare_data()
@@ -207,21 +208,14 @@ class Trainer:
         same_world = saved_world == self.dist.world_size
         if saved_tp == ours_tp and saved_ep == ours_ep and (same_world or (zero == 0 and saved_zero == 0)):
             return  # the same layout (ZeRO-0 files hold no data-parallel partition: any data size)
-        if saved_ep > 1 or ours_ep > 1:
-            raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at parallel.tensor="
-                              f"{saved_tp}, parallel.expert={saved_ep}; this run has {self.dist.world_size} at "
-                              f"parallel.tensor={ours_tp}, parallel.expert={ours_ep}. An expert-parallel run resumes "
-                              f"at its own layout (its optimizer state is not re-split across expert sizes yet); "
-                              f"resume with that layout, or start a new run from its weights with "
-                              f"train.init_from={path}")
         if saved_zero in (1, 2) and zero in (1, 2):
             # DeepSpeed's universal form re-splits the weights and the optimizer state (checkpoint.to_universal)
-            self.reshard = (saved_tp, saved_world)
+            self.reshard = (saved_tp, saved_ep, saved_world)
             return
         raise ConfigError(f"checkpoint {str(path)!r} was saved by {saved_world} processes at "
-                          f"parallel.tensor={saved_tp}, ZeRO-{saved_zero}; this run has {self.dist.world_size} at "
-                          f"parallel.tensor={ours_tp}, ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints "
-                          f"with train.zero_stage=1 or 2 "
+                          f"parallel.tensor={saved_tp}, parallel.expert={saved_ep}, ZeRO-{saved_zero}; this run has "
+                          f"{self.dist.world_size} at parallel.tensor={ours_tp}, parallel.expert={ours_ep}, "
+                          f"ZeRO-{zero}. Another layout resumes from ZeRO-1/2 checkpoints with train.zero_stage=1 or 2 "
                           f"(re-split through DeepSpeed's universal checkpoint); else resume with the same layout, or "
                           f"start a new run from its weights (resharded on load) with train.init_from={path}")
 
@@ -399,19 +393,24 @@ class Trainer:
     def _universal(self, path: Path) -> tuple[Path, str]:
         """Rank 0 writes the universal form of a checkpoint of another layout into
         train.out_dir/universal/ (removed once loaded); every rank loads it from there."""
-        tp, world = self.reshard
+        tp, ep, world = self.reshard
         root = self.out_dir / "universal"
 
         def convert() -> None:
             if self.dist.is_main and not self.quiet:
-                log.info("resuming %s (%d processes, parallel.tensor=%d) at %d processes, parallel.tensor=%d: "
-                         "re-splitting weights and optimizer state through DeepSpeed's universal checkpoint",
-                         path, world, tp, self.dist.world_size, self.topology.tensor.size)
+                log.info("resuming %s (%d processes, parallel.tensor=%d, parallel.expert=%d) at %d processes, "
+                         "parallel.tensor=%d, parallel.expert=%d: re-splitting weights and optimizer state through "
+                         "DeepSpeed's universal checkpoint", path, world, tp, ep, self.dist.world_size,
+                         self.topology.tensor.size, self.topology.expert.size)
             try:
-                ckpt.to_universal(path, root / path.name)
+                if ep > 1 or self.topology.expert.size > 1:  # (ds_to_universal cannot read split memories)
+                    ckpt.to_universal_by_name(path, root / path.name)
+                else:
+                    ckpt.to_universal(path, root / path.name)
             except AssertionError as e:  # ds_to_universal's checks: a checkpoint without the info it needs
                 raise ConfigError(f"checkpoint {str(path)!r} cannot be re-split ({e}); resume it with its own layout "
-                                  f"({world} processes, parallel.tensor={tp}) or start a new run from its weights with "
+                                  f"({world} processes, parallel.tensor={tp}, parallel.expert={ep}) or start a new run "
+                                  f"from its weights with "
                                   f"train.init_from={path}") from None
         decide_on_main(convert, self.dist.device)
         return root, path.name

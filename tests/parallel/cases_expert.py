@@ -200,3 +200,68 @@ def save_resume_consolidate(expert: int, tensor: int, root: str, over: dict | No
     dist.barrier()
     torch.set_default_dtype(torch.float32)
     return str(path)
+
+
+def _whole_params(engine, top: Topology) -> dict:
+    """Every parameter whole: memory stacks gathered over the expert group, then tensor shards."""
+    from cases_tensor import _whole
+    out = {}
+    for n, p in engine.module.named_parameters():
+        t = p.detach()
+        if is_expert_param(p) and top.expert.size > 1:
+            pieces = [torch.empty_like(t) for _ in range(top.expert.size)]
+            dist.all_gather(pieces, t.contiguous(), group=top.expert.group)
+            t = torch.cat(pieces, 0)
+        out[n] = _whole(n, t, top)
+    return out
+
+
+def reshard_resume(expert_from: int, expert_to: int, tensor: int, root: str, over: dict | None = None):
+    """A ZeRO-1 checkpoint saved at EP=`expert_from` resumes at EP=`expert_to` (same world and
+    tensor size) through the universal form written by checkpoint.to_universal_by_name: the next step
+    of the resumed engine gives the whole parameters the original engine's next step gives."""
+    from pathlib import Path
+
+    from megamom.train import checkpoint as ckpt
+
+    from cases_tensor import deepspeed_engine
+    torch.set_default_dtype(torch.float64)
+    cfg = Config()
+    cfg.model = model_config(**(over or {}))
+    cfg.train.zero_stage, cfg.train.lr, cfg.train.grad_clip = 1, 1e-2, 0.05
+    cfg.train.adam_eps = 1.0  # (a well-conditioned update: see cases_tensor.deepspeed_step)
+
+    def engine_at(expert, universal=False):
+        top = topology(expert, tensor)
+        torch.manual_seed(0)
+        return deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top, universal), top
+
+    def step(e, top, seed):
+        ids, labels, seg = batch(2, 24, seed + top.data.rank)
+        e.backward(e(ids, labels=labels, segment_ids=seg).loss)
+        e.step()
+
+    root = Path(root)
+    a, top_a = engine_at(expert_from)
+    step(a, top_a, 1)
+    state = {"step": 1, "run_id": "t", "world_size": dist.get_world_size(), "config": cfg.to_dict(),
+             "parallel": {"tensor": tensor, "sequence": 1, "expert": expert_from}}
+    path = ckpt.save_checkpoint(a, root, 1, state, {}, dist.get_rank(), 2)
+    step(a, top_a, 2)
+    want = _whole_params(a, top_a)
+    if dist.get_rank() == 0:
+        ckpt.to_universal_by_name(path, root / "universal")
+    dist.barrier()
+    b, top_b = engine_at(expert_to, universal=True)
+    ckpt.load_engine_checkpoint(b, root, "universal")
+    step(b, top_b, 2)
+    got = _whole_params(b, top_b)
+    bad = []
+    for n in want:
+        try:
+            _close(got[n], want[n], f"{n} after the resumed step", 1e-6)
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, "; ".join(bad)
+    torch.set_default_dtype(torch.float32)
+    return True

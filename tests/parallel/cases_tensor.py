@@ -55,9 +55,8 @@ def deepspeed_engine(cfg: Config, model, top: Topology, universal: bool = False)
 
     from megamom.train.optim import build_deepspeed_config, build_optimizer, param_groups
     from megamom.train.trainer import Batching
-    if top.expert.size > 1:
-        from megamom.parallel.expert_parallel import register_expert_groups
-        register_expert_groups(model)
+    from megamom.parallel.expert_parallel import register_expert_groups
+    register_expert_groups(model)
     groups = param_groups(model, cfg.train.weight_decay)
     ds = build_deepspeed_config(cfg, Batching(2, 1, top.data.size), "fp32")
     if universal:

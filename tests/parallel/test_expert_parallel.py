@@ -54,3 +54,10 @@ def test_one_deepspeed_step_equals_one_process(pools, zero_stage, world, expert,
 def test_checkpoint_resumes_exactly_and_consolidates(pools, tmp_path, world, expert, tensor, over, zero_stage):
     paths = pools(world).run(cases.save_resume_consolidate, expert, tensor, str(tmp_path), over, zero_stage)
     assert len(set(paths)) == 1
+
+
+@pytest.mark.parametrize("world,expert_from,expert_to,tensor,over", [(2, 2, 1, 1, None), (2, 1, 2, 1, None),
+                                                                     (4, 2, 4, 1, {"num_memories": 8}),
+                                                                     (4, 2, 1, 2, {"per_memory_conv": True})])
+def test_a_checkpoint_resumes_at_another_expert_size(pools, tmp_path, world, expert_from, expert_to, tensor, over):
+    assert all(pools(world).run(cases.reshard_resume, expert_from, expert_to, tensor, str(tmp_path), over))

@@ -1,8 +1,8 @@
 """Expert parallelism through the CLI (torchrun, real DeepSpeed, real shards): EP=2 trains with the
-losses of one process on the same global batch, resumes bitwise after kill -9, and its checkpoint
-consolidates to the one-process run's weights; a resume at another expert size is refused before
-any work, naming the way out."""
+losses of one process on the same global batch, resumes bitwise after kill -9 and in one process
+(EP=1) with the same losses, and its checkpoint consolidates to the one-process run's weights."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +23,7 @@ def shares(out_dir, step: int) -> dict:
 
 
 def test_ep2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, megamom_env, megamom_exe):
-    one, straight, crashed = tmp_path / "one", tmp_path / "straight", tmp_path / "crashed"
+    one, straight, crashed, moved = (tmp_path / n for n in ("one", "straight", "crashed", "moved"))
     # (the balance loss is one micro-batch's, as under gradient accumulation: one process on 8 rows
     # and two ranks on 4 each balance other batches, so it is off here; the pool tests compare it
     # against one process on each rank's micro-batch)
@@ -46,8 +46,14 @@ def test_ep2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, 
     env = dict(megamom_env, MEGAMOM_FAULT="ckpt_after_commit:2")  # SIGKILL right after saving step 2
     r = train(megamom_exe, env, crashed, *ep, nproc=2, check=False, timeout=400)
     assert r.returncode != 0 and max(losses(crashed)) == 2
-    r = train(megamom_exe, megamom_env, crashed, *common, "train.micro_batch_size=8", check=False)
-    assert r.returncode == 2 and "parallel.expert=2" in r.stderr and "train.init_from=" in r.stderr
+    # the step-2 checkpoint resumed in one process (EP=1): weights and optimizer state re-split
+    # through the universal form, the losses continue the EP=2 run's
+    shutil.copytree(crashed, moved)
+    r = train(megamom_exe, megamom_env, moved, *common, "train.micro_batch_size=8")
+    assert "re-splitting weights and optimizer state" in r.stderr + r.stdout
+    m = losses(moved)
+    for s in (3, 4):
+        assert abs(m[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: EP=2 {b[s]} vs resumed at EP=1 {m[s]}"
     r = train(megamom_exe, megamom_env, crashed, *ep, nproc=2, timeout=400)
     assert "resumed from" in r.stderr + r.stdout
     c = losses(crashed)
