@@ -197,3 +197,13 @@ def test_autocast_routes_in_the_norm_for_sequences_and_in_the_mixer_for_decode_s
         assert calls == [5] * model.config.num_layers
         model(ids[:, 5:6], cache=pre.cache)
     assert calls == [5] * model.config.num_layers  # the decode step did not take the routed norm
+
+
+def test_generation_without_a_cache_equals_with_one():
+    """use_cache=False (for models whose memories are split over expert ranks) reruns the sequence
+    for every token and picks the same greedy tokens."""
+    from megamom.generate import generate
+    model = build()
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(3))
+    cached = generate(model, prompt, 6)
+    assert torch.equal(generate(model, prompt, 6, use_cache=False), cached)

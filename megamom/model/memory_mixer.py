@@ -292,6 +292,10 @@ class MemoryMixer(nn.Module, ParallelRegion):
         slot_w = self.enter_replicated(self._slot_weights(r, N, x.device, x.dtype))
         o = self._combine_output(o_rows, packing, slot_w, xf, xc, fused)
         new_cache = None
+        if (use_cache or cache is not None) and final_state is None:
+            raise RuntimeError("decoding with a cache needs every memory on one rank; this layer's memories are "
+                               "split over expert ranks: generate from the consolidated model (megamom convert, or "
+                               "checkpoint.load_model_state_dict) or with use_cache=False")
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
         stats = self.router.stats(r, fused) if r is not None else None
