@@ -48,11 +48,38 @@ def syncs_of(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def kernel_times(layer, x, doc_ids, num_docs, iters: int = 3) -> dict:
+    """GPU time per kernel name of one forward + backward (profiler, mean over iters)."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            forward_backward(layer, x, doc_ids, num_docs)
+        torch.cuda.synchronize()
+    per = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:70]] += e.device_time_total / iters
+    return per
+
+
+def print_kernel_differences(one, ep, x, doc_ids, num_docs, rows: int) -> None:
+    a, b = kernel_times(one, x, doc_ids, num_docs), kernel_times(ep, x, doc_ids, num_docs)
+    print(f"\nGPU time per fwd+bwd: one rank {sum(a.values()):.0f} us, expert-parallel {sum(b.values()):.0f} us; "
+          f"the largest differences (us, expert-parallel minus one rank):")
+    for name in sorted(set(a) | set(b), key=lambda n: -abs(b.get(n, 0) - a.get(n, 0)))[:rows]:
+        print(f"{b.get(n := name, 0) - a.get(n, 0):+9.1f}  {a.get(n, 0):8.1f} -> {b.get(n, 0):8.1f}  {name}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="also list the ROWS kernels whose GPU time differs most between the two paths")
     args = ap.parse_args()
     B, T = args.batch, args.seq
     torch.manual_seed(0)
@@ -100,6 +127,8 @@ def main():
             end.record()
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(end))
+    if args.profile:
+        print_kernel_differences(one, ep, xs, doc_ids, num_docs, args.profile)
     base = statistics.median(times["one rank"])
     print(f"\n{torch.cuda.get_device_name()}, B{B} T{T}, {num_docs} documents, mom-340m layer, bf16, fwd+bwd")
     print(f"{'path':<16} {'ms':>8} {'ratio':>6} {'syncs':>6} {'out err':>9} {'dx err':>9} {'dW err':>9}  (vs float64)")

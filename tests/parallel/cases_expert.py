@@ -63,7 +63,7 @@ def reduced_grad(name: str, p, top: Topology, num_memories: int) -> torch.Tensor
 
 
 def forward_and_grads(expert: int, tensor: int = 1, over: dict | None = None, segments: bool = True,
-                      force_memory: int | None = None, T: int = 24):
+                      force_memory: int | None = None, T: int = 24, tensor_sequence_parallel: bool = False):
     torch.set_default_dtype(torch.float64)
     cfg = model_config(**(over or {}))
     top = topology(expert, tensor)
@@ -75,7 +75,7 @@ def forward_and_grads(expert: int, tensor: int = 1, over: dict | None = None, se
     if force_memory is not None:
         _force_routing(ref, force_memory)
         _force_routing(whole, force_memory)
-    par = parallelize(whole, top)
+    par = parallelize(whole, top, tensor_sequence_parallel)
     batches = [batch(2, T, 100 + r) for r in range(data)]
     ref_stats = []
     for ids, labels, seg in batches:  # every data rank's micro-batch, losses averaged

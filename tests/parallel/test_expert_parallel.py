@@ -35,10 +35,11 @@ def test_without_documents(pools):
     pools(2).run(cases.forward_and_grads, 2, 1, None, False)
 
 
-@pytest.mark.parametrize("over", [None, {"shared_mem": False, "topk": 1}])
-def test_expert_and_tensor_parallelism(pools, over):
+@pytest.mark.parametrize("over,tensor_sequence_parallel", [(None, False), ({"shared_mem": False, "topk": 1}, False),
+                                                             (None, True)])
+def test_expert_and_tensor_parallelism(pools, over, tensor_sequence_parallel):
     # 4 ranks: TP 2 inside, EP 2 over the 2 data ranks of each tensor index
-    pools(4).run(cases.forward_and_grads, 2, 2, over)
+    pools(4).run(cases.forward_and_grads, 2, 2, over, True, None, 24, tensor_sequence_parallel)
 
 
 @pytest.mark.parametrize("zero_stage,world,expert,tensor", [(1, 2, 2, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 4, 2, 1),
