@@ -63,7 +63,8 @@ def reduced_grad(name: str, p, top: Topology, num_memories: int) -> torch.Tensor
 
 
 def forward_and_grads(expert: int, tensor: int = 1, over: dict | None = None, segments: bool = True,
-                      force_memory: int | None = None, T: int = 24, tensor_sequence_parallel: bool = False):
+                      force_memory: int | None = None, T: int = 24, tensor_sequence_parallel: bool = False,
+                      checkpointing: bool = False):
     torch.set_default_dtype(torch.float64)
     cfg = model_config(**(over or {}))
     top = topology(expert, tensor)
@@ -76,6 +77,7 @@ def forward_and_grads(expert: int, tensor: int = 1, over: dict | None = None, se
         _force_routing(ref, force_memory)
         _force_routing(whole, force_memory)
     par = parallelize(whole, top, tensor_sequence_parallel)
+    par.activation_checkpointing = checkpointing  # (the recomputation runs the all-to-alls again)
     batches = [batch(2, T, 100 + r) for r in range(data)]
     ref_stats = []
     for ids, labels, seg in batches:  # every data rank's micro-batch, losses averaged

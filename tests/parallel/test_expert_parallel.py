@@ -62,3 +62,7 @@ def test_checkpoint_resumes_exactly_and_consolidates(pools, tmp_path, world, exp
                                                                      (4, 2, 1, 2, {"per_memory_conv": True})])
 def test_a_checkpoint_resumes_at_another_expert_size(pools, tmp_path, world, expert_from, expert_to, tensor, over):
     assert all(pools(world).run(cases.reshard_resume, expert_from, expert_to, tensor, str(tmp_path), over))
+
+
+def test_activation_checkpointing_under_expert_parallelism(pools):
+    pools(2).run(cases.forward_and_grads, 2, 1, None, True, None, 24, False, True)
