@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack-bins", type=int, default=64,
                         help="packed layout: rows kept open for best-fit packing (1 keeps document order)")
     parser.add_argument("--unit-size", type=_size, default="64MiB",
-                        help="work unit: uncompressed .jsonl / line-mode .txt files are cut into pieces of this size")
+                        help="work unit: small files are grouped and uncompressed .jsonl / line-mode .txt files cut "
+                             "into units of about this size (lower it to keep all cores busy on a small corpus)")
     parser.add_argument("--shard-size", type=_size, default="64MiB", help="MDS shard size limit (uncompressed)")
     parser.add_argument("--compression", default="zstd", help="shard compression: zstd, zstd:LEVEL or none")
     parser.add_argument("--max-line-bytes", type=_size, default="256MiB",
@@ -50,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an output made with other inputs or settings")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--tasks", type=int, default=None,
+                        help="job array: the number of tasks (the same in every task and in the merge)")
+    parser.add_argument("--task", type=int, default=None,
+                        help="job array: do only this task's share of the work units (0 .. tasks-1), no manifest")
+    parser.add_argument("--merge", action="store_true",
+                        help="job array: after the tasks, write the index and manifest (fails naming unfinished tasks)")
 
 
 def run(args) -> int:
@@ -64,7 +71,8 @@ def run(args) -> int:
                       max_line_bytes=args.max_line_bytes)
     try:
         prepare(args.inputs, args.out, args.tokenizer, st, workers=args.workers, strict=args.strict,
-                overwrite=args.overwrite, progress=args.progress)
+                overwrite=args.overwrite, progress=args.progress, task=args.task, tasks=args.tasks,
+                merge=args.merge)
     except PrepError as e:
         print(f"megamom prep: error: {e}", file=sys.stderr)
         return 2

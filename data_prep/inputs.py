@@ -32,16 +32,29 @@ class InputFile:
 
 
 @dataclass(frozen=True)
-class Unit:
-    """A piece of work for one process: a whole file, a byte range of an uncompressed line-oriented
-    file, or a range of parquet row groups. Its output goes to `<split>/<uid>/`."""
+class Part:
+    """A piece of one file: the whole file, a byte range of an uncompressed line-oriented file, or
+    a range of parquet row groups."""
 
-    uid: str
     file: InputFile
     start: int = 0  # byte offset (line files) or first row group (parquet)
     end: Optional[int] = None  # exclusive; None = to the end
-    first: bool = True  # first unit of its file
-    binary: bool = False  # the file looked binary when planned: its one unit only reports that
+    first: bool = True  # first part of its file
+    binary: bool = False  # the file looked binary when planned: its one part only reports that
+    size: int = 0  # bytes it holds (uncompressed for parquet, on disk otherwise): what grouping weighs
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of work for one process: consecutive parts of about `unit_bytes` (many small files
+    make one unit, a big file several). Its output goes to `<split>/<uid>/`."""
+
+    uid: str
+    parts: tuple[Part, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
 
 
 def open_binary(f: InputFile):
@@ -69,13 +82,14 @@ def classify(path: str) -> Optional[tuple[str, Optional[str]]]:
     return fmt, comp
 
 
-def _input(path: str, key: str) -> InputFile:
+def _input(path: str, key: str) -> tuple[InputFile, tuple[int, int]]:
+    """The input file, and its identity (device, inode): one file reached by two paths is read once."""
     fmt, comp = classify(path)
     try:
         st = os.stat(path)
     except OSError as e:
         raise PrepError(f"input {path!r}: cannot stat ({e.strerror})") from None
-    return InputFile(os.path.abspath(path), key, fmt, comp, st.st_size, st.st_mtime_ns)
+    return InputFile(os.path.abspath(path), key, fmt, comp, st.st_size, st.st_mtime_ns), (st.st_dev, st.st_ino)
 
 
 def _walk(root: str) -> list[str]:
@@ -92,7 +106,7 @@ def discover(specs: list[str]) -> tuple[list[InputFile], list[str]]:
     whose type is not supported are skipped and listed; an explicitly named one is an error."""
     if not specs:
         raise PrepError("no inputs given: pass files, directories or globs of " + SUPPORTED)
-    inputs: dict[str, InputFile] = {}
+    inputs: dict[tuple[int, int], InputFile] = {}
     skipped: list[str] = []
     for spec in specs:
         spec = os.path.expanduser(spec)
@@ -117,9 +131,8 @@ def discover(specs: list[str]) -> tuple[list[InputFile], list[str]]:
             if classify(path) is None:
                 skipped.append(path)
                 continue
-            real = os.path.realpath(path)
-            if real not in inputs:
-                inputs[real] = _input(path, key.replace(os.sep, "/"))
+            f, ident = _input(path, key.replace(os.sep, "/"))
+            inputs.setdefault(ident, f)
     if not inputs:
         raise PrepError(f"no input files of a supported type ({SUPPORTED}) among {specs}; "
                         f"skipped: {skipped[:5]}")
@@ -142,49 +155,74 @@ def splittable(f: InputFile, txt_mode: str) -> bool:
 
 
 def plan_units(files: list[InputFile], txt_mode: str, unit_bytes: int) -> list[Unit]:
-    """Work units of the files. Text files are sniffed for binary content here, once per file: a
-    binary (or unopenable) file gets a single unit, so it is reported and counted once."""
+    """Work units of the files: their parts, in order, grouped into units of about `unit_bytes`, so
+    that a unit (and its shards) is large whatever the file layout. The plan depends only on the
+    files and the settings, never on the number of workers or tasks. Text files are sniffed for
+    binary content here, once per file: a binary (or unopenable) file is one part, so it is
+    reported and counted once."""
     units: list[Unit] = []
-    for i, f in enumerate(files):
-        ranges: list[tuple[int, Optional[int]]] = [(0, None)]
-        binary = False
-        if f.format != "parquet":
-            try:
-                binary = _sniff_binary(f)
-            except (OSError, EOFError, ValueError):  # unreadable: one unit, whose worker reports it
-                units.append(Unit(f"{i:05d}-0000", f))
-                continue
-        if binary:
-            pass  # one unit: the file is rejected once
-        elif splittable(f, txt_mode) and f.size > unit_bytes:
-            ranges = [(s, min(s + unit_bytes, f.size)) for s in range(0, f.size, unit_bytes)]
-        elif f.format == "parquet":
-            ranges = _parquet_ranges(f, unit_bytes)
-        for j, (s, e) in enumerate(ranges):
-            units.append(Unit(f"{i:05d}-{j:04d}", f, s, e, j == 0, binary))
+    group: list[tuple[str, Part]] = []
+    size = 0
+
+    def close():
+        nonlocal group, size
+        if group:
+            units.append(Unit(group[0][0], tuple(p for _, p in group)))
+        group, size = [], 0
+
+    for i, part_id, part in _parts(files, txt_mode, unit_bytes):
+        if group and size + part.size > unit_bytes:
+            close()
+        group.append((f"{i:05d}-{part_id:04d}", part))
+        size += part.size
+        if size >= unit_bytes:
+            close()
+    close()
     return units
 
 
+def _parts(files: list[InputFile], txt_mode: str, unit_bytes: int):
+    for i, f in enumerate(files):
+        if f.format == "parquet":
+            for j, (s, e, n) in enumerate(_parquet_ranges(f, unit_bytes)):
+                yield i, j, Part(f, s, e, j == 0, size=n)
+            continue
+        try:
+            binary = _sniff_binary(f)
+        except (OSError, EOFError, ValueError):  # unreadable: one part, whose worker reports it
+            yield i, 0, Part(f, size=f.size)
+            continue
+        if not binary and splittable(f, txt_mode) and f.size > unit_bytes:
+            for j, s in enumerate(range(0, f.size, unit_bytes)):
+                e = min(s + unit_bytes, f.size)
+                yield i, j, Part(f, s, e, j == 0, size=e - s)
+        else:  # a compressed file weighs its size on disk: an estimate, it cannot be cut anyway
+            yield i, 0, Part(f, binary=binary, size=f.size)
+
+
 def _sniff_binary(f: InputFile) -> bool:
+    if f.compression is None:  # unbuffered: a buffered read would fetch a whole block of every file
+        with open(f.path, "rb", buffering=0) as fh:
+            return b"\x00" in fh.read(SNIFF)
     with open_binary(f) as fh:
         return b"\x00" in fh.read(SNIFF)
 
 
-def _parquet_ranges(f: InputFile, unit_bytes: int) -> list[tuple[int, Optional[int]]]:
-    """Runs of row groups of about `unit_bytes` (uncompressed). An unreadable file gets one unit,
-    whose worker then reports the problem."""
+def _parquet_ranges(f: InputFile, unit_bytes: int) -> list[tuple[int, Optional[int], int]]:
+    """Runs of row groups of about `unit_bytes` (uncompressed), with their size. An unreadable file
+    is one range, whose worker then reports the problem."""
     try:
         import pyarrow.parquet as pq
 
         meta = pq.ParquetFile(f.path).metadata
     except Exception:
-        return [(0, None)]
+        return [(0, None, f.size)]
     ranges, start, size = [], 0, 0
     for g in range(meta.num_row_groups):
         size += meta.row_group(g).total_byte_size
         if size >= unit_bytes:
-            ranges.append((start, g + 1))
+            ranges.append((start, g + 1, size))
             start, size = g + 1, 0
     if start < meta.num_row_groups or not ranges:
-        ranges.append((start, meta.num_row_groups))
+        ranges.append((start, meta.num_row_groups, size))
     return ranges

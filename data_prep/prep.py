@@ -11,6 +11,11 @@ Output directory:
 A rerun with the same inputs and settings resumes (finished units are skipped) or, when the
 manifest is there, does nothing. Different settings or inputs in the same OUT are refused unless
 `overwrite=True`.
+
+A job array splits the work: `task=i, tasks=n` runs only the units task i of n owns (a fixed share,
+balanced by size, that depends only on the plan) and writes no manifest; `merge=True` then checks
+that every unit is finished (naming the tasks to rerun otherwise) and writes the index and the
+manifest. The result is byte for byte what one `prepare` of the same inputs writes.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from typing import Optional
 from megamom.fsutil import check_out
 
 from .errors import BadInput, PrepError, StrictStop
-from .inputs import InputFile, discover, plan_units
+from .inputs import InputFile, Unit, discover, plan_units
 from .worker import SPLITS, PrepSettings, init_worker, process_unit, token_dtype, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -65,26 +70,61 @@ def check_settings(st: PrepSettings) -> None:
         raise PrepError(f"shard_bytes={st.shard_bytes} must be below 4 GiB (MDS offsets are 32-bit)")
 
 
+# How inputs become work units (2: small files grouped): part of the fingerprint, so that an
+# unfinished run of a megamom that planned units otherwise is never resumed with this plan's markers.
+UNIT_PLAN = 2
+
+
 def _fingerprint(st: PrepSettings, tok, files: list[InputFile]) -> str:
-    blob = json.dumps({"settings": st.to_dict(), "tokenizer": tok.hash,
+    blob = json.dumps({"settings": st.to_dict(), "tokenizer": tok.hash, "unit_plan": UNIT_PLAN,
                        "inputs": [f.describe() for f in files]}, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _diff(old: dict, new: dict) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5]) or "the input files"
+    return (", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5])
+            or "the input files, or an earlier megamom that cut them into work units otherwise")
+
+
+def check_task(task: Optional[int], tasks: Optional[int], merge: bool, overwrite: bool) -> None:
+    if tasks is not None and tasks < 1:
+        raise PrepError(f"--tasks {tasks} must be >= 1 (the number of array tasks)")
+    if task is not None:
+        if tasks is None:
+            raise PrepError(f"--task {task} needs --tasks N, the array's size (the same in every task and the merge)")
+        if not 0 <= task < tasks:
+            raise PrepError(f"--task {task} is not in [0, {tasks}): the array of --tasks {tasks} is "
+                            f"--array=0-{tasks - 1}")
+        if merge:
+            raise PrepError("--task and --merge are two steps: the array tasks, then one merge job")
+    if overwrite and (task is not None or merge):
+        raise PrepError("--overwrite cannot be used in a job array (a task would delete what the others wrote): "
+                        "remove the output directory first, or choose another --out")
+
+
+def assign_tasks(units: list[Unit], n: int) -> dict[str, int]:
+    """uid -> the array task that owns it: largest units first, each to the least loaded task."""
+    loads, owner = [0] * n, {}
+    for u in sorted(units, key=lambda u: (-u.size, u.uid)):
+        k = min(range(n), key=lambda t: (loads[t], t))
+        owner[u.uid] = k
+        loads[k] += u.size
+    return owner
 
 
 def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[PrepSettings] = None, *,
             workers: Optional[int] = None, strict: bool = False, overwrite: bool = False,
-            progress: bool = True, log=None) -> dict:
-    """Tokenize `inputs` into `out`; returns the manifest. `tokenizer` is a path or a Tokenizer."""
+            progress: bool = True, log=None, task: Optional[int] = None, tasks: Optional[int] = None,
+            merge: bool = False) -> Optional[dict]:
+    """Tokenize `inputs` into `out`; returns the manifest (None from an array task, which writes
+    none). `tokenizer` is a path or a Tokenizer."""
     from megamom.tokenizer import load_tokenizer
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     st = settings or PrepSettings()
     check_settings(st)
+    check_task(task, tasks, merge, overwrite)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if st.add_eos and tok.eos_id is None:
         raise PrepError(f"tokenizer {tok.path!r} has no EOS token; pass --no-eos or use a tokenizer with one")
@@ -118,7 +158,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
             raise PrepError(f"{out} holds an unfinished run with other inputs or settings "
                             f"({_diff(old.get('settings', {}), st.to_dict())}); rerun it with the same "
                             "arguments to finish it, or pass --overwrite to start over")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not _ours(c.name) for c in out.iterdir()):
         raise PrepError(f"{out} exists, is not empty and is no prep output; choose another --out "
                         "(it is never deleted)")
     if overwrite and out.exists() and (manifest_path.is_file() or state.is_dir()):
@@ -135,14 +175,26 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
     units = plan_units(files, st.txt_mode, st.unit_bytes)
     done_dir = state / "units"
     todo = [u for u in units if not (done_dir / f"{u.uid}.json").is_file()]
-    if len(todo) < len(units):
+    if merge and todo:
+        raise PrepError(_unfinished(todo, units, tasks))
+    mine = todo
+    if task is not None:
+        owner = assign_tasks(units, tasks)
+        mine = [u for u in todo if owner[u.uid] == task]
+        log(f"prep: task {task} of {tasks}: {sum(owner[u.uid] == task for u in units)} of {len(units)} "
+            f"units are this task's, {len(mine)} to do")
+    elif len(todo) < len(units):
         log(f"prep: resuming: {len(units) - len(todo)} of {len(units)} units finished already")
-    nproc = max(1, min(workers or default_workers(), len(todo) or 1))
-    total_bytes = sum(_unit_bytes(u) for u in todo)
+    nproc = max(1, min(workers or default_workers(), len(mine) or 1))
+    total_bytes = sum(u.size for u in mine)
     t0 = time.perf_counter()
-    if todo:
-        _run(todo, st, out, strict, tok, nproc, total_bytes, progress)
+    if mine:
+        _run(mine, st, out, strict, tok, nproc, total_bytes, progress)
     elapsed = time.perf_counter() - t0
+    if task is not None:
+        log(f"prep: task {task} of {tasks} done: {len(mine)} units, {total_bytes / 1e6:.1f} MB in "
+            f"{elapsed:.1f} s; the merge step (the same arguments with --merge) writes the dataset")
+        return None
 
     reports = [json.loads((done_dir / f"{u.uid}.json").read_text()) for u in units]
     manifest = _finish(out, st, tok, files, skipped, units, reports, fp)
@@ -165,10 +217,21 @@ def prepare(inputs: list[str], out: str | Path, tokenizer, settings: Optional[Pr
     return manifest
 
 
-def _unit_bytes(u) -> int:
-    if u.file.format == "parquet" or u.end is None:
-        return u.file.size if u.first else 0
-    return u.end - u.start
+def _ours(name: str) -> bool:
+    """Entries a prep run makes in OUT before its job.json is there (another array task's, maybe)."""
+    return name == ".prep" or name.startswith(".megamom-probe-")
+
+
+def _unfinished(todo: list[Unit], units: list[Unit], tasks: Optional[int]) -> str:
+    msg = f"{len(todo)} of {len(units)} work units are not finished ({', '.join(u.uid for u in todo[:5])}"
+    msg += ", ...)" if len(todo) > 5 else ")"
+    if tasks:
+        owner = assign_tasks(units, tasks)
+        ids = sorted({owner[u.uid] for u in todo})
+        return (f"{msg}: array task(s) {','.join(map(str, ids))} of {tasks} failed or did not run; rerun them "
+                f"alone (sbatch --array={','.join(map(str, ids))} prep.sbatch with the same arguments), then "
+                "the merge again")
+    return f"{msg}: rerun the array tasks that failed, or `megamom prep` with the same arguments, then the merge"
 
 
 def _run(todo, st, out, strict, tok, nproc, total_bytes, progress) -> None:
@@ -182,7 +245,7 @@ def _run(todo, st, out, strict, tok, nproc, total_bytes, progress) -> None:
             init_worker(tok)
             for job in jobs:
                 process_unit(job)
-                bar.update(_unit_bytes(job[0]))
+                bar.update(job[0].size)
             return
         import megamom.data.streaming_compat  # noqa: F401  (imported once here; forked workers share it)
 
@@ -192,9 +255,9 @@ def _run(todo, st, out, strict, tok, nproc, total_bytes, progress) -> None:
             try:
                 # Largest units first: the pool's tail is then short.
                 by_uid = {j[0].uid: j[0] for j in jobs}
-                order = sorted(jobs, key=lambda j: -_unit_bytes(j[0]))
+                order = sorted(jobs, key=lambda j: -j[0].size)
                 for rep in pool.imap_unordered(process_unit, order, chunksize=1):
-                    bar.update(_unit_bytes(by_uid[rep["uid"]]))
+                    bar.update(by_uid[rep["uid"]].size)
             except BaseException:
                 pool.terminate()
                 raise

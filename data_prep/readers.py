@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
 from .errors import BadInput, StrictStop
-from .inputs import BLOCK, InputFile, Unit, open_binary
+from .inputs import BLOCK, InputFile, Part, Unit, open_binary
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in a str from json.loads: always unpaired
 
@@ -65,7 +65,13 @@ class Recorder:
 
 
 def read_unit(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
-    """All documents of a unit. File-level problems (unreadable, binary) end the unit's file early:
+    """All documents of a unit, part after part."""
+    for part in unit.parts:
+        yield from read_part(part, opt, rec)
+
+
+def read_part(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+    """All documents of a part of a file. File-level problems (unreadable, binary) end the unit's file early:
     what was read before stays counted, the file is counted as rejected, and a document the failure
     cut off (counted as read, not finished) is rejected as `truncated`, so that documents read =
     written + rejected holds. Pieces of it already handed on (a streamed document) stay where they
@@ -101,7 +107,7 @@ def read_unit(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
                                     f"the read failed inside it: {why}"))
 
 
-def _read(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+def _read(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     if unit.file.format == "parquet":
         yield from _parquet(unit, opt, rec)
     elif unit.file.format == "jsonl":
@@ -118,7 +124,7 @@ def _read(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
 # Lines
 # ---------------------------------------------------------------------------------------------
 
-def _lines(unit: Unit, limit: int) -> Iterator[tuple[int, bytes, bool, bool]]:
+def _lines(unit: Part, limit: int) -> Iterator[tuple[int, bytes, bool, bool]]:
     """(offset of the line, bytes, first piece, last piece) for the lines that *start* in
     [unit.start, unit.end). A line longer than `limit` comes in several pieces."""
     with open_binary(unit.file) as fh:
@@ -166,7 +172,7 @@ def _decode(data: bytes, f: InputFile, offset: int, line: Optional[int], opt: Re
         return data.decode("utf-8", errors="replace")
 
 
-def _jsonl(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+def _jsonl(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     f = unit.file
     lineno = 0 if unit.first else None  # line numbers of later byte ranges are filled in later
     path = opt.text_field.split(".")
@@ -241,7 +247,7 @@ def _whole(text: str, key: int, f: InputFile, line: Optional[int], opt: ReadOpti
     yield from doc.close()
 
 
-def _text_lines(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+def _text_lines(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     f = unit.file
     lineno = 0 if unit.first else None
     doc: Optional[_Streamed] = None
@@ -281,7 +287,7 @@ def _has_bad_utf8(b: bytes) -> bool:
         return e.reason != "unexpected end of data"
 
 
-def _text_paragraphs(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+def _text_paragraphs(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     """Documents separated by blank lines; the line breaks inside a paragraph are kept."""
     f = unit.file
     lineno = 0
@@ -337,7 +343,7 @@ def _text_paragraphs(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Pi
         yield from flush()
 
 
-def _text_file(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+def _text_file(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     """The whole file is one document, read in blocks."""
     f = unit.file
     rec.docs_read += 1
@@ -384,7 +390,7 @@ def _text_file(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     yield from doc.close()
 
 
-def _parquet(unit: Unit, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
+def _parquet(unit: Part, opt: ReadOptions, rec: Recorder) -> Iterator[Piece]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ import xxhash
 
 from .errors import StrictStop
 from .packing import columns, make_builder
-from .readers import ReadOptions, Recorder, read_unit
+from .readers import ReadOptions, Recorder, read_part
 
 SPLITS = ("train", "val")
 BATCH_CHARS = 1 << 20  # text handed to the tokenizer at once
@@ -121,7 +122,6 @@ def process_unit(job: tuple) -> dict:
     builders = [make_builder(st.layout, st.seq_len, dtype, emitter(i), st.pack_bins) for i in (0, 1)]
     bos = [tok.bos_id] if st.add_bos else []
     eos = [tok.eos_id] if st.add_eos else []
-    split_of = _Splitter(st.seed, unit.file.key, st.val_fraction)
     opt = ReadOptions(text_field=st.text_field, txt_mode=st.txt_mode, invalid_utf8=st.invalid_utf8,
                       max_line_bytes=st.max_line_bytes, chunk_chars=st.chunk_chars,
                       dummy_prefix=tok.dummy_prefix)
@@ -141,13 +141,15 @@ def process_unit(job: tuple) -> dict:
         batch, chars = [], 0
 
     try:
-        for piece in read_unit(unit, opt, rec):
-            if piece.start:
-                current = split_of(piece.key)
-            batch.append((piece, current))
-            chars += len(piece.text)
-            if chars >= BATCH_CHARS:
-                flush()
+        for part in unit.parts:  # documents of several files share the unit's batches and rows
+            split_of = _Splitter(st.seed, part.file.key, st.val_fraction)
+            for piece in read_part(part, opt, rec):
+                if piece.start:
+                    current = split_of(piece.key)
+                batch.append((piece, current))
+                chars += len(piece.text)
+                if chars >= BATCH_CHARS:
+                    flush()
         flush()
         for b in builders:
             b.finish()
@@ -161,7 +163,7 @@ def process_unit(job: tuple) -> dict:
         raise
 
     report = {
-        "uid": unit.uid, "path": unit.file.path, "start": unit.start, "end": unit.end,
+        "uid": unit.uid, "parts": [[p.file.path, p.start, p.end] for p in unit.parts],
         "documents_read": rec.docs_read, "utf8_replaced": rec.utf8_replaced, "blank_lines": rec.blank_lines,
         "rejected": dict(sorted(rec.rejected.items())), "files_rejected": dict(sorted(rec.files_rejected.items())),
         "splits": {SPLITS[i]: b.stats.to_dict() for i, b in enumerate(builders)},
@@ -181,7 +183,8 @@ def process_unit(job: tuple) -> dict:
 
 def write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # host and pid: the tasks of a job array may write the same file from several machines at once
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")

@@ -22,6 +22,7 @@ COMMANDS = {
     "generate": ("megamom.generate_cli", "generate text from a checkpoint or Hugging Face export"),
     "info": ("megamom.info", "parameters (total / activated) and FLOPs per token of a config"),
     "plan": ("megamom.parallel.planner", "per-GPU memory and communication of the layouts for a config on N GPUs"),
+    "launch": ("megamom.launchers.cli", "megamom train under torchrun on this node, keeping the trainer's exit codes"),
 }
 
 
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"megamom {name}", description=help_text)
     module.add_arguments(sub)
     try:  # options and dotted overrides in any order
-        args = sub.parse_intermixed_args(argv[1:])
+        if hasattr(module, "parse_args"):  # a command that hands unknown arguments on (launch)
+            args = module.parse_args(sub, argv[1:])
+        else:
+            args = sub.parse_intermixed_args(argv[1:])
     except TypeError:  # argparse cannot intermix with sub-parsers / REMAINDER: plain parsing then
         args = sub.parse_args(argv[1:])
     try:

@@ -1,7 +1,8 @@
 """Data prep: exact counts, decoded samples reproduce the input in order, layouts (concat / packed
 with document lengths), input formats (txt modes, jsonl, .gz, .zst, parquet, dirs, globs, byte-range
-units), idempotent rerun, crash + resume == uninterrupted (byte for byte), and every kind of bad
-input with its message and count (and --strict)."""
+units), small files grouped into units, idempotent rerun, crash + resume == uninterrupted (byte for
+byte), job-array tasks + merge == one run (byte for byte), and every kind of bad input with its
+message and count (and --strict)."""
 import gzip
 import json
 import os
@@ -41,6 +42,11 @@ def samples(out: Path, split="train"):
     """Decoded MDS samples of a split, in stored order (StreamingDataset over the local dir)."""
     ds = StreamingDataset(local=str(out / split), shuffle=False, batch_size=1)
     return [ds[i] for i in range(ds.num_samples)]
+
+
+def tree(root: Path) -> dict:
+    """Every file under root, by relative path: datasets compared byte for byte."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def stream_of(rows, seq_len):
@@ -262,8 +268,9 @@ def test_kill_midway_then_resume_equals_uninterrupted(tok, tmp_path):
     d.mkdir()
     for i in range(12):
         jsonl(d / f"part{i:02d}.jsonl", CHAPTERS[i * 40:(i + 1) * 40])
+    # files of 91-221 kB: units of 230 kB hold one file each (no two fit), 12 units
     args = [d.as_posix(), "--tokenizer", tok.path, "--seq-len", "64", "--val-fraction", "0.1", "--workers", "1",
-            "--no-progress"]
+            "--unit-size", "230000", "--no-progress"]
     cmd = [sys.executable, "-m", "megamom.cli", "prep"]
     ref = tmp_path / "ref"
     assert subprocess.run(cmd + args + ["--out", str(ref)], capture_output=True).returncode == 0
@@ -282,10 +289,6 @@ def test_kill_midway_then_resume_equals_uninterrupted(tok, tmp_path):
         read_manifest(out)
     r = subprocess.run(cmd + args + ["--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0 and f"resuming: {done} of 12 units finished already" in r.stderr
-
-    def tree(root):
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
     assert tree(out) == tree(ref)  # byte for byte, manifest included
 
 
@@ -411,3 +414,62 @@ def test_sizes_parse_once_and_bad_ones_are_usage_errors(capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 << 30 and parse_size(123) == 123
     with pytest.raises(ConvertError, match="shard size '5ib'"):
         parse_size("5ib")
+
+
+def test_small_files_are_grouped_into_units_of_about_unit_size(tok, tmp_path):
+    from megamom.data_prep.inputs import discover, plan_units
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(60):  # 60 one-document files of 1-8 kB
+        (d / f"f{i:02d}.txt").write_text(CHAPTERS[i])
+    files, _ = discover([str(d)])
+    biggest, unit = max(f.size for f in files), 40_000
+    plan = plan_units(files, "file", unit)
+    # consecutive files, each once, in order; every unit but the last holds more than
+    # unit_bytes - (the largest file) and at most unit_bytes
+    assert [p.file.path for u in plan for p in u.parts] == [f.path for f in files]
+    assert all(unit - biggest < u.size <= unit for u in plan[:-1]) and len(plan) < 60 // 4
+    m = prepare([str(d)], tmp_path / "out", tok, PrepSettings(seq_len=4096, unit_bytes=unit), workers=2, **QUIET)
+    assert m["units"] == len(plan) and m["counts"]["documents"]["written"] == 60
+    assert sorted(x.name for x in (tmp_path / "out" / "train").iterdir()) == sorted(
+        [u.uid for u in plan] + ["index.json"])  # one sub-dataset (and here one shard) per unit
+    docs = []
+    for r in samples(tmp_path / "out"):
+        ids, s = r["input_ids"].tolist(), 0
+        for n in r["doc_lens"].tolist():
+            assert ids[s + n - 1] == tok.eos_id
+            docs.append(tok.decode(ids[s:s + n - 1]))
+            s += n
+    assert sorted(docs) == sorted(CHAPTERS[:60])
+
+
+def test_job_array_tasks_and_merge_equal_one_run(tok, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(30):
+        jsonl(d / f"p{i:02d}.jsonl", CHAPTERS[i * 10:(i + 1) * 10])
+    kw = dict(seq_len=64, val_fraction=0.2, unit_bytes=60_000)
+    ref = prepare([str(d)], tmp_path / "ref", tok, PrepSettings(**kw), workers=2, **QUIET)
+    assert ref["units"] >= 5
+    out = tmp_path / "arr"
+    # task 1 of 3 "fails" (never runs): the merge names it and writes nothing
+    for i in (0, 2):
+        assert prepare([str(d)], out, tok, PrepSettings(**kw), workers=1, task=i, tasks=3, **QUIET) is None
+    with pytest.raises(PrepError, match=r"not finished.*array task\(s\) 1 of 3.*--array=1"):
+        prepare([str(d)], out, tok, PrepSettings(**kw), merge=True, tasks=3, **QUIET)
+    assert not (out / "manifest.json").exists()
+    prepare([str(d)], out, tok, PrepSettings(**kw), workers=1, task=1, tasks=3, **QUIET)  # rerun alone
+    m = prepare([str(d)], out, tok, PrepSettings(**kw), merge=True, tasks=3, **QUIET)
+    assert m == ref and tree(out) == tree(tmp_path / "ref")
+    # a rerun of a task or of the merge changes nothing
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    prepare([str(d)], out, tok, PrepSettings(**kw), task=2, tasks=3, **QUIET)
+    prepare([str(d)], out, tok, PrepSettings(**kw), merge=True, tasks=3, **QUIET)
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for bad, match in ((dict(task=3, tasks=3), r"--task 3 is not in \[0, 3\).*--array=0-2"),
+                       (dict(task=0), "needs --tasks N"), (dict(task=0, tasks=2, merge=True), "two steps"),
+                       (dict(task=0, tasks=2, overwrite=True), "--overwrite cannot be used in a job array")):
+        with pytest.raises(PrepError, match=match):
+            prepare([str(d)], tmp_path / "never", tok, PrepSettings(**kw), **bad, **QUIET)
+        assert not (tmp_path / "never").exists()

@@ -7,11 +7,9 @@ import os
 from importlib import resources
 
 from ..config import load_config
-
-# Exit codes: 0 trained to train.max_steps; 2 bad config or input (nothing written); 75 stopped by
-# SIGTERM / SIGUSR1 / Ctrl-C after writing a checkpoint (EX_TEMPFAIL: run the same command again,
-# or requeue the job, to resume); anything else: an error.
-EXIT_STOPPED = 75
+# exit codes: 0 trained to train.max_steps; 2 bad config or input (nothing written); EXIT_STOPPED (75)
+# after a checkpoint on SIGTERM / SIGUSR1 / Ctrl-C; anything else: an error
+from ..errors import EXIT_STOPPED
 
 
 def default_config_path() -> str:

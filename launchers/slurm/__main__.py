@@ -1,0 +1,5 @@
+import sys
+
+from .helper import main
+
+sys.exit(main())
