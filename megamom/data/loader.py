@@ -251,7 +251,7 @@ class ShardLoader:
         from torch.utils.data import DataLoader
 
         return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                          num_workers=self.num_workers, drop_last=True, worker_init_fn=_ignore_stop_signals,
+                          num_workers=self.num_workers, drop_last=True,
                           persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
 
     def __iter__(self) -> Iterator[dict]:
@@ -351,11 +351,3 @@ def datasets_without_split(data_cfg: DataConfig, split: str) -> list[str]:
     return [p for p in data_cfg.paths
             if not Source(p, data_cfg.cache_dir, data_cfg.download_timeout).manifest["splits"].get(split)]
 
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """In a loader worker: a scheduler signals every process of a job step (Slurm's preemption
-    notice), and the trainer answers SIGTERM / SIGUSR1 / Ctrl-C by finishing its step and saving; a
-    worker killed by the signal would fail that step first."""
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
