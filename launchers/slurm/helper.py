@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megamom.errors import ConfigError
 from megamom.launchers.cli import EXIT_STOPPED, LaunchError, positive
 from megamom.launchers.hostlist import HostlistError, deepspeed_hostfile, expand
 
@@ -298,10 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     except (SlurmError, HostlistError, LaunchError) as e:
         print(f"megamom slurm: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from megamom.config import ConfigError
-
-        if isinstance(e, ConfigError):
-            print(f"megamom slurm: config error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except ConfigError as e:
+        print(f"megamom slurm: config error: {e}", file=sys.stderr)
+        return 2

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from .mappings import (copy_to_region, gather_along, gather_from_split, reduce_from_region, reduce_scatter_along,
                        sum_grad_over)
-from .plan import placement, sharding_plan
+from .plan import is_memory_stack, placement, sharding_plan
 from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
                               mark_sharded, shard)
 from .topology import Group, Topology
@@ -102,10 +102,9 @@ def expert_group_name(expert_size: int) -> str:
     return f"ep_size_{expert_size}"
 
 
-def is_expert_sharded(name: str, param, num_memories: int) -> bool:
-    """Whether the plan splits this parameter over the expert group: a routed memories' stack
-    [memories, ...] (a conv shared by every memory, [1, C, W], is not)."""
-    return placement(name).expert_dim is not None and param.shape[0] == num_memories
+def is_expert_sharded(name: str, config) -> bool:
+    """Whether the plan splits this parameter of a model with `config` over the expert group."""
+    return is_memory_stack(name, config.arch, config.per_memory_conv)
 
 
 def is_expert_param(param) -> bool:
@@ -122,7 +121,7 @@ def _shard_memories(model, ep: Group, plan: dict) -> None:
     from .expert_parallel import ExpertParallelDispatcher
     E = model.config.num_memories
     for name, p in model.named_parameters():
-        if is_expert_sharded(name, p, E):
+        if is_expert_sharded(name, model.config):
             p.data = shard(p.data, plan[name].expert_dim, ep)
             p.allreduce = False
             p.group_name = expert_group_name(ep.size)
@@ -146,11 +145,11 @@ def unshard(name: str, shards: list):
     return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim)
 
 
-def local_shard(name: str, full, topology: Topology, num_memories: int):
-    """This rank's piece of one whole parameter under `topology`: its expert rank's memories (a
-    routed memories' stack), then its tensor shard."""
+def local_shard(name: str, full, topology: Topology, config):
+    """This rank's piece of one whole parameter of a model with `config` under `topology`: its expert
+    rank's memories (a routed memories' stack), then its tensor shard."""
     ep = topology.expert
-    if ep.size > 1 and is_expert_sharded(name, full, num_memories):
+    if ep.size > 1 and is_expert_sharded(name, config):
         full = shard(full, placement(name).expert_dim, ep)
     return tensor_shard_of(name, full, topology.tensor.size, topology.tensor.rank)
 

@@ -63,6 +63,15 @@ def placement(name: str) -> Placement:
     raise KeyError(f"parameter {name!r} has no place in megamom.parallel.plan; add a pattern for it")
 
 
+def is_memory_stack(name: str, arch: str, per_memory_conv: bool) -> bool:
+    """Whether a parameter is a stack of the routed memories, which expert parallelism splits: their
+    projections, and their convs when each memory has its own (one conv for all, [1, C, W], is not)."""
+    place = placement(name)
+    if place.expert_dim is None or arch != "mom":
+        return False
+    return place is not MEMORY_CONV or bool(per_memory_conv)
+
+
 def sharding_plan(model) -> dict[str, Placement]:
     """Every parameter of `model` with its placement (KeyError naming one that has none)."""
     return {name: placement(name) for name, _ in model.named_parameters()}

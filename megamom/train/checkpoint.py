@@ -643,10 +643,6 @@ def to_universal_by_name(ckpt: Path, out: Path) -> Path:
 
 
 def _is_memory_stack(name: str, model_cfg: dict) -> bool:
-    """Whether a parameter is a stack of the routed memories (split by expert parallelism): their
-    projections, and their convs when each memory has its own."""
-    from ..parallel.plan import MEMORY_CONV, placement
-    place = placement(name)
-    if place.expert_dim is None or model_cfg.get("arch") != "mom":
-        return False
-    return place is not MEMORY_CONV or bool(model_cfg.get("per_memory_conv"))
+    """megamom.parallel.plan.is_memory_stack for a checkpoint's saved model config."""
+    from ..parallel.plan import is_memory_stack
+    return is_memory_stack(name, model_cfg.get("arch"), model_cfg.get("per_memory_conv"))

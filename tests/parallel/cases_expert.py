@@ -96,7 +96,7 @@ def forward_and_grads(expert: int, tensor: int = 1, over: dict | None = None, se
     bad = []
     for n, p in par.named_parameters():
         g = reduced_grad(n, p, top, cfg.num_memories)
-        want = local_shard(n, ref_params[n].grad, top, cfg.num_memories)
+        want = local_shard(n, ref_params[n].grad, top, cfg)
         assert g.shape == want.shape, (n, g.shape, want.shape)
         try:
             _close(g, want, f"grad of {n}")
@@ -112,9 +112,7 @@ def deepspeed_step(expert: int, tensor: int, zero_stage: int, grad_clip: float, 
     """One optimizer step through DeepSpeed at DP x EP (x TP): every parameter equals the whole
     model's after the same step on the data ranks' micro-batches (AdamW, clipping by the global
     norm, which counts each memory once). To 1e-6: ZeRO-1/2 step float32 master weights."""
-    from megamom.train.optim import build_optimizer, param_groups
-
-    from cases_tensor import deepspeed_engine
+    from cases_tensor import deepspeed_engine, one_process_step, step_and_compare
     dtype = torch.float32 if zero_stage == 0 else torch.float64
     torch.set_default_dtype(dtype)
     cfg = Config()
@@ -122,36 +120,11 @@ def deepspeed_step(expert: int, tensor: int, zero_stage: int, grad_clip: float, 
     cfg.train.zero_stage, cfg.train.grad_clip, cfg.train.lr, cfg.train.weight_decay = zero_stage, grad_clip, 1e-2, 0.1
     cfg.train.adam_eps = 1.0  # (a well-conditioned update: see cases_tensor.deepspeed_step)
     top = topology(expert, tensor)
-    data = top.data.size
 
-    torch.manual_seed(0)
-    ref = build_model(cfg.model)
-    ref_opt = build_optimizer(param_groups(ref, cfg.train.weight_decay), cfg.train, "fp32")
-    for r in range(data):
-        ids, labels, seg = batch(2, 24, 100 + r)
-        (ref(ids, labels=labels, segment_ids=seg).loss / data).backward()
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), grad_clip)
-    ref_opt.step()
-
+    ref, ref_norm = one_process_step(cfg, top.data.size, grad_clip)
     torch.manual_seed(0)
     engine = deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
-    ids, labels, seg = batch(2, 24, 100 + top.data.rank)
-    engine.backward(engine(ids, labels=labels, segment_ids=seg).loss)
-    engine.step()
-    norm = engine.get_global_grad_norm()
-    if norm is None:  # ZeRO-0 in fp32 clips but keeps no norm
-        norm = ref_norm
-    assert abs(float(norm) - float(ref_norm)) <= 1e-5 * float(ref_norm), (float(norm), float(ref_norm))
-    assert float(ref_norm) > grad_clip, "the test must clip"
-    ref_params = dict(ref.named_parameters())
-    bad = []
-    for n, p in engine.module.named_parameters():
-        try:
-            _close(p.detach(), local_shard(n, ref_params[n].detach(), top, cfg.model.num_memories),
-                   f"{n} after one step", 1e-6)
-        except AssertionError as e:
-            bad.append(str(e))
-    assert not bad, "; ".join(bad) + f" (norm {float(norm)} vs {float(ref_norm)})"
+    norm = step_and_compare(engine, top, ref, ref_norm, grad_clip, lambda n, t: local_shard(n, t, top, cfg.model))
     torch.set_default_dtype(torch.float32)
     return float(norm)
 

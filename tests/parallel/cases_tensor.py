@@ -123,9 +123,7 @@ def deepspeed_step(name: str, tensor: int, data: int, zero_stage: int, grad_clip
     global norm, which counts every replica once and every shard once). To 1e-6: ZeRO-1/2 step
     float32 master weights (the gradients are float64 here), and ZeRO-0 runs in float32 (its
     gradient all-reduce takes 16- and 32-bit floats only)."""
-    from megamom.train.optim import build_optimizer, param_groups
     dtype = torch.float32 if zero_stage == 0 else torch.float64
-    atol = 1e-6
     torch.set_default_dtype(dtype)
     cfg = Config()
     cfg.model = model_config(name)
@@ -135,39 +133,52 @@ def deepspeed_step(name: str, tensor: int, data: int, zero_stage: int, grad_clip
     cfg.train.adam_eps = 1.0
     top = topology(data, tensor)
 
+    ref, ref_norm = one_process_step(cfg, data, grad_clip)
+    torch.manual_seed(0)
+    par = parallelize(build_model(cfg.model), top)
+    engine = deepspeed_engine(cfg, par, top)
+    norm = step_and_compare(engine, top, ref, ref_norm, grad_clip,
+                            lambda n, t: tensor_shard_of(n, t, top.tensor.size, top.tensor.rank))
+    torch.set_default_dtype(torch.float32)
+    return float(norm)
+
+
+def one_process_step(cfg: Config, data: int, grad_clip: float):
+    """The reference of a DeepSpeed step: one process, the data ranks' micro-batches (batch(2, 24,
+    100 + data rank)) as accumulated gradients of mean losses, clipped, one AdamW step. -> (model,
+    the gradient norm before clipping)."""
+    from megamom.train.optim import build_optimizer, param_groups
     torch.manual_seed(0)
     ref = build_model(cfg.model)
-    # the reference: one process, the data ranks' micro-batches as accumulated gradients of mean losses
     ref_opt = build_optimizer(param_groups(ref, cfg.train.weight_decay), cfg.train, "fp32")
     for r in range(data):
         ids, labels, seg = batch(2, 24, 100 + r)
         (ref(ids, labels=labels, segment_ids=seg).loss / data).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), grad_clip)
     ref_opt.step()
+    return ref, ref_norm
 
-    torch.manual_seed(0)
-    par = parallelize(build_model(cfg.model), top)
-    engine = deepspeed_engine(cfg, par, top)
+
+def step_and_compare(engine, top: Topology, ref, ref_norm, grad_clip: float, shard_of, atol: float = 1e-6) -> float:
+    """One step of `engine` on this data rank's micro-batch; its global gradient norm equals the
+    reference's (DeepSpeed accumulates it in float32), the step clipped, and every parameter equals
+    shard_of(name, the reference's parameter). -> the norm."""
     ids, labels, seg = batch(2, 24, 100 + top.data.rank)
-    out = engine(ids, labels=labels, segment_ids=seg)
-    engine.backward(out.loss)
+    engine.backward(engine(ids, labels=labels, segment_ids=seg).loss)
     engine.step()
     norm = engine.get_global_grad_norm()
     if norm is None:  # ZeRO-0 in fp32 clips (deepspeed.runtime.utils.clip_grad_norm_) but keeps no norm
         norm = ref_norm
-    # (DeepSpeed accumulates the norm in float32)
-    assert abs(float(norm) - float(ref_norm)) <= 1e-5 * float(ref_norm), (norm, float(ref_norm))
+    assert abs(float(norm) - float(ref_norm)) <= 1e-5 * float(ref_norm), (float(norm), float(ref_norm))
     assert float(ref_norm) > grad_clip, "the test must clip"
     ref_params = dict(ref.named_parameters())
     bad = []
     for n, p in engine.module.named_parameters():
-        want = tensor_shard_of(n, ref_params[n].detach(), top.tensor.size, top.tensor.rank)
         try:
-            _close(p.detach(), want, f"{n} after one step", atol)
+            _close(p.detach(), shard_of(n, ref_params[n].detach()), f"{n} after one step", atol)
         except AssertionError as e:
             bad.append(str(e))
     assert not bad, "; ".join(bad) + f" (norm {float(norm)} vs {float(ref_norm)})"
-    torch.set_default_dtype(torch.float32)
     return float(norm)
 
 
