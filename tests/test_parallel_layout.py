@@ -84,14 +84,24 @@ def test_each_bad_layout_names_the_numbers_and_the_fix(overrides, world, fragmen
     assert all(f in str(e.value) for f in fragments), str(e.value)
 
 
-def test_modes_not_yet_trained_are_refused_before_work():
+def test_combinations_not_yet_trained_are_refused_before_work():
     lay = ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2", "parallel.sequence=2",
                                       "data.seq_len=128"), 4)
-    with pytest.raises(ConfigError, match=r"^parallel.sequence=2: not available"):
+    with pytest.raises(ConfigError, match=r"^parallel.sequence=2 with parallel.expert=2: .*use one of the two"):
         check_supported(lay)
     check_supported(ParallelLayout.build(cfg_of(), 4))  # data parallelism alone
     check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2"), 4))  # and tensor parallelism
     check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2"), 4))  # and experts
+    check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.sequence=2"), 4))  # and sequences
+
+
+@pytest.mark.parametrize("setting, fragment", [("train.zero_stage=3", "use train.zero_stage=1 or 2"),
+                                               ("train.compile=true", "compile=false"),
+                                               ("train.offload_optimizer=true", "offload_optimizer=false")])
+def test_settings_not_combined_with_sequence_parallelism_are_refused(setting, fragment):
+    cfg = cfg_of("parallel.sequence=2", "data.seq_len=128", setting)
+    with pytest.raises(ConfigError, match=rf"parallel.sequence=2 cannot be combined with {setting}.*{fragment}"):
+        check_supported(ParallelLayout.build(cfg, 2), cfg)
 
 
 @pytest.mark.parametrize("setting, fragment", [("train.zero_stage=3", "use train.zero_stage=1 or 2"),

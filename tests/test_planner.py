@@ -62,13 +62,38 @@ def test_scan_keep_auto_takes_the_most_that_fits():
 def test_layouts_best_first_and_what_less_memory_costs():
     cfg = cfg_of("mom-1.3b.yaml")
     plans = planner.plan_layouts(cfg, 8, 80)
-    assert {(e.data, e.tensor) for e in plans} == {(8, 1), (4, 2), (2, 4)}  # (4 heads: no TP=8)
+    # (4 heads: no TP=8)
+    assert {(e.data, e.sequence, e.tensor) for e in plans} == {(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1),
+                                                               (4, 1, 2), (2, 2, 2), (1, 4, 2), (2, 1, 4), (1, 2, 4)}
     fitting = [e for e in plans if e.total <= planner.HEADROOM * 80 * GiB]
     assert fitting and plans[: len(fitting)] == fitting  # those that fit come first
-    tp2 = [e for e in plans if e.tensor == 2 and e.zero == 1][0]
-    tp1 = [e for e in plans if e.tensor == 1 and e.zero == 1][0]
+    tp2 = [e for e in plans if e.tensor == 2 and e.sequence == 1 and e.zero == 1][0]
+    tp1 = [e for e in plans if e.tensor == 1 and e.sequence == 1 and e.zero == 1][0]
     assert tp2.params == pytest.approx(tp1.params / 2, rel=0.02)
     assert tp1.tensor_comm == 0 and tp2.tensor_comm > 0 and tp2.data_comm < tp1.data_comm
+
+
+def test_sequence_parallelism_trains_longer_contexts():
+    cfg = cfg_of("mom-340m.yaml")
+    plans = {(e.sequence, e.tensor, e.zero): e for e in planner.plan_layouts(cfg, 8, 80)}
+    longest = [plans[(s, 1, 2)].longest_context for s in (1, 2, 4, 8)]
+    assert all(b > 1.7 * a for a, b in zip(longest, longest[1:])), longest  # nearly linear in SP
+    assert longest[0] >= 64 * 1024 and all(n % 1024 == 0 for n in longest)
+    # a sequence rank holds half the activations of the same micro-batch (plus every rank's memory
+    # summaries per sample), and the optimizer state is partitioned over data x sequence: the same as
+    # over the data ranks without SP
+    sp2, dp = plans[(2, 1, 2)], plans[(1, 1, 2)]
+    assert sp2.optimizer == pytest.approx(dp.optimizer)
+    assert (sp2.checkpointing, sp2.scan_keep) == (dp.checkpointing, dp.scan_keep)
+    per_token = planner.activation_bytes_per_token(cfg, 1, False, dp.scan_keep, dp.checkpointing)
+    extra = planner.sequence_parallel_bytes(cfg, 1, 2, cfg.data.seq_len, dp.checkpointing)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    assert sp2.activations == pytest.approx(tokens / 2 * per_token + cfg.train.micro_batch_size * extra)
+    assert sp2.activations < dp.activations
+    # Transformer++ keeps the whole sequence's keys and values: its longest context grows less
+    t = {(e.sequence, e.zero): e for e in planner.plan_layouts(cfg_of("transformer-340m.yaml"), 8, 80)
+         if e.tensor == 1}
+    assert t[(8, 2)].longest_context / t[(1, 2)].longest_context < longest[3] / longest[0]
 
 
 def test_cli_prints_the_table_and_checks_its_input(megamom_exe):
@@ -76,7 +101,8 @@ def test_cli_prints_the_table_and_checks_its_input(megamom_exe):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("DP")]
-    assert rows and rows[0].endswith("yes") and any("DP4 x TP2" in line for line in rows)
+    assert rows and rows[0].endswith("yes") and any("DP4 x SP1 x TP2" in line for line in rows)
+    assert any("DP1 x SP8 x TP1" in line for line in rows)
     r = subprocess.run([megamom_exe, "plan", "--gpus", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--gpus 0" in r.stderr
 

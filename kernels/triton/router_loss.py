@@ -83,7 +83,7 @@ def _router_loss_finish_kernel(partial, aux, z, frac, NP, N, E: tl.constexpr, K:
 def _router_loss_bwd_kernel(logits, frac, daux, dz, dprobs, dlogits, total, N, E: tl.constexpr, EP: tl.constexpr,
                             BM: tl.constexpr, HAS_AUX: tl.constexpr, HAS_Z: tl.constexpr, REDUCED: tl.constexpr):
     """REDUCED: the balance loss's token count is `total` (a device scalar: the tokens of every rank
-    whose counts were summed), not this rank's N; the z loss stays a mean over this rank's tokens."""
+    whose counts were summed), not this rank's N, for the z loss too (this rank's part of the group's mean)."""
     r0 = tl.program_id(0).to(tl.int64) * BM
     o_m = tl.arange(0, BM)
     m_m = o_m < N - r0
@@ -97,7 +97,8 @@ def _router_loss_bwd_kernel(logits, frac, daux, dz, dprobs, dlogits, total, N, E
         tl.store(dprobs + p_me, tl.zeros([BM, EP], dtype=tl.float32) + dp[None, :], mask=m)
     if HAS_Z:
         lse, sm = _lse_rows(logits, r0, o_m, m_m, o_e, m_e, E)
-        tl.store(dlogits + p_me, (tl.load(dz) * 2.0 / N) * lse[:, None] * sm, mask=m)
+        n_z = tl.load(total) if REDUCED else N
+        tl.store(dlogits + p_me, (tl.load(dz) * 2.0 / n_z) * lse[:, None] * sm, mask=m)
 
 
 def _partials(logits, probs, topi):
@@ -154,7 +155,7 @@ class RouterLossFunction(torch.autograd.Function):
 class ReducedRouterLossFunction(torch.autograd.Function):
     """The same losses with the slot counts and the token count summed over ranks by `counts_reduce`
     ((counts [E], total) -> (counts, total), e.g. an all-reduce over the ranks of a sequence): f and
-    the balance loss's token count are the group's, the probability sums and the z loss this rank's.
+    the token count of both losses are the group's, the probability and lse^2 sums this rank's.
     The partial sums are added in block order by torch (deterministic), then reduced."""
 
     @staticmethod
@@ -167,7 +168,7 @@ class ReducedRouterLossFunction(torch.autograd.Function):
         counts, total = counts_reduce(sums[:E].contiguous(), probs.new_full((), float(N)))
         frac = counts / (K * total)
         aux = E * (frac * (sums[EP:EP + E] / total)).sum()
-        z = sums[2 * EP] / N
+        z = sums[2 * EP] / total
         ctx.save_for_backward(logits, frac, total.reshape(1))
         ctx.mark_non_differentiable(frac)
         ctx.set_materialize_grads(False)

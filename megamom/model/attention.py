@@ -74,7 +74,10 @@ class Attention(nn.Module, ParallelRegion):
         return set()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, segment_ids: Optional[torch.Tensor],
-                cache: Optional[AttentionLayerCache] = None, use_cache: bool = False):
+                cache: Optional[AttentionLayerCache] = None, use_cache: bool = False, seq_slice=None):
+        """seq_slice: under sequence parallelism (megamom.parallel.sequence_parallel.SequenceSlice) x
+        is this rank's slice of the sequence: its queries attend to the keys and values of the whole
+        sequence, all-gathered (positions are the whole sequence's)."""
         x = self.enter_region(x)  # (the whole sequence under TP sequence parallelism)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
@@ -87,6 +90,8 @@ class Attention(nn.Module, ParallelRegion):
             k = torch.cat([cache.k, k], 2)
             v = torch.cat([cache.v, v], 2)
         new_cache = AttentionLayerCache(k, v) if (use_cache or cache is not None) else None
+        if seq_slice is not None:
+            return self.exit_region(self.o_proj(self._sliced_attention(q, k, v, seq_slice))), None, None
         impl = attention_backend(self.cfg.attn_impl, x.device, segment_ids is not None)
         if impl == "flash":
             o = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -109,3 +114,21 @@ class Attention(nn.Module, ParallelRegion):
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
             o = o.transpose(1, 2).reshape(B, T, -1)
         return self.exit_region(self.o_proj(o)), None, new_cache
+
+    def _sliced_attention(self, q, k, v, sl) -> torch.Tensor:
+        """q [B, H, L, D] of this rank's slice against k, v of every slice (gathered before the
+        GQA repeat: fewer heads to move); SDPA with the causal mask shifted by the slice's start and
+        the documents' mask. -> [B, L, H * D]."""
+        B, _, L, _ = q.shape
+        k, v = sl.gather(k, 2), sl.gather(v, 2)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        q_pos = torch.arange(sl.start, sl.start + L, device=q.device)
+        mask = torch.arange(sl.total, device=q.device)[None, :] <= q_pos[:, None]  # [L, T]
+        if sl.segment_ids is not None:
+            seg = sl.segment_ids
+            mask = mask & (seg[:, sl.start:sl.start + L, None] == seg[:, None, :])  # [B, L, T]
+            mask = mask[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return o.transpose(1, 2).reshape(B, L, -1)

@@ -56,16 +56,18 @@ class Block(nn.Module):
             x, a, a_lowp, routed = norm_and_route(self.attn_norm, x, residual, lowp, self.attn.router.weight,
                                                   self.attn.topk)
             h, stats, new_cache = self.attn(a if a is not None else a_lowp, ctx["doc_ids"], ctx["num_docs"], cache,
-                                            use_cache, x_lowp=a_lowp, routed=routed)
+                                            use_cache, x_lowp=a_lowp, routed=routed, seq_slice=ctx.get("slice"))
         else:
             if residual is None:
                 a = self.attn_norm(x)
             else:
                 x, a = self.attn_norm(x, residual)
             if isinstance(self.attn, Attention):
-                h, stats, new_cache = self.attn(a, ctx["positions"], ctx["segment_ids"], cache, use_cache)
+                h, stats, new_cache = self.attn(a, ctx["positions"], ctx["segment_ids"], cache, use_cache,
+                                                seq_slice=ctx.get("slice"))
             else:
-                h, stats, new_cache = self.attn(a, ctx["doc_ids"], ctx["num_docs"], cache, use_cache)
+                h, stats, new_cache = self.attn(a, ctx["doc_ids"], ctx["num_docs"], cache, use_cache,
+                                                seq_slice=ctx.get("slice"))
         x, y = self.mlp_norm(x, h, out_dtype=autocast_target_dtype(x))  # y goes straight into matmuls
         return x, self.mlp(y), stats, new_cache
 
@@ -114,6 +116,10 @@ def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLM(nn.Module):
+    # sequence parallelism's seam (megamom.parallel.sequence_parallel.SequenceSplit): the whole
+    # micro-batch -> this rank's slice of every sequence and the blocks' context; None on one rank
+    sequence_split = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -161,20 +167,28 @@ class CausalLM(nn.Module):
         """input_ids, labels: [B, T] with labels[t] the target of position t (-100 = ignore).
         segment_ids: [B, T] document number per token (memories and attention reset at
         document starts). logits_to_keep > 0 computes logits for the last positions only."""
-        B, T = input_ids.shape
         cfg = self.config
         if segment_ids is not None and (use_cache or cache is not None):
             # a cache holds one sequence per row (memory states, K/V): packed documents would mix
             raise ValueError("segment_ids (packed documents) cannot be combined with a cache; "
                              "generate with one document per row and segment_ids=None")
-        x = self.model.embeddings(input_ids)
-        doc_ids, num_docs = document_index(segment_ids, B, T, x.device)
         offset = cache.seen_tokens if cache is not None else 0
-        if segment_ids is not None:
-            positions = document_positions(segment_ids)
+        if self.sequence_split is not None:  # this rank's slice of the sequences (labels too)
+            if use_cache or cache is not None:
+                raise ValueError("a cache cannot be used with a sequence split over ranks; generate from the "
+                                 "consolidated model")
+            input_ids, labels, ctx = self.sequence_split(input_ids, labels, segment_ids)
+            B, T = input_ids.shape
+            x = self.model.embeddings(input_ids)
         else:
-            positions = (torch.arange(T, device=x.device) + offset).expand(B, T)
-        ctx = {"doc_ids": doc_ids, "num_docs": num_docs, "positions": positions, "segment_ids": segment_ids}
+            B, T = input_ids.shape
+            x = self.model.embeddings(input_ids)
+            doc_ids, num_docs = document_index(segment_ids, B, T, x.device)
+            if segment_ids is not None:
+                positions = document_positions(segment_ids)
+            else:
+                positions = (torch.arange(T, device=x.device) + offset).expand(B, T)
+            ctx = {"doc_ids": doc_ids, "num_docs": num_docs, "positions": positions, "segment_ids": segment_ids}
         layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
         new_caches, stats = [], []
         residual = None

@@ -252,12 +252,18 @@ class MemoryMixer(nn.Module, ParallelRegion):
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, num_docs: int,
                 cache: Optional[MemoryLayerCache] = None, use_cache: bool = False,
-                x_lowp: Optional[torch.Tensor] = None, routed: Optional[RouterOutput] = None):
+                x_lowp: Optional[torch.Tensor] = None, routed: Optional[RouterOutput] = None, seq_slice=None):
         """x: [B, T, d]; doc_ids: [B*T] global document index (non-decreasing); x_lowp: x already in
         the autocast dtype, else cast here; routed: the router's output on x, else routed here (the
         block's norm does both: `lm.norm_and_route`). Returns (out [B, T, d], RouterStats or None, new
         cache or None). Under TP sequence parallelism x (and the routing) cover this rank's slice of
-        the sequence; the region's seams gather the whole sequence and scatter the output back."""
+        the sequence; the region's seams gather the whole sequence and scatter the output back.
+        seq_slice: under sequence parallelism, the slice of every sequence this rank holds
+        (megamom.parallel.sequence_parallel.SequenceSlice): the convs start from the inputs before
+        the slice and the scan from the state entering it, both brought from the earlier ranks."""
+        if seq_slice is not None and (cache is not None or use_cache):
+            raise ValueError("a cache cannot be used with a sequence split over ranks; generate from the "
+                             "consolidated model")
         B, T_here, d = x.shape
         if cache is not None and T_here == 1:
             return self._decode_step(x, cache)
@@ -285,8 +291,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
         # 3. the memories: projections, conv, gates, one scan over every (memory, document) segment
         # (under expert parallelism the dispatcher runs them where each memory is held: `run`)
         o_rows, final_state, conv_state = self.dispatcher.run(
-            xc, doc_ids, packing, lambda rows, p: self._memory_experts(rows, p, cache, use_cache, backend, fused),
-            (H, Vh), fused)
+            xc, doc_ids, packing,
+            lambda rows, p: self._memory_experts(rows, p, cache, use_cache, backend, fused, seq_slice), (H, Vh), fused)
         # 4. combine: each token's rows with its routing weights, gated norm, W_o
         # the routing weights scale rows inside the region (each tensor rank's heads): they enter it too
         slot_w = self.enter_replicated(self._slot_weights(r, N, x.device, x.dtype))
@@ -302,7 +308,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
         return self.exit_region(o.view(B, T, d)), stats, new_cache
 
     def _memory_experts(self, xc: torch.Tensor, packing, cache: Optional[MemoryLayerCache], use_cache: bool,
-                        backend: str, fused: bool):
+                        backend: str, fused: bool, seq_slice=None):
         """Steps 3-5 for the packed rows: -> (o rows [A, H, Vh], final states or None, conv state or None)."""
         H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
         A = packing.row_token.numel()
@@ -314,6 +320,10 @@ class MemoryMixer(nn.Module, ParallelRegion):
         conv_state = None
         if self.conv_size:
             init = cache.conv if cache is not None else None
+            if seq_slice is not None:  # the inputs before the slice, from the earlier ranks
+                Kd, Vd = self._width("k_proj"), self._width("v_proj")
+                init = seq_slice.conv_halos({"q": self.dispatcher.gather(q, packing, fused), "k": rows[:, :Kd],
+                                             "v": rows[:, Kd:Kd + Vd]}, packing, self.conv_size - 1)
             # the conv reads each memory row's q through the packing (no packed copy on the Triton path)
             q_rows, k_rows, v_rows, rest, conv_state = self._conv(q, rows, packing, init,
                                                                   use_cache or cache is not None, backend)
@@ -326,17 +336,18 @@ class MemoryMixer(nn.Module, ParallelRegion):
             g, beta = self._fused_gates(narrow_rows)
         else:
             g, beta = self._gates(*self._gate_rows(narrow_rows, rest))
-        initial_state = cache.state.reshape(-1, H, K, Vh) if cache is not None else None
-        o_rows, final_state = memory_scan(
-            self.rule,
-            q_rows.view(1, A, H, K), k_rows.view(1, A, H, K), v_rows.view(1, A, H, Vh),
-            None if g is None else g.view(1, A, *g.shape[1:]) if self.rule.decay == "scalar" else g.view(1, A, H, K),
-            None if beta is None else beta.view(1, A, H),
-            scale=K ** -0.5, initial_state=initial_state, output_final_state=use_cache or cache is not None,
-            cu_seqlens=packing.cu_seqlens, chunk_size=self.cfg.chunk_size,
-            use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size, backend=backend,  # else in the conv
-            keep=self.scan_keep if torch.is_grad_enabled() else "none",
-        )
+        scan_in = (self.rule, q_rows.view(1, A, H, K), k_rows.view(1, A, H, K), v_rows.view(1, A, H, Vh),
+                   None if g is None else g.view(1, A, *g.shape[1:]) if self.rule.decay == "scalar" else
+                   g.view(1, A, H, K), None if beta is None else beta.view(1, A, H))
+        scan_args = dict(scale=K ** -0.5, chunk_size=self.cfg.chunk_size, backend=backend,
+                         use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size,  # (else in the conv)
+                         keep=self.scan_keep if torch.is_grad_enabled() else "none")
+        if seq_slice is not None:  # each row's first document goes on from the state the earlier ranks pass
+            o_rows, final_state = seq_slice.memory_scan(*scan_in, packing, **scan_args), None
+        else:
+            o_rows, final_state = memory_scan(
+                *scan_in, initial_state=cache.state.reshape(-1, H, K, Vh) if cache is not None else None,
+                output_final_state=use_cache or cache is not None, cu_seqlens=packing.cu_seqlens, **scan_args)
         # squeeze, a view: indexing o_rows[0] would backward through a zero-filled full-size copy
         return o_rows.squeeze(0), final_state, conv_state
 

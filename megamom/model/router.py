@@ -3,8 +3,10 @@ softmax, top-k, renormalised), and the load-balancing statistics of a routing.
 
 `Router.counts_reduce` is the seam for layouts that split a sequence over ranks: a function
 (counts [E], total tokens) -> the same summed over the ranks that share the routing statistics.
-With it set, the balance loss is the one of the whole sequence (each rank's gradient for its own
-tokens); it is None on one rank."""
+With it set, each rank's balance and z losses are its parts of the whole sequence's (they add up
+to them; each rank's gradient for its own tokens); it is None on one rank. `Router.part_scale`
+multiplies the losses a router reports: sequence parallelism sets it to the number of ranks, so that
+their mean (what DeepSpeed and the logs take) is the whole sequence's."""
 from __future__ import annotations
 
 import math
@@ -62,6 +64,11 @@ def load_balancing_loss(probs: torch.Tensor, topk_index: torch.Tensor, num_memor
     """Switch loss E * sum_e f_e P_e with f_e = tokens sent to e / (k N), P_e = mean_t p_te.
     Equals 1 at perfect balance. `counts_reduce` (optional) all-reduces the counts and token
     totals over the ranks that share a sequence. Returns (loss, f)."""
+    return _balance(probs, topk_index, num_memories, counts_reduce)[:2]
+
+
+def _balance(probs, topk_index, num_memories: int, counts_reduce=None):
+    """-> (balance loss, f, token total (the group's with counts_reduce))."""
     N, k = topk_index.shape
     counts = count_indices(topk_index.reshape(-1), num_memories).to(probs.dtype)
     prob_sum = probs.sum(0)
@@ -70,7 +77,7 @@ def load_balancing_loss(probs: torch.Tensor, topk_index: torch.Tensor, num_memor
         counts, total = counts_reduce(counts, total)
     f = counts / (k * total)
     P = prob_sum / total
-    return num_memories * (f * P).sum(), f
+    return num_memories * (f * P).sum(), f, total
 
 
 
@@ -87,8 +94,11 @@ def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, count
         from megamom.kernels.triton.router_loss import router_losses_fused
         assert r.probs.shape[1] == num_memories, (r.probs.shape, num_memories)
         return router_losses_fused(r.logits, r.probs, r.topk_index, counts_reduce)
-    aux, f = load_balancing_loss(r.probs, r.topk_index, num_memories, counts_reduce)
-    return aux, router_z_loss(r.logits), f.detach()
+    aux, f, total = _balance(r.probs, r.topk_index, num_memories, counts_reduce)
+    if counts_reduce is None:
+        return aux, router_z_loss(r.logits), f.detach()
+    # this rank's part of the group's mean, as the balance loss: the ranks' losses add up to the group's
+    return aux, torch.logsumexp(r.logits, -1).pow(2).sum() / total, f.detach()
 
 
 
@@ -103,6 +113,7 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.topk = topk
         self.counts_reduce: Optional[Callable] = None
+        self.part_scale = 1.0
 
     @property
     def num_memories(self) -> int:
@@ -112,4 +123,7 @@ class Router(nn.Module):
         return route(x, self.weight, self.topk, fused)
 
     def stats(self, r: RouterOutput, fused: bool = False) -> RouterStats:
-        return RouterStats(*router_losses(r, self.num_memories, fused, self.counts_reduce))
+        aux, z, f = router_losses(r, self.num_memories, fused, self.counts_reduce)
+        if self.part_scale != 1.0:
+            aux, z = aux * self.part_scale, z * self.part_scale
+        return RouterStats(aux, z, f)

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 # Hugging Face code must import its modules without a cycle)
 
 # The parallel modes this version trains with; the others are refused before any work.
-SUPPORTED = {"tensor": True, "sequence": False, "expert": True}
+SUPPORTED = {"tensor": True, "sequence": True, "expert": True}
 
 
 def check_config(cfg) -> None:
@@ -89,6 +89,9 @@ def check_supported(layout: ParallelLayout, cfg=None) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)}: not available in this version of megamom train yet; use data "
                           f"parallelism (more processes) for now")
+    if layout.sequence > 1 and layout.expert > 1:
+        raise ConfigError(f"parallel.sequence={layout.sequence} with parallel.expert={layout.expert}: the memories' "
+                          f"all-to-all is not combined with sequence slices yet; use one of the two")
     if cfg is None:
         return
     t = cfg.train
@@ -103,6 +106,17 @@ def check_supported(layout: ParallelLayout, cfg=None) -> None:
             "train.compile=true": (t.compile, "torch.compile is not tested with the tensor group's autograd "
                                    "collectives: set train.compile=false"),
             "train.offload_optimizer=true": (t.offload_optimizer, "DeepSpeed's CPU Adam is not tested with tensor "
+                                             "parallelism here: set train.offload_optimizer=false"),
+        })
+    if layout.sequence > 1:
+        _refuse(f"parallel.sequence={layout.sequence}", {
+            "train.zero_stage=3": (t.zero_stage == 3, "not tested with the sequence ranks counted as data ranks: use "
+                                   "train.zero_stage=1 or 2"),
+            "train.cuda_graph=true": (t.cuda_graph, "the state passing reads row counts on the host, which a CUDA "
+                                      "graph cannot replay: set train.cuda_graph=false"),
+            "train.compile=true": (t.compile, "torch.compile is not tested with the sequence group's exchanges: set "
+                                   "train.compile=false"),
+            "train.offload_optimizer=true": (t.offload_optimizer, "DeepSpeed's CPU Adam is not tested with sequence "
                                              "parallelism here: set train.offload_optimizer=false"),
         })
     if layout.expert > 1:

@@ -41,8 +41,9 @@ def universal_checkpoint_info(plan: dict) -> dict:
 
 
 def parallelize(model, topology: Topology, sequence_parallel: bool = False):
-    """Shard `model` (a megamom CausalLM) in place over `topology`'s tensor group; returns it. A
-    tensor group of one leaves its weights as they are. sequence_parallel: Megatron's TP
+    """Shard `model` (a megamom CausalLM) in place over `topology`'s tensor group (and its memories
+    over the expert group), and split its sequences over the sequence group
+    (megamom.parallel.sequence_parallel); returns it. A group of one changes nothing. sequence_parallel: Megatron's TP
     sequence parallelism (parallel.tensor_sequence_parallel): the residual stream, the norms and the
     routers hold this rank's slice of the sequence; every replicated weight then has its gradient
     summed over the group (each rank saw its slice of the tokens)."""
@@ -51,9 +52,19 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     plan = sharding_plan(model)  # before any change: a parameter with no place is an error here
     model.universal_checkpoint_info = universal_checkpoint_info(plan)
     if topology.expert.size > 1:
+        if topology.sequence.size > 1:
+            raise ConfigError(f"parallel.expert={topology.expert.size} with parallel.sequence={topology.sequence.size}"
+                              f" is not available yet: use one of the two")
         _shard_memories(model, topology.expert, plan)
-    if tp.size == 1:
-        return model
+    if tp.size > 1:
+        _shard_tensors(model, tp, plan, sequence_parallel)
+    if topology.sequence.size > 1:  # last: its loss wraps the (vocabulary-parallel) loss
+        from .sequence_parallel import split_sequence
+        split_sequence(model, topology.sequence)
+    return model
+
+
+def _shard_tensors(model, tp: Group, plan: dict, sequence_parallel: bool) -> None:
     cfg = model.config
     sizes = {"model.vocab_size": cfg.vocab_size, "model.num_heads": cfg.num_heads,
              "the MLP width": cfg.mlp_hidden_size}
@@ -94,7 +105,6 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
                 region.exit_region = partial(reduce_from_region, group=tp)
             region.enter_replicated = partial(copy_to_region, group=tp)
     model.tensor_sequence_parallel = sp
-    return model
 
 
 def expert_group_name(expert_size: int) -> str:

@@ -14,6 +14,12 @@ What is exact and what is estimated:
   activation checkpointing.
 - communication per optimizer step: bytes each GPU sends in the tensor group (ring all-reduce /
   all-gather / reduce-scatter) and in the data group (ZeRO's gradient and parameter exchanges).
+- sequence parallelism: each GPU holds 1 / SP of every sequence's activations, plus what the state
+  passing keeps per sample (every rank's memory summaries, gathered, and the extended scan of the
+  slice's last document) or, for Transformer++, the whole sequence's keys and values per layer
+  (gathered); ZeRO partitions over data x sequence. `longest_context`: the longest sequence one
+  micro-batch row can have at that layout (activation checkpointing, scan_keep none), an estimate of
+  the same kind, not yet checked against a run.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ class Estimate:
     activations: float
     tensor_comm: float  # bytes sent per GPU per optimizer step
     data_comm: float
+    sequence: int = 1
+    longest_context: int = 0  # tokens of one sequence at micro-batch 1 (0: not computed)
 
     @property
     def total(self) -> float:
@@ -110,6 +118,50 @@ def activation_bytes_per_token(cfg, tensor: int, sequence_parallel: bool, scan_k
     return L * per_layer + 4 * d / outside  # (+ the final norm's input)
 
 
+def sequence_parallel_bytes(cfg, tensor: int, sequence: int, T: int, checkpointing: bool) -> float:
+    """Bytes per GPU and per micro-batch row that sequence parallelism keeps beyond 1 / SP of the
+    activations: memory layers keep every rank's summary of each (memory, sample) [H, K, K + V]
+    float32 as gathered, the folded entering state, and the extended scan's rows of the slice's last
+    document (at most the slice: its k and [v | 0] per memory row); Transformer++ keeps the whole
+    sequence's keys and values of each layer for the attention's backward (one layer's with
+    activation checkpointing)."""
+    if sequence == 1:
+        return 0.0
+    m = cfg.model
+    layers = 1 if checkpointing else m.num_layers
+    if m.arch == "transformer":
+        kv = (m.num_kv_heads or m.num_heads) * m.head_dim / tensor
+        return layers * 2 * 2 * kv * T  # 16-bit k and v
+    M = (m.num_memories + int(m.shared_mem)) if m.arch == "mom" else 1
+    R = (m.topk + int(m.shared_mem)) if m.arch == "mom" else 1
+    H, K, V = m.num_heads / tensor, m.head_dim, m.head_v_dim
+    summaries = 4 * M * H * K * (K + V) * (sequence + 2)  # gathered, this rank's, the folded state
+    extended = 2 * R * H * (K + V + K) * T / sequence  # the slice's rows: k, [v | 0]
+    return layers * (summaries + extended)
+
+
+def longest_context(cfg, tensor: int, sequence: int, fixed: float, budget: float) -> int:
+    """The longest sequence (tokens, a multiple of 1024 x SP) one micro-batch row can have when the
+    parameters, gradients and optimizer state take `fixed` bytes: activation checkpointing, the scan
+    keeping nothing; 0 when even 1024 x SP tokens do not fit."""
+    per_token = activation_bytes_per_token(cfg, tensor, cfg.parallel.tensor_sequence_parallel, "none", True)
+    step = 1024 * sequence
+
+    def fits(T: int) -> bool:
+        return fixed + T / sequence * per_token + sequence_parallel_bytes(cfg, tensor, sequence, T, True) <= budget
+    if not fits(step):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi * step):
+        lo, hi = hi, hi * 2
+        if hi > 2 ** 24:
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid)
+    return lo * step
+
+
 def communication(cfg, tensor: int, data: int, zero: int, local_params: int, sequence_parallel: bool,
                   checkpointing: bool, tokens_per_step: int, precision: str) -> tuple[float, float]:
     """Bytes one GPU sends per optimizer step in the tensor group and in the data group (ring
@@ -134,40 +186,47 @@ def communication(cfg, tensor: int, data: int, zero: int, local_params: int, seq
 
 
 def plan_layouts(cfg, gpus: int, gpu_mem_gib: float, precision: str = "bf16") -> list[Estimate]:
-    """Every supported layout of `gpus` GPUs with its best fitting (checkpointing, scan_keep), or its
-    smallest one when none fits; fitting ones first, best first."""
+    """Every supported layout of `gpus` GPUs (data x sequence x tensor) with its best fitting
+    (checkpointing, scan_keep), or its smallest one when none fits, and its longest context;
+    fitting ones first, best first."""
     m = cfg.model
     micro, T = cfg.train.micro_batch_size, cfg.data.seq_len
-    tokens = micro * T
     accum = cfg.train.grad_accum
     keeps = ("all", "states", "none") if m.arch != "transformer" else ("none",)
+    budget = HEADROOM * gpu_mem_gib * GiB
     out = []
     for tensor in [t for t in (1, 2, 4, 8) if gpus % t == 0]:
         if any(n % tensor for n in (m.num_heads, m.mlp_hidden_size, m.vocab_size, m.num_kv_heads or m.num_heads)):
             continue
-        if cfg.parallel.tensor_sequence_parallel and T % tensor:
-            continue
-        data = gpus // tensor
         _, local = parameter_counts(cfg, tensor)
-        for zero in ((0, 1, 2, 3) if tensor == 1 else (0, 1, 2)):
-            weights, grads, optim = state_bytes(local, data, zero, precision)
-            options = []
-            for checkpointing in (False, True):
-                for keep in keeps:
-                    act = tokens * activation_bytes_per_token(cfg, tensor, cfg.parallel.tensor_sequence_parallel,
-                                                              keep, checkpointing)
-                    tpc, dpc = communication(cfg, tensor, data, zero, local, cfg.parallel.tensor_sequence_parallel,
-                                             checkpointing, tokens * accum, precision)
-                    options.append(Estimate(tensor, data, zero, checkpointing, keep, weights, grads, optim, act,
-                                            tpc, dpc))
-            fitting = [e for e in options if e.total <= HEADROOM * gpu_mem_gib * GiB]
-            out.append(fitting[0] if fitting else min(options, key=lambda e: e.total))
-    budget = HEADROOM * gpu_mem_gib * GiB
+        for sequence in [s for s in (1, 2, 4, 8) if (gpus // tensor) % s == 0]:
+            if T % (sequence * (tensor if cfg.parallel.tensor_sequence_parallel else 1)):
+                continue
+            data = gpus // (tensor * sequence)
+            tokens = micro * T // sequence
+            zeros = (0, 1, 2, 3) if tensor == 1 and sequence == 1 else (0, 1, 2)
+            for zero in zeros:
+                weights, grads, optim = state_bytes(local, data * sequence, zero, precision)
+                options = []
+                for checkpointing in (False, True):
+                    for keep in keeps:
+                        act = tokens * activation_bytes_per_token(cfg, tensor, cfg.parallel.tensor_sequence_parallel,
+                                                                  keep, checkpointing)
+                        act += micro * sequence_parallel_bytes(cfg, tensor, sequence, T, checkpointing)
+                        tpc, dpc = communication(cfg, tensor, data * sequence, zero, local,
+                                                 cfg.parallel.tensor_sequence_parallel, checkpointing,
+                                                 tokens * accum, precision)
+                        options.append(Estimate(tensor, data, zero, checkpointing, keep, weights, grads, optim, act,
+                                                tpc, dpc, sequence))
+                fitting = [e for e in options if e.total <= budget]
+                best = fitting[0] if fitting else min(options, key=lambda e: e.total)
+                best.longest_context = longest_context(cfg, tensor, sequence, weights + grads + optim, budget)
+                out.append(best)
 
     def rank(e: Estimate):
-        # fits first; then less tensor parallelism (its all-reduces sit on the critical path), no
-        # recomputation, the scan keeping more, a lower ZeRO stage (fewer exchanges), less memory
-        return (e.total > budget, e.tensor, e.checkpointing, keeps.index(e.scan_keep), e.zero, e.total)
+        # fits first; then less tensor and sequence parallelism (their exchanges sit on the critical
+        # path), no recomputation, the scan keeping more, a lower ZeRO stage (fewer exchanges), less memory
+        return (e.total > budget, e.tensor * e.sequence, e.checkpointing, keeps.index(e.scan_keep), e.zero, e.total)
     return sorted(out, key=rank)
 
 
@@ -206,14 +265,16 @@ def run(args) -> int:
           f"{'on' if cfg.parallel.tensor_sequence_parallel else 'off'}")
     print("GiB per GPU; activations are an estimate (within 12% of measured peaks on one GPU, "
           "benchmarks/RESULTS.md); comm = GB sent per GPU per optimizer step")
-    head = (f"{'layout':<12}{'ZeRO':>5}{'ckpt':>6}{'keep':>8}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
-            f"{'total':>8}{'TP comm':>9}{'DP comm':>9}  fits")
+    head = (f"{'layout':<18}{'ZeRO':>5}{'ckpt':>6}{'keep':>8}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
+            f"{'total':>8}{'TP comm':>9}{'DP comm':>9}{'longest':>10}  fits")
     print(head)
     for e in plan_layouts(cfg, args.gpus, args.gpu_mem, args.precision):
         fits = e.total <= HEADROOM * args.gpu_mem * GiB
-        print(f"{f'DP{e.data} x TP{e.tensor}':<12}{e.zero:>5}{'yes' if e.checkpointing else 'no':>6}"
+        longest = f"{e.longest_context // 1024}K" if e.longest_context else "-"
+        print(f"{f'DP{e.data} x SP{e.sequence} x TP{e.tensor}':<18}{e.zero:>5}{'yes' if e.checkpointing else 'no':>6}"
               f"{e.scan_keep:>8}{e.params / GiB:>8.1f}{e.grads / GiB:>8.1f}{e.optimizer / GiB:>8.1f}"
               f"{e.activations / GiB:>8.1f}{e.total / GiB:>8.1f}{e.tensor_comm / 1e9:>9.2f}{e.data_comm / 1e9:>9.2f}"
-              f"  {'yes' if fits else 'no'}")
-    print("sequence and expert parallelism are not planned yet (not trained yet)")
+              f"{longest:>10}  {'yes' if fits else 'no'}")
+    print("longest = the longest sequence at micro-batch 1 with activation checkpointing and scan_keep none; "
+          "expert parallelism is not planned yet")
     return 0

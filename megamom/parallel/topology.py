@@ -61,6 +61,9 @@ class Topology:
             "sequence": [[rank_of(dp, s, tp) for s in range(L.sequence)]
                          for dp in range(L.data) for tp in range(L.tensor)],
             "data": [[rank_of(d, sp, tp) for d in range(L.data)] for sp in range(L.sequence) for tp in range(L.tensor)],
+            # the ranks holding the same tensor shard: data x sequence (what ZeRO partitions and averages over)
+            "data_sequence": [[rank_of(d, s, tp) for d in range(L.data) for s in range(L.sequence)]
+                              for tp in range(L.tensor)],
             # the ranks that hold one copy of every parameter: a data rank's whole tensor x sequence block
             "model": [[rank_of(dp, s, t) for s in range(L.sequence) for t in range(L.tensor)] for dp in range(L.data)],
         }
@@ -101,6 +104,12 @@ class Topology:
         return self._groups["data"]
 
     @property
+    def data_sequence(self) -> Group:
+        """The data x sequence ranks of one tensor index: they hold the same parameters, and each
+        computes a part of their gradient (another batch, or another slice of the same sequences)."""
+        return self._groups["data_sequence"]
+
+    @property
     def expert(self) -> Group:
         return self._groups["expert"]
 
@@ -125,10 +134,11 @@ class Topology:
 
 class DeepSpeedMPU:
     """DeepSpeed's model-parallel-unit interface over a Topology. Its "model parallel" group is the
-    tensor group: ZeRO reduces over the data group, and the gradient norm sums the squares of
-    parameters marked `tensor_model_parallel` on every tensor rank and of the others on tensor rank
-    0 only, then all-reduces over the tensor group. (Sequence parallelism would add its ranks to
-    both; it is refused until it trains.)"""
+    tensor group: the gradient norm sums the squares of parameters marked `tensor_model_parallel` on
+    every tensor rank and of the others on tensor rank 0 only, then all-reduces over the tensor
+    group. Its "data parallel" group is data x sequence: ZeRO partitions the optimizer state and
+    averages the gradients over every rank that holds the same parameters; a sequence rank's loss is
+    scaled so that this mean is right (megamom.parallel.sequence_parallel)."""
 
     def __init__(self, topology: Topology):
         self.topology = topology
@@ -147,13 +157,13 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_group = get_model_parallel_group
 
     def get_data_parallel_rank(self) -> int:
-        return self.topology.data.rank
+        return self.topology.data_sequence.rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.topology.data.size
+        return self.topology.data_sequence.size
 
     def get_data_parallel_group(self):
-        return self.topology.data.group
+        return self.topology.data_sequence.group
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return 0

@@ -62,10 +62,13 @@ def run(args) -> int:
         ids = [tok.bos_id] if getattr(tok, "bos_id", None) is not None and tok.bos_id >= 0 else []
         ids += tok.encode(args.sample_prompt)
         prompt = torch.tensor([ids], device=trainer.dist.device)
-        # (memories split over expert ranks keep no decode state: the sample reruns the sequence)
-        out = generate(trainer.model, prompt, args.sample_tokens, temperature=0.8, top_k=40,
-                       generator=torch.Generator(device=trainer.dist.device).manual_seed(cfg.train.seed),
-                       use_cache=trainer.topology.expert.size == 1)
+        from ..parallel.sequence_parallel import whole_sequences
+        # (memories split over expert ranks keep no decode state: the sample reruns the sequence;
+        # sequence ranks each run the whole sample)
+        with whole_sequences(trainer.model):
+            out = generate(trainer.model, prompt, args.sample_tokens, temperature=0.8, top_k=40,
+                           generator=torch.Generator(device=trainer.dist.device).manual_seed(cfg.train.seed),
+                           use_cache=trainer.topology.expert.size == 1)
         if trainer.dist.is_main:
             print(f"sample: {tok.decode(out[0, len(ids):].tolist())!r}  (prompt: {args.sample_prompt!r})")
     import torch.distributed as dist

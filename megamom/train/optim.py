@@ -74,7 +74,8 @@ def build_deepspeed_config(cfg: Config, batching, precision: str) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": batching.micro,
         "gradient_accumulation_steps": batching.accum,
-        "train_batch_size": batching.global_batch,
+        # DeepSpeed counts sequence ranks as data ranks (Topology.mpu): its batch counts their slices
+        "train_batch_size": batching.global_batch * batching.sequence,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 10**9,

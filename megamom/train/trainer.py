@@ -42,6 +42,7 @@ class Batching:
     micro: int
     accum: int
     dp_size: int
+    sequence: int = 1  # sequence ranks per data rank (slices of the same sequences)
 
     @property
     def global_batch(self) -> int:
@@ -69,7 +70,7 @@ def resolve_batching(cfg: Config, world_size: int, layout: Optional[ParallelLayo
                               f"micro_batch_size={t.micro_batch_size} on {dp} data-parallel ranks, "
                               f"but train.grad_accum={accum}; drop one of them")
         accum = derived
-    return Batching(t.micro_batch_size, accum, dp)
+    return Batching(t.micro_batch_size, accum, dp, layout.sequence)
 
 
 def _resolve_precision(cfg: Config, device: torch.device) -> str:
@@ -285,12 +286,13 @@ class Trainer:
             pc = count_parameters(model)
             experts = self.topology.expert.size
             log.info("model: %s, %.1fM parameters (%.1fM activated per token), %s, ZeRO-%d, %d data-parallel x %d "
-                     "tensor-parallel ranks%s", cfg.model.arch, pc.total / 1e6, pc.activated / 1e6, self.precision,
-                     cfg.train.zero_stage, self.batching.dp_size, self.topology.tensor.size,
+                     "sequence-parallel x %d tensor-parallel ranks%s", cfg.model.arch, pc.total / 1e6,
+                     pc.activated / 1e6, self.precision, cfg.train.zero_stage, self.batching.dp_size,
+                     self.topology.sequence.size, self.topology.tensor.size,
                      f", memories split over {experts} expert-parallel ranks" if experts > 1 else "")
         # built whole on every rank (same seed), this rank's shard kept
         model = parallelize(model, self.topology, cfg.parallel.tensor_sequence_parallel)
-        mpu = self.topology.mpu() if self.topology.tensor.size > 1 else None
+        mpu = self.topology.mpu() if self.topology.tensor.size > 1 or self.topology.sequence.size > 1 else None
         self.engine, self.scheduler = build_engine(cfg, model, self.batching, self.precision, self.dist.device, mpu,
                                                    load_universal=self.reshard is not None)
         self.model = self.engine.module
@@ -501,7 +503,8 @@ class Trainer:
                 # reads them only on logging steps
                 zero = out.loss.new_zeros(())
                 parts = torch.stack([out.loss, out.lm_loss, zero if out.aux_loss is None else out.aux_loss,
-                                     zero if out.z_loss is None else out.z_loss]).detach().float()
+                                     zero if out.z_loss is None else out.z_loss,
+                                     *[s.aux_loss for s in out.router_stats]]).detach().float()
                 sums = parts if sums is None else sums + parts
                 stats = out.router_stats
             applied = self.engine.was_step_applied()
@@ -522,7 +525,7 @@ class Trainer:
                                         f"learning rate or check the data")
             dt = time.perf_counter() - t0
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                loss, lm, aux, z = self._reduce_mean(sums / self.batching.accum)
+                loss, lm, aux, z, *layer_aux = self._reduce_mean(sums / self.batching.accum)
                 values = {"loss": loss, "lm_loss": lm, "lr": lr,
                           "grad_norm": self.engine.get_global_grad_norm(),
                           "tokens_per_s": tokens_per_step / dt, "tokens_seen": self.tokens_seen,
@@ -539,7 +542,7 @@ class Trainer:
                     values["z_loss"] = z
                     shares = self._memory_shares(stats)
                     for i, s in enumerate(stats):
-                        values[f"router/layer{i}/aux"] = float(s.aux_loss.detach())
+                        values[f"router/layer{i}/aux"] = layer_aux[i]
                         for e, frac in enumerate(shares[i]):
                             values[f"router/layer{i}/mem{e}"] = frac
                     self._watch_collapse(shares)
@@ -593,8 +596,10 @@ class Trainer:
             total += torch.tensor([out.lm_loss.double().item() * n.item(), n.item()], dtype=torch.float64)
         self.model.train()
         total = total.to(self.dist.device)
-        if self.topology.data.size > 1:  # (the tensor ranks of a data rank saw the same tokens)
-            dist.all_reduce(total, group=self.topology.data.group)
+        # (the tensor ranks of a data rank saw the same tokens; its sequence ranks each P x their part of
+        # the loss, whose mean is the sequences': megamom.parallel.sequence_parallel)
+        if self.topology.data_sequence.size > 1:
+            dist.all_reduce(total, group=self.topology.data_sequence.group)
         if total[1] == 0:
             return None
         loss = float(total[0] / total[1])

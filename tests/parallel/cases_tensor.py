@@ -58,7 +58,7 @@ def deepspeed_engine(cfg: Config, model, top: Topology, universal: bool = False)
     from megamom.parallel.expert_parallel import register_expert_groups
     register_expert_groups(model)
     groups = param_groups(model, cfg.train.weight_decay)
-    ds = build_deepspeed_config(cfg, Batching(2, 1, top.data.size), "fp32")
+    ds = build_deepspeed_config(cfg, Batching(2, 1, top.data.size, top.sequence.size), "fp32")
     if universal:
         ds["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, mpu=top.mpu(),

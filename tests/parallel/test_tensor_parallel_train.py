@@ -18,7 +18,7 @@ def test_tp2_trains_like_one_process_and_consolidates_to_its_weights(tmp_path, m
     train(megamom_exe, megamom_env, one, *common)
     r = train(megamom_exe, megamom_env, tp, *common, "parallel.tensor=2", "--sample-prompt=And God said",
               "--sample-tokens=4", nproc=2, timeout=400)
-    assert "1 data-parallel x 2 tensor-parallel ranks" in r.stderr + r.stdout
+    assert "1 data-parallel x 1 sequence-parallel x 2 tensor-parallel ranks" in r.stderr + r.stdout
     assert r.stdout.count("sample: ") == 1, r.stdout[-2000:]
     a, b = losses(one), losses(tp)
     assert sorted(a) == sorted(b) == [1, 2, 3]
