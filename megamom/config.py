@@ -31,6 +31,7 @@ QK_NORMS = ("l2", "none")
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
+AUX_LOSS_FORMS = ("switch", "paper")
 
 
 # Model settings that choose an implementation, not the function computed: a checkpoint resumes
@@ -76,8 +77,15 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
-    # Router losses
+    # the MoM authors' init (GPT-2's): the residual branches' output projections (the mixer's o_proj,
+    # the MLP's down_proj) divided by sqrt(2 num_layers) after their init
+    rescale_residual_init: bool = False
+    # Router losses. aux_loss_form: "switch" (Megatron's: E sum_e f_e P_e over the micro-batch, f the
+    # share of routed slots, P the mean full-softmax probability; 1 when balanced) or "paper" (the MoM
+    # authors': per layer and per sequence, P the softmax over the top-k logits, f the share of tokens
+    # choosing e; k when balanced, so k times stronger at the same coefficient). Mean over layers.
     aux_loss_coef: float = 0.01
+    aux_loss_form: str = "switch"
     z_loss_coef: float = 0.0
     # Kernels: auto = Triton on CUDA when available, torch reference elsewhere.
     kernel_backend: str = "auto"
@@ -123,6 +131,7 @@ class ModelConfig:
         _choice("model.arch", self.arch, ARCHS)
         _choice("model.update_rule", self.update_rule, UPDATE_RULES)
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        _choice("model.aux_loss_form", self.aux_loss_form, AUX_LOSS_FORMS)
         _choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
         _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("model.scan_keep", self.scan_keep, SCAN_KEEPS + ("auto",))

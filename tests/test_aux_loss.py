@@ -1,6 +1,7 @@
 """Router losses (/work/shared/docs/mom-spec.md, "Load-balancing loss"): the switch loss
 E * sum_e f_e P_e with f_e = count_e / (k N) and P_e = mean_t p_te (1 at perfect balance), its
-gradient, the z-loss mean_t logsumexp(logits_t)^2, and how CausalLM folds them into its loss."""
+gradient, the z-loss mean_t logsumexp(logits_t)^2, how CausalLM folds them into its loss, and the
+MoM authors' form (per sequence, P the softmax over the top-k logits, k at balance)."""
 import math
 
 import pytest
@@ -246,3 +247,99 @@ def test_model_loss_without_coefficients_or_router():
     assert out.router_stats == [] and out.aux_loss is None and out.z_loss is None
     torch.testing.assert_close(out.loss, out.lm_loss, atol=0, rtol=0)
     assert math.isfinite(float(out.loss.detach()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The MoM authors' form (model.aux_loss_form=paper)
+# ------------------------------------------------------------------------------------------------
+
+def hand_paper_aux(logits, k, rows):
+    """The authors' loss by loops: per sequence, the share of its tokens choosing e and the mean of
+    the softmax over each token's top-k logits; E * mean over sequences of sum_e f_be P_be."""
+    N, E = logits.shape
+    T = N // rows
+    total = 0.0
+    for b in range(rows):
+        f, P = [0.0] * E, [0.0] * E
+        for t in range(b * T, (b + 1) * T):
+            top = sorted(range(E), key=lambda e: -float(logits[t, e]))[:k]
+            z = [math.exp(float(logits[t, e])) for e in top]
+            for e, w in zip(top, z):
+                f[e] += 1 / T
+                P[e] += w / sum(z) / T
+        total += E * sum(fe * pe for fe, pe in zip(f, P))
+    return total / rows
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_paper_form_is_k_when_balanced_and_E_when_collapsed(k):
+    from megamom.model.router import paper_balance_loss
+    E, T = 4, 8
+    # balanced: each sequence's tokens choose every memory equally often, with equal weights
+    idx = torch.stack([(torch.arange(k) + t * k) % E for t in range(T)])
+    w = torch.full((T, k), 1 / k, dtype=DT)
+    loss, f, _ = paper_balance_loss(w, idx, E, rows=1)
+    assert loss.item() == pytest.approx(k, abs=1e-12)
+    torch.testing.assert_close(f, torch.full((E,), 1 / E, dtype=DT))
+    # collapsed: every token chooses memories 0..k-1
+    idx = torch.arange(k).expand(2 * T, k)
+    loss, f, _ = paper_balance_loss(torch.full((2 * T, k), 1 / k, dtype=DT), idx, E, rows=2)
+    assert loss.item() == pytest.approx(E, abs=1e-12)
+
+
+@pytest.mark.parametrize("k,rows", [(1, 1), (2, 3), (3, 2)])
+def test_paper_form_equals_the_definition_and_its_gradient_a_finite_difference(k, rows):
+    from megamom.model.router import paper_balance_loss
+    g = torch.Generator().manual_seed(k * 10 + rows)
+    E, N, d = 5, 12 * rows, 6
+    x = torch.randn(N, d, generator=g, dtype=DT)
+    w = torch.randn(E, d, generator=g, dtype=DT)
+    r = route(x, w, k)
+    loss, _, _ = paper_balance_loss(r.topk_weight, r.topk_index, E, rows)
+    assert loss.item() == pytest.approx(hand_paper_aux(r.logits.detach(), k, rows), abs=1e-12)
+
+    def of_weight(weight):  # the top-k choice is piecewise constant: a finite difference sees P alone
+        rr = route(x, weight, k)
+        return paper_balance_loss(rr.topk_weight, rr.topk_index, E, rows)[0]
+    assert torch.autograd.gradcheck(of_weight, (w.clone().requires_grad_(),), eps=1e-6, atol=1e-8)
+
+
+def test_paper_form_split_over_ranks_adds_up_to_the_whole_sequences():
+    """Two ranks holding the halves of each sequence, per-sequence counts and totals all-reduced: the
+    ranks' losses add up to the single-process loss, and so do their gradients."""
+    from megamom.model.router import paper_balance_loss
+    g = torch.Generator().manual_seed(3)
+    E, k, B, T, d = 4, 2, 2, 10, 6
+    x = torch.randn(B, T, d, generator=g, dtype=DT)
+    w = torch.randn(E, d, generator=g, dtype=DT)
+    w1 = w.clone().requires_grad_()
+    r = route(x.reshape(-1, d), w1, k)
+    full = paper_balance_loss(r.topk_weight, r.topk_index, E, B)[0]
+    full.backward()
+    w2 = w.clone().requires_grad_()
+    halves = [route(x[:, s].reshape(-1, d), w2, k) for s in (slice(0, 4), slice(4, T))]
+    counts = sum(torch.zeros(B, E, dtype=DT).scatter_add_(
+        1, h.topk_index.view(B, -1), torch.ones(B, h.topk_index.view(B, -1).shape[1], dtype=DT)) for h in halves)
+
+    def reduce(c, t):  # what an all-reduce over the two ranks returns
+        return counts, torch.full((B,), float(T), dtype=DT)
+    parts = [paper_balance_loss(h.topk_weight, h.topk_index, E, B, reduce)[0] for h in halves]
+    torch.testing.assert_close(parts[0] + parts[1], full, atol=1e-14, rtol=0)
+    (parts[0] + parts[1]).backward()
+    torch.testing.assert_close(w2.grad, w1.grad, atol=1e-14, rtol=0)
+
+
+def test_the_model_takes_the_paper_form():
+    cfg = ModelConfig(arch="mom", vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, head_dim=16,
+                      num_memories=4, topk=2, aux_loss_form="paper")
+    torch.manual_seed(0)
+    model = CausalLM(cfg).double()
+    ids = torch.randint(0, 64, (3, 10))
+    seen = []
+    for block in model.model.layers:  # each layer's routing of its 3 sequences
+        block.attn.router.register_forward_hook(lambda mod, inp, out: seen.append(out.logits.detach()))
+    out = model(ids, labels=ids)
+    want = sum(hand_paper_aux(logits, 2, 3) for logits in seen) / len(seen)  # the mean over layers
+    assert len(seen) == 2 and out.aux_loss.item() == pytest.approx(want, abs=1e-12)
+    with pytest.raises(Exception, match="model.aux_loss_form"):
+        ModelConfig(aux_loss_form="fla").validate()

@@ -1,5 +1,6 @@
 """Config validation (clear errors naming the key and the fix), parameter init per the spec,
 the weight-decay exclusions, and a tiny model that really learns a fixed batch."""
+import dataclasses
 import math
 from pathlib import Path
 
@@ -250,13 +251,19 @@ def test_blocks_are_prenorm_residual_with_swiglu(arch, tied):
     assert model.model.layers[0].mlp.up_proj.weight.shape == (24, 16)
 
 
-@pytest.mark.parametrize("name,d,ratio,mlp", [("mom-340m", 1024, 3, 2048), ("mom-1.3b", 2048, 4, 5632)])
+@pytest.mark.parametrize("name,d,ratio,mlp", [("mom-340m", 1024, 3, 2048), ("mom-1.3b", 2048, 4, 5632),
+                                              ("mom-340m-paper", 1024, 3, 2048), ("mom-1.3b-paper", 2048, 4, 5632)])
 def test_paper_configs_match_the_spec_table(name, d, ratio, mlp):
     m = load_config(TINY_YAML.parent / f"{name}.yaml").model
     assert (m.arch, m.num_layers, m.hidden_size, m.num_heads, m.head_dim, m.expand_v) == ("mom", 24, d, 4, 256, 1)
     assert (m.num_memories, m.topk, m.shared_mem, m.update_rule) == (4, 2, True, "gated_delta")
     assert (m.hidden_ratio, m.mlp_hidden_size, m.vocab_size, m.tie_word_embeddings) == (ratio, mlp, 32000, True)
     assert m.aux_loss_coef == 0.01 and m.conv_size == 4 and m.use_short_conv and m.qk_norm == "l2"
+    if name.endswith("-paper"):  # the authors' run: their balance loss, init, steps, no resets
+        cfg = load_config(TINY_YAML.parent / f"{name}.yaml")
+        assert m.aux_loss_form == "paper" and m.rescale_residual_init and not cfg.data.reset_at_doc_boundaries
+        tokens = cfg.train.max_steps * cfg.train.global_batch_size * cfg.data.seq_len
+        assert tokens == (15 if name.startswith("mom-340m") else 100) * 2 ** 30 and cfg.train.warmup_steps == 1024
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,3 +404,19 @@ def test_checkpoints_from_before_the_shared_memory_had_its_own_parameters_still_
     again.load_state_dict(new, strict=True)
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_rescaled_residual_init_divides_the_output_projections_by_sqrt_2L():
+    from megamom.config import ModelConfig
+    from megamom.model import build_model
+    for arch in ("mom", "transformer"):
+        cfg = ModelConfig(arch=arch, vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, head_dim=16)
+        torch.manual_seed(0)
+        plain = build_model(cfg)
+        torch.manual_seed(0)
+        scaled = build_model(dataclasses.replace(cfg, rescale_residual_init=True))
+        rescaled = {f"model.layers.{i}.{n}.weight" for i in range(3) for n in ("attn.o_proj", "mlp.down_proj")}
+        p = dict(plain.named_parameters())
+        for n, q in scaled.named_parameters():
+            want = p[n] / 6 ** 0.5 if n in rescaled else p[n]
+            torch.testing.assert_close(q, want, rtol=0, atol=0, msg=n)

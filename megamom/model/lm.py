@@ -146,6 +146,9 @@ class CausalLM(nn.Module):
                 block.attn.reset_parameters()
             block.attn_norm.weight.fill_(1.0)
             block.mlp_norm.weight.fill_(1.0)
+            if self.config.rescale_residual_init:
+                for lin in (block.attn.o_proj, block.mlp.down_proj):
+                    lin.weight.div_((2 * self.config.num_layers) ** 0.5)
         self.model.norm.weight.fill_(1.0)
 
     @property

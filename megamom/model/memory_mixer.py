@@ -79,7 +79,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
         shared = cfg.shared_mem if cfg.routed else True
         Kd, Vd = H * K, H * Vh
 
-        self.router = Router(d, E, cfg.topk) if E else None
+        self.router = Router(d, E, cfg.topk, cfg.aux_loss_form) if E else None
         self.dispatcher = Dispatcher(E, shared)
         self.q_proj = nn.Linear(d, Kd, bias=False)
         decay_dim = {"scalar": H, "vector": Kd, None: 0}[self.rule.decay]
@@ -304,7 +304,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
                                "checkpoint.load_model_state_dict) or with use_cache=False")
         if use_cache or cache is not None:
             new_cache = MemoryLayerCache(final_state.view(self.num_memories, num_docs, H, K, Vh), conv_state)
-        stats = self.router.stats(r, fused) if r is not None else None
+        stats = self.router.stats(r, fused, B) if r is not None else None
         return self.exit_region(o.view(B, T, d)), stats, new_cache
 
     def _memory_experts(self, xc: torch.Tensor, packing, cache: Optional[MemoryLayerCache], use_cache: bool,

@@ -81,15 +81,43 @@ def _balance(probs, topk_index, num_memories: int, counts_reduce=None):
 
 
 
+def paper_balance_loss(topk_weight: torch.Tensor, topk_index: torch.Tensor, num_memories: int, rows: int,
+                       counts_reduce=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoM authors' balance loss over `rows` sequences of N / rows tokens each (token-major):
+    per sequence b, f_be = share of its tokens that chose e, P_be = mean over its tokens of the
+    softmax over the top-k logits (0 for unchosen memories: the router's renormalised top-k weights),
+    loss = E * mean_b sum_e f_be P_be (k when balanced). `counts_reduce` sums the per-sequence counts
+    and token totals over the ranks holding slices of the same sequences. -> (loss, f over every slot
+    as the switch form reports it [E], the group's token total)."""
+    N, k = topk_index.shape
+    E = num_memories
+    chosen = torch.zeros(N, E, dtype=topk_weight.dtype, device=topk_weight.device)
+    weights = chosen.scatter(1, topk_index, topk_weight)  # [N, E]: P's terms, differentiable
+    chosen = chosen.scatter(1, topk_index, 1.0)
+    counts = chosen.view(rows, -1, E).sum(1)  # [B, E]
+    prob_sum = weights.view(rows, -1, E).sum(1)
+    total = topk_weight.new_full((rows,), float(N // rows))
+    if counts_reduce is not None:
+        counts, total = counts_reduce(counts, total)
+    loss = E * ((counts / total[:, None]) * (prob_sum / total[:, None])).sum(1).mean()
+    return loss, counts.sum(0) / (k * total.sum()), total.sum()
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, -1).pow(2).mean()
 
 
 
-def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, counts_reduce=None):
+def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, counts_reduce=None,
+                  form: str = "switch", rows: int = 1):
     """-> (balance loss, z loss, token fraction per memory [E], detached) of a routing. fused (the
     caller's `use_triton`, float32 router outputs): one Triton kernel each way, also with counts
-    reduced over ranks (kernels/triton/router_loss.py); else load_balancing_loss and router_z_loss."""
+    reduced over ranks (kernels/triton/router_loss.py); else load_balancing_loss and router_z_loss.
+    form: "switch" or "paper" (`paper_balance_loss` over `rows` sequences; torch)."""
+    if form == "paper":
+        aux, f, total = paper_balance_loss(r.topk_weight, r.topk_index, num_memories, rows, counts_reduce)
+        lse2 = torch.logsumexp(r.logits, -1).pow(2)
+        return aux, (lse2.mean() if counts_reduce is None else lse2.sum() / total), f.detach()
     if fused and r.probs.dtype == torch.float32 and r.probs.shape[0] > 0:
         from megamom.kernels.triton.router_loss import router_losses_fused
         assert r.probs.shape[1] == num_memories, (r.probs.shape, num_memories)
@@ -105,8 +133,9 @@ def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, count
 class Router(nn.Module):
     """weight [E, d] (E: every routed memory, also where expert parallelism holds fewer of them)."""
 
-    def __init__(self, hidden_size: int, num_memories: int, topk: int):
+    def __init__(self, hidden_size: int, num_memories: int, topk: int, aux_loss_form: str = "switch"):
         super().__init__()
+        self.aux_loss_form = aux_loss_form
         self.weight = nn.Parameter(torch.empty(num_memories, hidden_size))
         # drawn as nn.Linear draws its weight (MemoryMixer.reset_parameters overwrites it), so that a
         # seed keeps giving the same model as when the router was an nn.Linear
@@ -122,8 +151,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> RouterOutput:
         return route(x, self.weight, self.topk, fused)
 
-    def stats(self, r: RouterOutput, fused: bool = False) -> RouterStats:
-        aux, z, f = router_losses(r, self.num_memories, fused, self.counts_reduce)
+    def stats(self, r: RouterOutput, fused: bool = False, rows: int = 1) -> RouterStats:
+        """rows: the sequences the routed tokens belong to (token-major), for the paper form."""
+        aux, z, f = router_losses(r, self.num_memories, fused, self.counts_reduce, self.aux_loss_form, rows)
         if self.part_scale != 1.0:
             aux, z = aux * self.part_scale, z * self.part_scale
         return RouterStats(aux, z, f)

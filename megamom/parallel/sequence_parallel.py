@@ -286,10 +286,12 @@ class SequenceParallelLoss(nn.Module):
 
 
 def counts_reduce(group: Group):
-    """Router.counts_reduce over the sequence group: slot counts and token totals summed (no gradient)."""
+    """Router.counts_reduce over the sequence group: slot counts and token totals (of any shapes: per
+    sequence for the paper's form) summed, in one all-reduce, without gradient."""
     def reduce(counts: torch.Tensor, total: torch.Tensor):
-        both = all_reduce_(torch.cat([counts.detach(), total.detach().reshape(1).to(counts.dtype)]), group)
-        return both[:-1], both[-1].to(total.dtype)
+        flat = torch.cat([counts.detach().reshape(-1), total.detach().reshape(-1).to(counts.dtype)])
+        flat = all_reduce_(flat, group)
+        return flat[:counts.numel()].view(counts.shape), flat[counts.numel():].view(total.shape).to(total.dtype)
     return reduce
 
 

@@ -1,4 +1,6 @@
-"""`megamom eval --checkpoint DIR --data DIR [KEY=VALUE ...]`: token-weighted loss and perplexity."""
+"""`megamom eval --checkpoint DIR --data DIR [KEY=VALUE ...]`: token-weighted loss and perplexity.
+`megamom eval --checkpoint DIR --task mqar [--num-pairs 8 16 ...] [--seq-len 256]`: multi-query
+associative recall accuracy (megamom.data.mqar), at the answer positions only."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint (…/checkpoints/step_XXXXXXXX) or a run directory (train.out_dir: its newest "
                         "complete checkpoint)")
-    p.add_argument("--data", required=True, nargs="+", help="prepared dataset director(y/ies)")
+    p.add_argument("--task", choices=["lm", "mqar"], default="lm",
+                   help="lm: loss and perplexity on --data; mqar: associative recall accuracy (no --data)")
+    p.add_argument("--data", nargs="+", default=[], help="prepared dataset director(y/ies) (--task lm)")
+    p.add_argument("--num-pairs", type=int, nargs="+", default=[4, 8, 16, 32], help="MQAR key-value pairs")
+    p.add_argument("--seq-len", type=int, default=256, help="MQAR example length")
+    p.add_argument("--examples", type=int, default=256, help="MQAR examples per number of pairs")
+    p.add_argument("--seed", type=int, default=1234, help="MQAR examples' seed")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
@@ -88,6 +96,33 @@ def evaluate_checkpoint(checkpoint: str, data: list[str], split: str = "val", ba
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "step": state["step"]}
 
 
+def evaluate_mqar(checkpoint: str, num_pairs: list[int], seq_len: int, examples: int, seed: int,
+                  batch_size: int = 64, device: str = "auto", overrides: list[str] = ()) -> dict:
+    """MQAR accuracy of a checkpoint per number of pairs. The vocabulary is the model's."""
+    from ..convert.source import resolve_checkpoint
+    from ..data.mqar import check_mqar, mqar_accuracy, mqar_batch
+    from ..model import build_model
+    from .checkpoint import load_model_state_dict, read_trainer_state
+    tree = check_overrides(list(overrides))
+    if "data" in tree:
+        raise ConfigError("megamom eval --task mqar reads no dataset: drop the data.* overrides")
+    checkpoint = resolve_checkpoint(checkpoint)
+    state = read_trainer_state(checkpoint)
+    model_cfg = model_config_from_dict({**state["config"]["model"], **tree.get("model", {})})
+    for n in num_pairs:  # before the model is built
+        try:
+            check_mqar(n, seq_len, model_cfg.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"--num-pairs / --seq-len: {e}") from None
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    model = build_model(model_cfg)
+    model.load_state_dict(load_model_state_dict(checkpoint))
+    model.to(dev).eval()
+    accuracy = {str(n): mqar_accuracy(model, mqar_batch(examples, n, seq_len, model_cfg.vocab_size, seed),
+                                      batch_size, dev) for n in num_pairs}
+    return {"task": "mqar", "seq_len": seq_len, "examples": examples, "accuracy": accuracy, "step": state["step"]}
+
+
 def _data_config(state: dict, data: list[str], overrides: dict | None = None) -> DataConfig:
     """The checkpoint's saved data config (as the trainer used it) with the paths replaced by `data`
     and the command line's data.* overrides on top; mixture weights are kept only when they still
@@ -129,13 +164,20 @@ def run(args) -> int:
     dotted = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
     data = [d for d in args.data if not dotted.fullmatch(d)]
     overrides = [d for d in args.data if dotted.fullmatch(d)] + list(args.overrides)
-    if not data:
+    if args.task == "mqar" and data:
+        print("megamom eval: error: --task mqar generates its examples: drop --data", file=sys.stderr)
+        return 2
+    if args.task == "lm" and not data:
         print("megamom eval: error: --data needs a prepared dataset directory (`megamom prep ... --out DIR`)",
               file=sys.stderr)
         return 2
     try:
-        result = evaluate_checkpoint(args.checkpoint, data, args.split, args.batch_size, args.max_batches,
-                                     args.device, overrides)
+        if args.task == "mqar":
+            result = evaluate_mqar(args.checkpoint, args.num_pairs, args.seq_len, args.examples, args.seed,
+                                   args.batch_size, args.device, overrides)
+        else:
+            result = evaluate_checkpoint(args.checkpoint, data, args.split, args.batch_size, args.max_batches,
+                                         args.device, overrides)
     except (ConvertError, CheckpointError) as e:
         print(f"megamom eval: error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,11 @@ def test_convs_and_memories_with_few_rows(pools, over):
     pools(4).run(cases.forward_and_grads, "mom_gated_delta", 4, 1, over, True, 24)
 
 
+def test_the_papers_balance_loss(pools):
+    # per-sequence counts summed over the slices of each sequence
+    pools(4).run(cases.forward_and_grads, "mom_gated_delta", 4, 1, {"aux_loss_form": "paper"}, True, 24)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_every_token_routed_to_one_memory(pools, shared):
     pools(2).run(cases.forward_and_grads, "mom_gated_delta", 2, 1, {"topk": 1, "shared_mem": shared}, True, 24,
