@@ -33,7 +33,8 @@ BASE = dict(vocab_size=V, hidden_size=128, num_layers=2, num_heads=2, head_dim=6
 
 def configure(vocab: int, seq_len: int, pairs: tuple, lengths: tuple, length_pairs: int) -> None:
     global V, T_TRAIN, TRAIN_PAIRS, EVAL_PAIRS, EVAL_LENGTHS, LENGTH_PAIRS
-    V, T_TRAIN, TRAIN_PAIRS, EVAL_PAIRS, EVAL_LENGTHS, LENGTH_PAIRS = vocab, seq_len, pairs, pairs, lengths, length_pairs
+    V, T_TRAIN, EVAL_LENGTHS, LENGTH_PAIRS = vocab, seq_len, lengths, length_pairs
+    TRAIN_PAIRS = EVAL_PAIRS = pairs
     BASE.update(vocab_size=vocab, max_position_embeddings=max(lengths + (seq_len,)))
 MODELS = {
     "MoM 4x top-2 + shared": dict(arch="mom", update_rule="gated_delta", num_memories=4, topk=2, shared_mem=True),
