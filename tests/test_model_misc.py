@@ -420,3 +420,25 @@ def test_rescaled_residual_init_divides_the_output_projections_by_sqrt_2L():
         for n, q in scaled.named_parameters():
             want = p[n] / 6 ** 0.5 if n in rescaled else p[n]
             torch.testing.assert_close(q, want, rtol=0, atol=0, msg=n)
+
+
+def test_matched_baselines_have_moms_parameters_or_state():
+    """configs/*-params.yaml: MoM-340M's total (or activated) parameters within 1%; the *-state ones:
+    one memory holding MoM's total (5 memories) or activated (top-2 + shared) state per layer."""
+    from megamom.model.counting import count_parameters
+
+    def counts(name):
+        cfg = load_config(TINY_YAML.parent / f"{name}.yaml")
+        with torch.device("meta"):
+            pc = count_parameters(CausalLM(cfg.model))
+        m = cfg.model
+        memories = m.num_memories + int(m.shared_mem) if m.arch == "mom" else 1
+        return pc, m.num_heads * m.head_dim * m.head_v_dim, memories
+
+    mom, mom_state, mom_memories = counts("mom-340m")
+    for name, want in (("gdn-340m-params", mom.total), ("transformer-340m-params", mom.total),
+                       ("gdn-340m-activated-params", mom.activated)):
+        got = counts(name)[0].total
+        assert abs(got - want) <= 0.01 * want, (name, got, want)
+    assert counts("gdn-340m-total-state")[1] == mom_memories * mom_state
+    assert counts("gdn-340m-activated-state")[1] == 3 * mom_state  # top-2 + shared
