@@ -251,13 +251,22 @@ def _run(todo, st, out, strict, tok, nproc, total_bytes, progress) -> None:
 
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
         tok_arg = tok if tok.kind == "sentencepiece" else tok.path
-        with ctx.Pool(nproc, initializer=init_worker, initargs=(tok_arg,), maxtasksperchild=None) as pool:
+        stop = ctx.Event()
+        with ctx.Pool(nproc, initializer=init_worker, initargs=(tok_arg, stop), maxtasksperchild=None) as pool:
             try:
                 # Largest units first: the pool's tail is then short.
                 by_uid = {j[0].uid: j[0] for j in jobs}
                 order = sorted(jobs, key=lambda j: -j[0].size)
                 for rep in pool.imap_unordered(process_unit, order, chunksize=1):
                     bar.update(by_uid[rep["uid"]].size)
+            except StrictStop:
+                # the workers skip the units left and end on their own: killing them (terminate)
+                # can leave the task queue's lock with a dead worker, and the pool's shutdown then
+                # waits for it forever
+                stop.set()
+                pool.close()
+                pool.join()
+                raise
             except BaseException:
                 pool.terminate()
                 raise
@@ -399,3 +408,16 @@ def read_manifest(path: str | Path) -> dict:
     if m.get("version", 0) > VERSION:
         raise PrepError(f"{p} has manifest version {m['version']}; this megamom reads up to {VERSION}: upgrade")
     return m
+
+
+def documents_start_with_bos(paths) -> "bool | None":
+    """Whether the prepared datasets at `paths` begin every document with BOS (`megamom prep --bos`),
+    read off their manifests: the convention a model trained on them expects of a prompt. None when
+    it cannot be told (a path without a local manifest) or the datasets disagree."""
+    seen = set()
+    for path in paths:
+        p = Path(str(path).removeprefix("file://")) / MANIFEST
+        if not p.is_file():
+            return None
+        seen.add(bool(json.loads(p.read_text()).get("settings", {}).get("add_bos", False)))
+    return seen.pop() if len(seen) == 1 else None

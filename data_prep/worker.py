@@ -65,10 +65,12 @@ def token_dtype(vocab_size: int):
 
 # Per-process state, set once by `init_worker` (the tokenizer is loaded once per process).
 _TOK = None
+_STOP = None  # a multiprocessing Event: set when the run stops (--strict), the units left are skipped
 
 
-def init_worker(tokenizer) -> None:
-    global _TOK
+def init_worker(tokenizer, stop=None) -> None:
+    global _TOK, _STOP
+    _STOP = stop
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if isinstance(tokenizer, (str, Path)):
         from megamom.tokenizer import load_tokenizer
@@ -97,6 +99,8 @@ def process_unit(job: tuple) -> dict:
     """Run one unit; returns its report (also written as its marker). `job` is
     (unit, settings, out_dir, strict)."""
     unit, st, out_dir, strict = job
+    if _STOP is not None and _STOP.is_set():  # the run stopped: end quickly, write nothing
+        return {"uid": unit.uid, "skipped": True}
     from megamom.data.streaming_compat import MDSWriter
 
     tok = _TOK

@@ -28,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: the export's dtype (checkpoints: fp32)")
     p.add_argument("--tokenizer", help="tokenizer (default: the one in the export / recorded by the checkpoint)")
-    p.add_argument("--no-bos", action="store_true", help="do not start prompts with the BOS token")
+    bos = p.add_mutually_exclusive_group()
+    bos.add_argument("--bos", dest="bos", action="store_true", default=None,
+                     help="start prompts with the BOS token (default: as the training documents did, recorded in "
+                          "the export or checkpoint; where that is unknown, when the tokenizer has one)")
+    bos.add_argument("--no-bos", dest="bos", action="store_false", help="do not start prompts with the BOS token")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the EOS token")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (text and token ids)")
 
@@ -37,6 +41,28 @@ def _dtype_kwargs(dtype):
     import transformers
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
+def prompt_bos(tok, documents_start_with_bos) -> bool:
+    """Whether a prompt starts with BOS: as the model's training documents did where that is known
+    (`megamom prep --bos`; the default prep separates documents by EOS alone, so a BOS there is a
+    token the model never saw), else when the tokenizer has one."""
+    has = getattr(tok, "bos_id", None) is not None and tok.bos_id >= 0
+    return has and (documents_start_with_bos is None or bool(documents_start_with_bos))
+
+
+def documents_start_with_bos(model: str):
+    """What an export's config.json or a checkpoint's trainer state records of the training
+    documents' BOS (None: not recorded)."""
+    from .convert.to_hf import BOS_KEY
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text()).get(BOS_KEY)
+    try:
+        from .convert.source import open_checkpoint
+        return open_checkpoint(path).tokenizer_ref.get("documents_start_with_bos")
+    except Exception:  # (load() reports an unreadable checkpoint)
+        return None
 
 
 def load(model: str, device, dtype: str = "auto", tokenizer: str | None = None):
@@ -93,6 +119,7 @@ def load(model: str, device, dtype: str = "auto", tokenizer: str | None = None):
 
 def generate_texts(hf, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, bos: bool = True, stop_at_eos: bool = True) -> list[dict]:
+    """bos: start every prompt with the BOS token (`prompt_bos` says what the model expects)."""
     import torch
     device = next(hf.parameters()).device
     rows = [([tok.bos_id] if bos and tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
@@ -128,9 +155,10 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     try:
         hf, tok = load(args.model, device, args.dtype, args.tokenizer)
+        bos = args.bos if args.bos is not None else prompt_bos(tok, documents_start_with_bos(args.model))
         t0 = time.perf_counter()
         results = generate_texts(hf, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                 args.top_p, bos=not args.no_bos, stop_at_eos=not args.ignore_eos)
+                                 args.top_p, bos=bos, stop_at_eos=not args.ignore_eos)
     except GenerateError as e:
         print(f"megamom generate: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """`megamom generate`: from a Hugging Face export and from a trainer checkpoint, greedy output equal to
-megamom's own generation (BOS first, one left-padded batch for several prompts), reproducible
-sampling, clear errors."""
+megamom's own generation (BOS first only where the training documents had it, one left-padded batch for
+several prompts), reproducible sampling, clear errors."""
 import json
 import os
 import subprocess
@@ -39,13 +39,15 @@ def trained(megamom_cache, tmp_path_factory):
     return run, export, env
 
 
-def reference(run: Path, prompt: str, n: int) -> list:
+def reference(run: Path, prompt: str, n: int, bos: bool = False) -> list:
+    """megamom's own greedy generation; the prompt starts with BOS only if asked (the shipped corpus
+    is prepared without BOS, so by default the model never saw one)."""
     ckpt = run / "checkpoints" / "step_00000002"
     state = read_trainer_state(ckpt)
     model = CausalLM(model_config_from_dict(state["config"]["model"])).eval()
     model.load_state_dict(load_model_state_dict(ckpt))
     tok = load_tokenizer(state["tokenizer"]["path"])
-    row = [tok.bos_id] + tok.encode(prompt)
+    row = ([tok.bos_id] if bos else []) + tok.encode(prompt)
     out = generate(model, torch.tensor([row]), n, eos_id=tok.eos_id)[0, len(row):].tolist()
     return out[:out.index(tok.eos_id)] if tok.eos_id in out else out
 
@@ -72,6 +74,31 @@ def test_greedy_batch_equals_megamom(source, trained, capsys):
         assert r["new_token_ids"] == reference(run, r["prompt"], 6)
         assert r["completion"] == tok.decode(r["new_token_ids"])
     assert "tokens/s" in err
+
+
+def test_prompts_start_as_the_training_documents_did(trained, capsys):
+    """The run recorded that its documents (the shipped corpus, default prep: EOS only) had no BOS; the
+    export carries it; generate follows it unless told otherwise (--bos)."""
+    from megamom.convert.to_hf import BOS_KEY
+    run, export, _ = trained
+    state = read_trainer_state(run / "checkpoints" / "step_00000002")
+    assert state["tokenizer"]["documents_start_with_bos"] is False
+    assert json.loads((Path(export) / "config.json").read_text())[BOS_KEY] is False
+    code, out, err = run_cli(capsys, "--model", str(export), "--max-new-tokens", "6", "--json", "--bos",
+                             "--prompt", PROMPTS[0])
+    assert code == 0, err
+    assert json.loads(out)["new_token_ids"] == reference(run, PROMPTS[0], 6, bos=True)
+
+
+def test_documents_start_with_bos_is_read_off_the_manifests(tmp_path):
+    from megamom.data_prep.prep import documents_start_with_bos
+    for name, bos in (("a", True), ("b", False), ("c", True)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"settings": {"add_bos": bos}}))
+    assert documents_start_with_bos([tmp_path / "a", tmp_path / "c"]) is True
+    assert documents_start_with_bos([str(tmp_path / "b")]) is False
+    assert documents_start_with_bos([tmp_path / "a", tmp_path / "b"]) is None  # they disagree
+    assert documents_start_with_bos([tmp_path / "missing"]) is None  # not a local prepared dataset
 
 
 def test_console_script_and_sampling(trained):

@@ -54,6 +54,10 @@ def cast_weights(sd: dict, dtype: torch.dtype) -> dict:
     return out
 
 
+# config.json key: whether the training documents began with BOS (a prompt should, then, and only then)
+BOS_KEY = "megamom_documents_start_with_bos"
+
+
 def megamom_config_json(cfg: ModelConfig, token_ids: dict, dtype_name: str) -> dict:
     data = dataclasses.asdict(cfg)
     return {"model_type": "megamom", "architectures": ["MegaMoMForCausalLM"], "auto_map": dict(AUTO_MAP),
@@ -89,6 +93,7 @@ def to_hf(checkpoint: str, out: str, fmt: str = "megamom", dtype: str = "fp32", 
     sd = src.load_weights()
     with staged(out_path) as tmp:
         params, written = write_export(tmp, cfg, sd, fmt=fmt, dtype=dtype, tokenizer=tok,
+                                       documents_start_with_bos=src.tokenizer_ref.get("documents_start_with_bos"),
                                        max_shard_size=max_shard_size, step=src.step,
                                        tokens_seen=src.state.get("tokens_seen"),
                                        source="/".join(src.path.resolve().parts[-3:]))  # no local paths in the card
@@ -106,9 +111,11 @@ def to_hf(checkpoint: str, out: str, fmt: str = "megamom", dtype: str = "fp32", 
 
 def write_export(out_dir: Path, cfg: ModelConfig, sd: dict, fmt: str = "megamom", dtype: str = "fp32",
                  tokenizer=None, max_shard_size: str | int = "5GB", step: int = 0, tokens_seen: Optional[int] = None,
-                 source: str = "(in memory)") -> tuple[int, dict]:
+                 source: str = "(in memory)", documents_start_with_bos: Optional[bool] = None) -> tuple[int, dict]:
     """Write an export of megamom weights `sd` (megamom names) into an existing empty directory.
-    Returns (parameter count, {"weights", "tokenizer", "code": number of files})."""
+    documents_start_with_bos: whether the training documents began with BOS (None: not known),
+    recorded in config.json for `megamom generate`. Returns (parameter count, {"weights",
+    "tokenizer", "code": number of files})."""
     out_dir = Path(out_dir)
     torch_dtype, dtype_name = DTYPES[dtype]
     sd = cast_weights(sd, torch_dtype)
@@ -122,6 +129,8 @@ def write_export(out_dir: Path, cfg: ModelConfig, sd: dict, fmt: str = "megamom"
         config = fla_format.to_fla_config(cfg, token_ids, dtype_name, _transformers_version())
         sd = fla_format.to_fla_state_dict(sd, cfg)
         code = []
+    if documents_start_with_bos is not None:
+        config[BOS_KEY] = documents_start_with_bos
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {k: v for k, v in token_ids.items() if v is not None}
     (out_dir / "generation_config.json").write_text(

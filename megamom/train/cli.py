@@ -59,7 +59,8 @@ def run(args) -> int:
         # ranks. No eos_id, so every rank runs exactly 1 + sample_tokens forwards; rank 0 prints.
         from ..generate import generate
         tok = trainer.tokenizer
-        ids = [tok.bos_id] if getattr(tok, "bos_id", None) is not None and tok.bos_id >= 0 else []
+        from ..generate_cli import prompt_bos
+        ids = [tok.bos_id] if prompt_bos(tok, trainer.documents_start_with_bos) else []
         ids += tok.encode(args.sample_prompt)
         prompt = torch.tensor([ids], device=trainer.dist.device)
         from ..parallel.sequence_parallel import whole_sequences

@@ -240,6 +240,9 @@ class Trainer:
             raise ConfigError("data.tokenizer is not set: give the sentencepiece .model (or HF tokenizer dir) "
                               "the data was prepared with")
         self.tokenizer = load_tokenizer(d.tokenizer)
+        from ..data_prep.prep import documents_start_with_bos
+        # what a prompt starts with at generation: what the training documents started with
+        self.documents_start_with_bos = documents_start_with_bos(d.paths)
         if self.tokenizer.vocab_size > self.cfg.model.vocab_size:
             raise ConfigError(f"tokenizer {d.tokenizer!r} has {self.tokenizer.vocab_size} tokens but "
                               f"model.vocab_size={self.cfg.model.vocab_size}; raise model.vocab_size")
@@ -344,7 +347,8 @@ class Trainer:
                          "expert": self.topology.expert.size},
             "global_batch": self.batching.global_batch,
             "config": self.cfg.to_dict(),
-            "tokenizer": {"path": self.cfg.data.tokenizer, "hash": getattr(self.tokenizer, "hash", None)},
+            "tokenizer": {"path": self.cfg.data.tokenizer, "hash": getattr(self.tokenizer, "hash", None),
+                          "documents_start_with_bos": self.documents_start_with_bos},
             "precision": self.precision,
             "megamom_version": __import__("megamom").__version__,
         }
