@@ -114,6 +114,9 @@ def from_hf(model_dir: str, out: str, overwrite: bool = False, echo: Callable[[s
             for f in tok_files:
                 shutil.copyfile(f, tmp / "tokenizer" / f.name)
             tok_ref = {"path": str(final_tok), "hash": tok.hash}
+        from .to_hf import BOS_KEY
+        if fc.get(BOS_KEY) is not None:  # (what the training documents began with, as the export says)
+            tok_ref["documents_start_with_bos"] = bool(fc[BOS_KEY])
         torch.save({"module": sd, "megamom_weights_only": True}, tmp / MODEL_FILE)
         config = Config()
         config.model = cfg
