@@ -79,6 +79,26 @@ def eval_json(capsys, *args) -> dict:
     return json.loads(stdout)
 
 
+def test_eval_reports_each_dataset_of_a_mixture(made, tmp_path, capsys):
+    from megamom.data_prep import PrepSettings, prepare
+    from megamom.tokenizer import load_tokenizer
+    texts = [json.loads(line)["text"] for line in gzip.open(corpus_path(), "rt", encoding="utf-8")][20:40]
+    other = tmp_path / "b.jsonl"
+    other.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    second = tmp_path / "data2"
+    prepare([str(other)], second, load_tokenizer(made["tok"]), PrepSettings(seq_len=64), progress=False,
+            log=lambda m: None)
+    common = ["--checkpoint", made["step"], "--split", "train", "--max-batches", "2"]
+    both = eval_json(capsys, *common, "--data", made["data"], second)
+    alone = [eval_json(capsys, *common, "--data", d) for d in (made["data"], second)]
+    assert set(both["datasets"]) == {str(made["data"]), str(second)}
+    for d, one in zip((made["data"], second), alone):
+        got = both["datasets"][str(d)]
+        assert got["tokens"] == one["tokens"] and abs(got["loss"] - one["loss"]) < 1e-9, (got, one)
+        assert "datasets" not in one  # one dataset: the plain report
+    assert both["tokens"] > 0 and 5.0 < both["loss"] < 7.0
+
+
 def test_eval_takes_a_run_directory_and_names_what_is_no_checkpoint(made, tmp_path, capsys):
     common = ["--data", made["data"], "--split", "train", "--max-batches", "2"]
     by_step = eval_json(capsys, "--checkpoint", made["step"], *common)

@@ -1,4 +1,5 @@
-"""`megamom eval --checkpoint DIR --data DIR [KEY=VALUE ...]`: token-weighted loss and perplexity.
+"""`megamom eval --checkpoint DIR --data DIR [DIR ...] [KEY=VALUE ...]`: token-weighted loss and
+perplexity (of the mixture, and of each dataset when there are several).
 `megamom eval --checkpoint DIR --task mqar [--num-pairs 8 16 ...] [--seq-len 256]`: multi-query
 associative recall accuracy (megamom.data.mqar), at the answer positions only."""
 from __future__ import annotations
@@ -72,28 +73,45 @@ def evaluate_checkpoint(checkpoint: str, data: list[str], split: str = "val", ba
         alt = " or pass --split train" if split == "val" else ""
         raise ConfigError(f"dataset {', '.join(map(repr, missing))} has no {split!r} split; prepare it with one "
                           f"(`megamom prep ... --val-fraction 0.01`){alt}")
-    loader = build_loader(data_cfg, split=split, micro_batch_size=batch_size, dp_rank=0, dp_size=1,
-                          seed=0, shuffle=False)
+    def loader_of(cfg):
+        return build_loader(cfg, split=split, micro_batch_size=batch_size, dp_rank=0, dp_size=1, seed=0,
+                            shuffle=False)
+
+    loaders = {"": loader_of(data_cfg)}
+    if len(data) > 1:  # a mixture: each dataset on its own too
+        loaders.update({d: loader_of(dataclasses.replace(data_cfg, paths=[d], weights=None)) for d in data})
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model = build_model(model_cfg)
     model.load_state_dict(load_model_state_dict(checkpoint))
     model.to(dev).eval()
     keys = ("input_ids", "labels") + (("segment_ids",) if data_cfg.reset_at_doc_boundaries else ())
+    results = {}
+    for name, loader in loaders.items():
+        total, count = _token_weighted_loss(model, loader, keys, max_batches, dev)
+        if count == 0:
+            raise ConfigError(f"no {split} tokens found in {name or data}")
+        loss = total / count
+        results[name] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count}
+    out = {**results.pop(""), "step": state["step"]}
+    if results:
+        out["datasets"] = results
+    return out
+
+
+@torch.no_grad()
+def _token_weighted_loss(model, loader, keys, max_batches: int, dev) -> tuple[float, int]:
+    """(sum of the token losses, tokens) over one pass of `loader` (at most `max_batches`)."""
     total, count = 0.0, 0
-    with torch.no_grad():
-        limit = min(max_batches, len(loader)) if max_batches else len(loader)  # one pass at most
-        for i, batch in enumerate(loader):
-            if i >= limit:
-                break
-            batch = {k: v.to(dev) for k, v in batch.items() if k in keys and v is not None}
-            out = model(**batch, return_logits=False)
-            n = int((batch["labels"] != -100).sum())
-            total += out.lm_loss.double().item() * n
-            count += n
-    if count == 0:
-        raise ConfigError(f"no {split} tokens found in {data}")
-    loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "step": state["step"]}
+    limit = min(max_batches, len(loader)) if max_batches else len(loader)  # one pass at most
+    for i, batch in enumerate(loader):
+        if i >= limit:
+            break
+        batch = {k: v.to(dev) for k, v in batch.items() if k in keys and v is not None}
+        out = model(**batch, return_logits=False)
+        n = int((batch["labels"] != -100).sum())
+        total += out.lm_loss.double().item() * n
+        count += n
+    return total, count
 
 
 def evaluate_mqar(checkpoint: str, num_pairs: list[int], seq_len: int, examples: int, seed: int,
