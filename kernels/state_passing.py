@@ -23,18 +23,24 @@ from .rules import get_rule, memory_scan
 
 
 def slice_summary(rule, k, v, g=None, beta=None, chunk_size: int = 64, use_qk_l2norm: bool = False,
-                  backend: str = "auto"):
-    """k [B, T, H, K], v [B, T, H, V] (g, beta as memory_scan takes them) -> (T [B, H, K, K],
-    S [B, H, K, V]) per sequence, in float32 (float64 inputs stay float64)."""
+                  backend: str = "auto", cu_seqlens: Optional[torch.Tensor] = None,
+                  carries: Optional[torch.Tensor] = None):
+    """k [B, T, H, K], v [B, T, H, V] (g, beta as memory_scan takes them; or B = 1 and the sequences
+    given by cu_seqlens) -> (T [N, H, K, K], S [N, H, K, V]) per sequence, in float32 (float64 inputs
+    stay float64). carries [N] (optional): 0 where a sequence's transition is not wanted (its T is 0)."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
-    B, _, H, K = k.shape
+    _, _, H, K = k.shape
+    N = k.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     V = v.shape[-1]
     dt = torch.float64 if k.dtype == torch.float64 else torch.float32
     v_ext = torch.cat([v, v.new_zeros(*v.shape[:-1], K)], -1)
-    eye = torch.eye(K, dtype=dt, device=k.device).expand(B, H, K, K)
-    h0 = torch.cat([torch.zeros(B, H, K, V, dtype=dt, device=k.device), eye], -1)
+    eye = torch.eye(K, dtype=dt, device=k.device).expand(N, H, K, K)
+    if carries is not None:
+        eye = eye * carries.to(dt).view(N, 1, 1, 1)
+    h0 = torch.cat([torch.zeros(N, H, K, V, dtype=dt, device=k.device), eye], -1)
     _, final = memory_scan(rule, torch.zeros_like(k), k, v_ext, g, beta, initial_state=h0, output_final_state=True,
-                           chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, backend=backend)
+                           cu_seqlens=cu_seqlens, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+                           backend=backend)
     return final[..., V:], final[..., :V]
 
 

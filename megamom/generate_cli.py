@@ -51,22 +51,9 @@ def prompt_bos(tok, documents_start_with_bos) -> bool:
     return has and (documents_start_with_bos is None or bool(documents_start_with_bos))
 
 
-def documents_start_with_bos(model: str):
-    """What an export's config.json or a checkpoint's trainer state records of the training
-    documents' BOS (None: not recorded)."""
-    from .convert.to_hf import BOS_KEY
-    path = Path(model).expanduser()
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text()).get(BOS_KEY)
-    try:
-        from .convert.source import open_checkpoint
-        return open_checkpoint(path).tokenizer_ref.get("documents_start_with_bos")
-    except Exception:  # (load() reports an unreadable checkpoint)
-        return None
-
-
 def load(model: str, device, dtype: str = "auto", tokenizer: str | None = None):
-    """(Hugging Face model in eval mode on `device`, megamom Tokenizer)."""
+    """(Hugging Face model in eval mode on `device`, megamom Tokenizer). The model's config carries
+    what the training documents began with (`convert.to_hf.BOS_KEY`) where it is known."""
     import torch
 
     from .convert.errors import ConvertError
@@ -107,8 +94,10 @@ def load(model: str, device, dtype: str = "auto", tokenizer: str | None = None):
             if tpath is None:
                 raise GenerateError(f"checkpoint {str(src.path)!r} records no tokenizer; pass --tokenizer")
             tok = load_checked(tpath, src.tokenizer_ref.get("hash"), src.model_config.vocab_size)
+            from .convert.to_hf import BOS_KEY
             hf = MegaMoMForCausalLM(MegaMoMConfig.from_model_config(
-                src.model_config, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+                src.model_config, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                **{BOS_KEY: src.tokenizer_ref.get("documents_start_with_bos")}))
             hf.load_state_dict(src.load_weights(), strict=True)
             if torch_dtype is not None:
                 hf.to(torch_dtype)
@@ -155,7 +144,8 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     try:
         hf, tok = load(args.model, device, args.dtype, args.tokenizer)
-        bos = args.bos if args.bos is not None else prompt_bos(tok, documents_start_with_bos(args.model))
+        from .convert.to_hf import BOS_KEY  # (in the export's config.json; set from a checkpoint's state by load)
+        bos = args.bos if args.bos is not None else prompt_bos(tok, getattr(hf.config, BOS_KEY, None))
         t0 = time.perf_counter()
         results = generate_texts(hf, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                  args.top_p, bos=bos, stop_at_eos=not args.ignore_eos)

@@ -236,22 +236,9 @@ def test_export_loads_without_megamom_and_matches(transformers_version, exports,
 
 
 # ------------------------------------------------------------------------------------------- fla format
-def fla_or_fail():
-    """fla.models; under the README's test command (MEGAMOM_EXPECT_INSTALLED: the dev extra pins
-    flash-linear-attention) its absence fails the test instead of skipping it."""
-    import os
-    try:
-        import fla.models
-        return fla.models
-    except ImportError as e:
-        if os.environ.get("MEGAMOM_EXPECT_INSTALLED"):
-            pytest.fail(f"fla.models does not import ({e}): the dev extra pins flash-linear-attention")
-        pytest.skip("flash-linear-attention not installed (pip install '.[dev]')")
-
-
 @pytest.mark.parametrize("name", ["mom-zero1", "mom-zero3-2proc"])
-def test_fla_export_loads_into_flash_linear_attention(name, runs, tmp_path):
-    fla_models = fla_or_fail()
+def test_fla_export_loads_into_flash_linear_attention(name, runs, tmp_path, fla_import):
+    fla_models = fla_import("fla.models")
     out = to_hf(str(runs[name]), str(tmp_path / "fla"), fmt="fla", echo=lambda m: None)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mom" and config["architectures"] == ["MomForCausalLM"]
@@ -406,10 +393,10 @@ def test_bad_hf_directories(exports, tmp_path):
 
 
 @pytest.mark.parametrize("single_kv_proj", [False, True])
-def test_from_a_checkpoint_saved_by_flash_linear_attention(single_kv_proj, tmp_path):
+def test_from_a_checkpoint_saved_by_flash_linear_attention(single_kv_proj, tmp_path, fla_import):
     """A checkpoint fla itself wrote (fla's defaults: untied head, intermediate size derived from
     hidden_ratio; or one k/v/beta/decay projection shared by all memories) converts to megamom."""
-    fla_models = fla_or_fail()
+    fla_models = fla_import("fla.models")
     config = fla_models.MomConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, vocab_size=128,
                                   num_memories=3, topk=2, shared_mem=True, single_kv_proj=single_kv_proj,
                                   bos_token_id=1, eos_token_id=2)

@@ -260,10 +260,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
         the sequence; the region's seams gather the whole sequence and scatter the output back.
         seq_slice: under sequence parallelism, the slice of every sequence this rank holds
         (megamom.parallel.sequence_parallel.SequenceSlice): the convs start from the inputs before
-        the slice and the scan from the state entering it, both brought from the earlier ranks."""
-        if seq_slice is not None and (cache is not None or use_cache):
-            raise ValueError("a cache cannot be used with a sequence split over ranks; generate from the "
-                             "consolidated model")
+        the slice and the scan from the state entering it, both brought from the earlier ranks (no
+        cache then: CausalLM refuses one)."""
         B, T_here, d = x.shape
         if cache is not None and T_here == 1:
             return self._decode_step(x, cache)

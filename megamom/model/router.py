@@ -103,8 +103,11 @@ def paper_balance_loss(topk_weight: torch.Tensor, topk_index: torch.Tensor, num_
     return loss, counts.sum(0) / (k * total.sum()), total.sum()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits, -1).pow(2).mean()
+def router_z_loss(logits: torch.Tensor, total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """mean_t logsumexp(logits_t)^2; given `total` (the tokens of every rank sharing the sequences),
+    the sum over this rank's tokens / total: its part of the group's mean."""
+    lse2 = torch.logsumexp(logits, -1).pow(2)
+    return lse2.mean() if total is None else lse2.sum() / total
 
 
 
@@ -114,19 +117,16 @@ def router_losses(r: RouterOutput, num_memories: int, fused: bool = False, count
     caller's `use_triton`, float32 router outputs): one Triton kernel each way, also with counts
     reduced over ranks (kernels/triton/router_loss.py); else load_balancing_loss and router_z_loss.
     form: "switch" or "paper" (`paper_balance_loss` over `rows` sequences; torch)."""
-    if form == "paper":
-        aux, f, total = paper_balance_loss(r.topk_weight, r.topk_index, num_memories, rows, counts_reduce)
-        lse2 = torch.logsumexp(r.logits, -1).pow(2)
-        return aux, (lse2.mean() if counts_reduce is None else lse2.sum() / total), f.detach()
-    if fused and r.probs.dtype == torch.float32 and r.probs.shape[0] > 0:
+    if fused and form == "switch" and r.probs.dtype == torch.float32 and r.probs.shape[0] > 0:
         from megamom.kernels.triton.router_loss import router_losses_fused
         assert r.probs.shape[1] == num_memories, (r.probs.shape, num_memories)
         return router_losses_fused(r.logits, r.probs, r.topk_index, counts_reduce)
-    aux, f, total = _balance(r.probs, r.topk_index, num_memories, counts_reduce)
-    if counts_reduce is None:
-        return aux, router_z_loss(r.logits), f.detach()
-    # this rank's part of the group's mean, as the balance loss: the ranks' losses add up to the group's
-    return aux, torch.logsumexp(r.logits, -1).pow(2).sum() / total, f.detach()
+    if form == "paper":
+        aux, f, total = paper_balance_loss(r.topk_weight, r.topk_index, num_memories, rows, counts_reduce)
+    else:
+        aux, f, total = _balance(r.probs, r.topk_index, num_memories, counts_reduce)
+    # with reduced counts, this rank's part of the group's mean, as the balance loss
+    return aux, router_z_loss(r.logits, total if counts_reduce is not None else None), f.detach()
 
 
 

@@ -220,6 +220,7 @@ def _last_document_summary(rule, k, v, g, beta, packing, sl: SequenceSlice, last
     """[M, B, H, K, V + K]: per (memory, row), the state from zero after the row's last document
     (S) and, where one document covers the whole slice, its transition (T; zero elsewhere)."""
     from megamom.kernels import memory_scan
+    from megamom.kernels.state_passing import slice_summary
     M, D = packing.num_memories, packing.num_docs
     B = sl.carry_in.shape[0]
     H, K, V = k.shape[2], k.shape[3], v.shape[3]
@@ -235,18 +236,17 @@ def _last_document_summary(rule, k, v, g, beta, packing, sl: SequenceSlice, last
         return None if t is None else t[0].index_select(0, rows)[None]
 
     ks, vs, gs, bs = pick(k), pick(v), pick(g), pick(beta)
-    h0 = None
-    if transitions:  # values [v | 0] from the state [0 | I]: the last K columns end as T
-        vs = torch.cat([vs, vs.new_zeros(*vs.shape[:-1], K)], -1)
-        h0 = torch.zeros(M * D, H, K, V + K, dtype=dt, device=k.device)
-        ones = torch.zeros(M * D, dtype=dt, device=k.device)
-        ones[last] = through.to(dt)
-        h0[..., V:] = torch.eye(K, dtype=dt, device=k.device) * ones[:, None, None, None]
     args = {n: a for n, a in scan_args.items() if n not in ("scale", "keep")}
-    _, final = memory_scan(rule, torch.zeros_like(ks), ks, vs, gs, bs, initial_state=h0, output_final_state=True,
-                           cu_seqlens=sub_cu, **args)
-    summary = final.index_select(0, last).view(M, B, H, K, -1).to(dt)
-    return summary if transitions else torch.cat([summary, summary.new_zeros(M, B, H, K, K)], -1)
+    if transitions:  # values [v | 0] from the state [0 | I] where a document covers the slice
+        carries = torch.zeros(M * D, dtype=dt, device=k.device)
+        carries[last] = through.to(dt)
+        T, S = slice_summary(rule, ks, vs, gs, bs, cu_seqlens=sub_cu, carries=carries, **args)
+        T = T.index_select(0, last).view(M, B, H, K, K).to(dt)
+    else:
+        _, S = memory_scan(rule, torch.zeros_like(ks), ks, vs, gs, bs, output_final_state=True, cu_seqlens=sub_cu,
+                           **args)
+        T = S.new_zeros(M, B, H, K, K, dtype=dt)
+    return torch.cat([S.index_select(0, last).view(M, B, H, K, V).to(dt), T], -1)
 
 
 # ---------------------------------------------------------------------------------------------- model seams

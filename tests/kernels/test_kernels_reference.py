@@ -160,39 +160,25 @@ def test_bad_arguments_are_named():
                     g.expand(2, -1, -1), beta.expand(2, -1, -1), cu_seqlens=torch.tensor([0, 4]), backend="torch")
 
 
-def _fla_naive(module: str):
-    """fla's pure-torch reference module. Under the README's test command (MEGAMOM_EXPECT_INSTALLED,
-    flash-linear-attention pinned in the dev extra) its absence is a failure, not a skip."""
-    import importlib
-    import os
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if os.environ.get("MEGAMOM_EXPECT_INSTALLED"):
-            pytest.fail(f"{module} does not import ({e}): the dev extra pins flash-linear-attention; reinstall "
-                        "with `make test`")
-        pytest.skip("flash-linear-attention not installed (pip install '.[dev]')")
-
-
-def _fla_scan(rule, q, k, v, g, beta, h0):
+def _fla_scan(fla_import, rule, q, k, v, g, beta, h0):
     """fla's naive recurrence of `rule` on pre-normalised [B, T, H, *] inputs -> (o, final state)."""
     K = q.shape[-1]
     if rule == "gated_delta":
-        naive = _fla_naive("fla.ops.gated_delta_rule.naive")
+        naive = fla_import("fla.ops.gated_delta_rule.naive")
         return naive.naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=K ** -0.5, initial_state=h0,
                                                       output_final_state=True)
     if rule == "delta":  # (fla's delta rule reference takes [B, H, T, *])
-        naive = _fla_naive("fla.ops.delta_rule.naive")
+        naive = fla_import("fla.ops.delta_rule.naive")
         o, s = naive.delta_rule_recurrence(*(t.transpose(1, 2) for t in (q, k, v, beta)), initial_state=h0,
                                            output_final_state=True)
         return o.transpose(1, 2), s
     if rule == "gla":
-        naive = _fla_naive("fla.ops.gla.naive")
+        naive = fla_import("fla.ops.gla.naive")
         return naive.naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
     if rule == "scalar_decay":
-        naive = _fla_naive("fla.ops.simple_gla.naive")
+        naive = fla_import("fla.ops.simple_gla.naive")
         return naive.naive_recurrent_simple_gla(q, k, v, g, scale=K ** -0.5, initial_state=h0, output_final_state=True)
-    naive = _fla_naive("fla.ops.linear_attn.naive")
+    naive = fla_import("fla.ops.linear_attn.naive")
     return naive.naive_recurrent_linear_attn(q, k, v, scale=K ** -0.5, initial_state=h0.float(),
                                              output_final_state=True)
 
@@ -200,7 +186,7 @@ def _fla_scan(rule, q, k, v, g, beta, h0):
 @pytest.mark.parametrize("rule,decay", [(r, d) for r in RULE_NAMES
                                         for d in (("mid", "strong", "weak") if RULES[r].decay else ("mid",))])
 @pytest.mark.parametrize("seed", [6, 7, 8])
-def test_matches_flash_linear_attention_reference(rule, decay, seed):
+def test_matches_flash_linear_attention_reference(fla_import, rule, decay, seed):
     """Cross-check with fla's own pure-torch recurrences (a test-only dependency) for every rule fla
     has one for (all of ours), several seeds and decay regimes: our chunked scan in float64 (and our
     in-kernel q / k L2 norm) against fla's float32 recurrence on the pre-normalised inputs."""
@@ -210,7 +196,7 @@ def test_matches_flash_linear_attention_reference(rule, decay, seed):
     ours, s_ours = memory_scan(rule, q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                chunk_size=16, use_qk_l2norm=True, backend="torch")
     qn, kn = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
-    o_fla, s_fla = _fla_scan(rule, qn, kn, v, g, beta, h0)
+    o_fla, s_fla = _fla_scan(fla_import, rule, qn, kn, v, g, beta, h0)
     ref, s_ref = memory_scan_naive(rule, qn, kn, v, g, beta, initial_state=h0, output_final_state=True)
     # fla's naive references compute in float32, hence the float32-level tolerance. l2norm
     # conventions differ only by eps placement (x/sqrt(sum+eps) vs x/max(norm,eps)).

@@ -130,51 +130,15 @@ def deepspeed_step(expert: int, tensor: int, zero_stage: int, grad_clip: float, 
 
 
 def save_resume_consolidate(expert: int, tensor: int, root: str, over: dict | None = None, zero_stage: int = 2):
-    """ZeRO-1/2 at DP x EP (x TP), float64: a run checkpoint after one step; an engine built afresh
-    and loaded from it takes the next step to the same parameters as the original engine (exact
-    resume); rank 0's consolidation (checkpoint.load_model_state_dict) is the whole model, whose
-    logits equal the expert-parallel model's, and whose pieces are every rank's parameters."""
-    from pathlib import Path
-
-    from megamom.train import checkpoint as ckpt
-
-    from cases_tensor import deepspeed_engine
+    """ZeRO-1/2 at DP x EP (x TP), float64: exact resume and consolidation (cases_tensor.resume_and_consolidate)."""
+    from cases_tensor import resume_and_consolidate
     torch.set_default_dtype(torch.float64)
     cfg = Config()
     cfg.model = model_config(**(over or {}))
     cfg.train.zero_stage, cfg.train.lr, cfg.train.grad_clip = zero_stage, 1e-2, 0.05
-    top = topology(expert, tensor)
-
-    def engine():
-        torch.manual_seed(0)
-        return deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
-
-    def step(e, seed):
-        ids, labels, seg = batch(2, 24, seed + top.data.rank)
-        e.backward(e(ids, labels=labels, segment_ids=seg).loss)
-        e.step()
-
-    a = engine()
-    step(a, 1)
-    state = {"step": 1, "run_id": "t", "world_size": dist.get_world_size(), "config": cfg.to_dict(),
-             "parallel": {"tensor": tensor, "sequence": 1, "expert": expert}}
-    path = ckpt.save_checkpoint(a, Path(root), 1, state, {}, dist.get_rank(), 2)
-    ids, labels, seg = batch(2, 24, 50)
-    logits = a.module(ids, segment_ids=seg).logits.detach()
-    step(a, 2)
-    b = engine()
-    ckpt.check_shapes(path, b.module, upgrade=False)
-    ckpt.load_engine_checkpoint(b, path.parent, path.name)
-    step(b, 2)
-    for (n, p), q in zip(a.module.named_parameters(), b.module.parameters()):
-        assert torch.equal(p, q), f"{n} differs after the resumed step: {(p - q).abs().max().item():.3e}"
-    whole_sd = ckpt.load_model_state_dict(path)
-    whole = build_model(cfg.model)
-    whole.load_state_dict({k: v.to(torch.float64) for k, v in whole_sd.items()})
-    _close(whole(ids, segment_ids=seg).logits.detach(), logits, "logits of the consolidated model", 1e-6)
-    dist.barrier()
+    path = resume_and_consolidate(cfg, topology(expert, tensor), root)
     torch.set_default_dtype(torch.float32)
-    return str(path)
+    return path
 
 
 def _whole_params(engine, top: Topology) -> dict:

@@ -151,53 +151,19 @@ def deepspeed_step(name: str, sequence: int, tensor: int, zero_stage: int, grad_
 
 
 def save_resume_consolidate(sequence: int, tensor: int, root: str, zero_stage: int = 2):
-    """ZeRO-1/2 at DP x SP (x TP), float64: a checkpoint after one step; an engine built afresh and
-    loaded from it takes the next step to the same parameters as the original (exact resume); the
-    consolidated model (checkpoint.load_model_state_dict) is the whole model: its logits equal the
-    sequence-parallel model's."""
-    from pathlib import Path
-
+    """ZeRO-1/2 at DP x SP (x TP), float64: exact resume and consolidation (cases_tensor.resume_and_consolidate;
+    each rank's logits are its slice of the whole batch's)."""
     from megamom.config import Config
-    from megamom.train import checkpoint as ckpt
 
-    from cases_tensor import batch as tensor_batch, deepspeed_engine
+    from cases_tensor import resume_and_consolidate
     torch.set_default_dtype(torch.float64)
     cfg = Config()
     cfg.model = model_config("mom_gated_delta")
     cfg.train.zero_stage, cfg.train.lr, cfg.train.grad_clip = zero_stage, 1e-2, 0.05
     top = topology(sequence, tensor)
-
-    def engine():
-        torch.manual_seed(0)
-        return deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
-
-    def step(e, seed):
-        ids, labels, seg = tensor_batch(2, 24, seed + top.data.rank)
-        e.backward(e(ids, labels=labels, segment_ids=seg).loss)
-        e.step()
-
-    a = engine()
-    step(a, 1)
-    state = {"step": 1, "run_id": "t", "world_size": dist.get_world_size(), "config": cfg.to_dict(),
-             "parallel": {"tensor": tensor, "sequence": sequence, "expert": 1}}
-    path = ckpt.save_checkpoint(a, Path(root), 1, state, {}, dist.get_rank(), 2)
-    ids, labels, seg = tensor_batch(2, 24, 50)
-    logits = a.module(ids, segment_ids=seg).logits.detach()
-    logits = _gather_slices(logits, top.sequence)
-    step(a, 2)
-    b = engine()
-    ckpt.check_shapes(path, b.module, upgrade=False)
-    ckpt.load_engine_checkpoint(b, path.parent, path.name)
-    step(b, 2)
-    for (n, p), q in zip(a.module.named_parameters(), b.module.parameters()):
-        assert torch.equal(p, q), f"{n} differs after the resumed step: {(p - q).abs().max().item():.3e}"
-    whole_sd = ckpt.load_model_state_dict(path)
-    whole = build_model(cfg.model)
-    whole.load_state_dict({k: v.to(torch.float64) for k, v in whole_sd.items()})
-    _close(whole(ids, segment_ids=seg).logits.detach(), logits, "logits of the consolidated model", 1e-6)
-    dist.barrier()
+    path = resume_and_consolidate(cfg, top, root, lambda x: _gather_slices(x, top.sequence))
     torch.set_default_dtype(torch.float32)
-    return str(path)
+    return path
 
 
 def _gather_slices(x: torch.Tensor, group) -> torch.Tensor:

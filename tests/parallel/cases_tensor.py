@@ -182,6 +182,46 @@ def step_and_compare(engine, top: Topology, ref, ref_norm, grad_clip: float, sha
     return float(norm)
 
 
+def resume_and_consolidate(cfg: Config, top: Topology, root: str, gather_logits=lambda x: x) -> str:
+    """ZeRO-1/2 at `top`'s layout: a run checkpoint after one step; an engine built afresh and loaded
+    from it takes the next step to the same parameters as the original engine (exact resume); the
+    consolidation (checkpoint.load_model_state_dict) is the whole model, whose logits equal the
+    parallel model's (`gather_logits`: this rank's logits -> the whole batch's). -> the checkpoint."""
+    from pathlib import Path
+
+    from megamom.train import checkpoint as ckpt
+
+    def engine():
+        torch.manual_seed(0)
+        return deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
+
+    def step(e, seed):
+        ids, labels, seg = batch(2, 24, seed + top.data.rank)
+        e.backward(e(ids, labels=labels, segment_ids=seg).loss)
+        e.step()
+
+    a = engine()
+    step(a, 1)
+    state = {"step": 1, "run_id": "t", "world_size": dist.get_world_size(), "config": cfg.to_dict(),
+             "parallel": {"tensor": top.tensor.size, "sequence": top.sequence.size, "expert": top.expert.size}}
+    path = ckpt.save_checkpoint(a, Path(root), 1, state, {}, dist.get_rank(), 2)
+    ids, labels, seg = batch(2, 24, 50)
+    logits = gather_logits(a.module(ids, segment_ids=seg).logits.detach())
+    step(a, 2)
+    b = engine()
+    ckpt.check_shapes(path, b.module, upgrade=False)
+    ckpt.load_engine_checkpoint(b, path.parent, path.name)
+    step(b, 2)
+    for (n, p), q in zip(a.module.named_parameters(), b.module.parameters()):
+        assert torch.equal(p, q), f"{n} differs after the resumed step: {(p - q).abs().max().item():.3e}"
+    whole_sd = ckpt.load_model_state_dict(path)
+    whole = build_model(cfg.model)
+    whole.load_state_dict({k: v.to(torch.float64) for k, v in whole_sd.items()})
+    _close(whole(ids, segment_ids=seg).logits.detach(), logits, "logits of the consolidated model", 1e-6)
+    dist.barrier()
+    return str(path)
+
+
 def save_consolidate_reshard(name: str, tensor: int, zero_stage: int, root: str):
     """One DeepSpeed step at TP=`tensor`, saved as a run checkpoint; rank 0 consolidates it
     (checkpoint.load_model_state_dict) into the whole model, whose logits equal the TP model's; every
