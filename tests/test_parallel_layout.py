@@ -60,9 +60,8 @@ def test_rank_order_tensor_innermost_then_sequence_then_data():
     assert [c["sequence"] for c in coords] == [0, 0, 1, 1] * 2
     assert [c["data"] for c in coords] == [0] * 4 + [1] * 4
     assert len({(c["data"], c["sequence"], c["tensor"]) for c in coords}) == 8
-    # an expert group: the ranks of one tensor index across DP x SP; each expert index once in it
-    group = [c["expert"] for c in coords if c["tensor"] == 0]
-    assert sorted(group) == [0, 0, 1, 1]
+    # with SP, an expert group is data ranks of one sequence index: the expert index is the data index mod EP
+    assert [c["expert"] for c in coords] == [c["data"] % 2 for c in coords]
 
 
 @pytest.mark.parametrize("overrides, world, fragments", [
@@ -77,6 +76,8 @@ def test_rank_order_tensor_innermost_then_sequence_then_data():
     (["model.arch=linear", "parallel.expert=2"], 2, ["parallel.expert=2", "model.arch=mom"]),
     (["parallel.tensor=2"], 3, ["world size 3", "multiple of 2 processes"]),
     (["parallel.expert=4", "parallel.tensor=2"], 4, ["parallel.expert=4", "2 x 1 ranks"]),
+    (["parallel.expert=2", "parallel.sequence=2", "data.seq_len=128"], 6,
+     ["parallel.expert=2", "3 data-parallel ranks", "one sequence slice", "multiple of 4 processes"]),
 ])
 def test_each_bad_layout_names_the_numbers_and_the_fix(overrides, world, fragments):
     with pytest.raises(ConfigError) as e:
@@ -84,11 +85,10 @@ def test_each_bad_layout_names_the_numbers_and_the_fix(overrides, world, fragmen
     assert all(f in str(e.value) for f in fragments), str(e.value)
 
 
-def test_combinations_not_yet_trained_are_refused_before_work():
-    lay = ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2", "parallel.sequence=2",
-                                      "data.seq_len=128"), 4)
-    with pytest.raises(ConfigError, match=r"^parallel.sequence=2 with parallel.expert=2: .*use one of the two"):
-        check_supported(lay)
+def test_every_combination_of_parallel_modes_is_supported():
+    check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2", "parallel.sequence=2",
+                                                "data.seq_len=128"), 16))
+    check_supported(ParallelLayout.build(cfg_of("parallel.expert=2", "parallel.sequence=2", "data.seq_len=128"), 4))
     check_supported(ParallelLayout.build(cfg_of(), 4))  # data parallelism alone
     check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2"), 4))  # and tensor parallelism
     check_supported(ParallelLayout.build(cfg_of("parallel.tensor=2", "parallel.expert=2"), 4))  # and experts

@@ -175,10 +175,11 @@ class Dispatcher(nn.Module):
         return pack(x, packing, fused)
 
     def run(self, x: torch.Tensor, doc_ids: torch.Tensor, packing: Packing, experts, row_shape: tuple,
-            fused: bool = False):
-        """The memory experts over the packed rows: here every memory is held, so experts(x, packing)
-        as it is (megamom.parallel.expert_parallel exchanges the rows with the ranks holding them)."""
-        return experts(x, packing)
+            fused: bool = False, seq_slice=None):
+        """The memory experts over the packed rows: here every memory is held, so
+        experts(x, packing, seq_slice) as it is (megamom.parallel.expert_parallel exchanges the rows
+        with the ranks holding them, and gives the experts the slice as those ranks see it)."""
+        return experts(x, packing, seq_slice)
 
     def combine(self, rows: torch.Tensor, packing: Packing, slot_weight: torch.Tensor) -> torch.Tensor:
         return combine(rows, packing, slot_weight)

@@ -290,7 +290,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
         # (under expert parallelism the dispatcher runs them where each memory is held: `run`)
         o_rows, final_state, conv_state = self.dispatcher.run(
             xc, doc_ids, packing,
-            lambda rows, p: self._memory_experts(rows, p, cache, use_cache, backend, fused, seq_slice), (H, Vh), fused)
+            lambda rows, p, sl: self._memory_experts(rows, p, cache, use_cache, backend, fused, sl), (H, Vh), fused,
+            seq_slice)
         # 4. combine: each token's rows with its routing weights, gated norm, W_o
         # the routing weights scale rows inside the region (each tensor rank's heads): they enter it too
         slot_w = self.enter_replicated(self._slot_weights(r, N, x.device, x.dtype))

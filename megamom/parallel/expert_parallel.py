@@ -43,10 +43,12 @@ class ExpertParallelDispatcher(Dispatcher):
         self.last_exchange: Optional[dict] = None  # rows sent / received by the last forward (for logs)
 
     def run(self, x: torch.Tensor, doc_ids: torch.Tensor, packing: Packing, experts: Callable, row_shape: tuple,
-            fused: bool = False):
+            fused: bool = False, seq_slice=None):
         """x [N, d]: this rank's tokens; doc_ids [N] their documents; packing: their rows over every
-        memory (dispatch.build_packing); experts(rows [A', d], packing') -> (output rows [A', *row_shape]
-        in packing' order, ...) for the memories held here. -> output rows [A, *row_shape] in
+        memory (dispatch.build_packing); experts(rows [A', d], packing', slice') -> (output rows
+        [A', *row_shape] in packing' order, ...) for the memories held here. seq_slice: under
+        sequence parallelism this rank's SequenceSlice; the experts get it as the owner sees its
+        rows (SequenceSlice.for_owner: every source's samples). -> output rows [A, *row_shape] in
         `packing`'s order, None, None (no decode state under expert parallelism)."""
         P, E_loc, D, N = self.group.size, self.local, packing.num_docs, packing.num_tokens
         k = packing.slot_row.shape[1] - int(self.shared)
@@ -85,10 +87,19 @@ class ExpertParallelDispatcher(Dispatcher):
             mem_all = torch.cat([mem_all, torch.full((N,), E_loc, device=device, dtype=mem_all.dtype)])
             doc_all = torch.cat([doc_all, self.group.rank * stride + doc_ids])
             x_all = torch.cat([x_recv, x])
+        # under sequence parallelism an owner with no row still runs the experts (its sequence peers
+        # exchange states and halos with it, and the states of documents crossing its slice pass
+        # through it): over one zero row of a document of its own, whose output is dropped
+        pad = seq_slice is not None and not x_all.shape[0]
+        if pad:  # (x_recv, empty, stays in the graph: its all-to-all's backward runs on every rank)
+            mem_all, doc_all = mem_all.new_zeros(1), mem_all.new_full((1,), P * stride)
+            x_all = torch.cat([x_recv, x.new_zeros(1, x.shape[1])])
         # (the Triton packing wants documents non-decreasing over all rows: the torch one sorts)
-        local = build_packing(mem_all[:, None], doc_all, P * stride, E_loc + int(self.shared), False, fused=False)
+        local = build_packing(mem_all[:, None], doc_all, P * stride + int(pad), E_loc + int(self.shared), False,
+                              fused=False)
+        owner_slice = seq_slice.for_owner(self.group, stride) if seq_slice is not None else None
         if local.num_tokens:
-            o_local = experts(x_all, local)[0]
+            o_local = experts(x_all, local, owner_slice)[0]
             o_all = _Permute.apply(o_local, local.slot_row.view(-1), local.row_slot)  # back to x_all's order
         else:  # nothing to run here; the reverse all-to-all still joins in, with a gradient path
             o_all = x_all.new_zeros(0, *row_shape) + x_all.sum()

@@ -1,7 +1,8 @@
 """The layout of a world of ranks: world = DP x SP x TP, with TP innermost (the ranks of a tensor
 group are neighbours, on the fastest link), then SP, then DP; expert-parallel groups of EP ranks
 are formed inside DP x SP (they hold whole tokens, so the routed all-to-all never crosses a tensor
-group). Every size is checked against the model and the data here, before any group or any work."""
+group), from data ranks of one sequence slice when SP > 1. Every size is checked against the
+model and the data here, before any group or any work."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ class ParallelLayout:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.sequence = "
                               f"{p.tensor} x {p.sequence}; launch a multiple of {model_parallel} processes")
         data = world_size // model_parallel
+        if p.sequence > 1 and data % p.expert:
+            raise ConfigError(f"parallel.expert={p.expert} does not divide the {data} data-parallel ranks (world "
+                              f"{world_size} / (parallel.tensor x parallel.sequence = {p.tensor} x {p.sequence})): "
+                              f"with sequence parallelism an expert group joins data ranks of one sequence slice; "
+                              f"launch a multiple of {p.expert * model_parallel} processes or change parallel.expert")
         if (data * p.sequence) % p.expert:
             raise ConfigError(f"parallel.expert={p.expert} does not divide data x sequence parallel = {data} x "
                               f"{p.sequence} ranks (expert groups are formed inside them); change parallel.expert "
@@ -74,11 +80,11 @@ class ParallelLayout:
 
     def coordinates(self, rank: int) -> dict:
         """Where a rank sits: its data, sequence and tensor indices (TP fastest), and its expert
-        index inside its DP x SP group of the same tensor index."""
+        index (megamom.parallel.topology: blocks of EP in the sequence-major order of DP x SP)."""
         tp = rank % self.tensor
         sp = rank // self.tensor % self.sequence
         dp = rank // (self.tensor * self.sequence)
-        return {"data": dp, "sequence": sp, "tensor": tp, "expert": (dp * self.sequence + sp) % self.expert}
+        return {"data": dp, "sequence": sp, "tensor": tp, "expert": (sp * self.data + dp) % self.expert}
 
 
 def check_supported(layout: ParallelLayout, cfg=None) -> None:
@@ -89,9 +95,6 @@ def check_supported(layout: ParallelLayout, cfg=None) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)}: not available in this version of megamom train yet; use data "
                           f"parallelism (more processes) for now")
-    if layout.sequence > 1 and layout.expert > 1:
-        raise ConfigError(f"parallel.sequence={layout.sequence} with parallel.expert={layout.expert}: the memories' "
-                          f"all-to-all is not combined with sequence slices yet; use one of the two")
     if cfg is None:
         return
     t = cfg.train

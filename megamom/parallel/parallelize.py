@@ -52,9 +52,6 @@ def parallelize(model, topology: Topology, sequence_parallel: bool = False):
     plan = sharding_plan(model)  # before any change: a parameter with no place is an error here
     model.universal_checkpoint_info = universal_checkpoint_info(plan)
     if topology.expert.size > 1:
-        if topology.sequence.size > 1:
-            raise ConfigError(f"parallel.expert={topology.expert.size} with parallel.sequence={topology.sequence.size}"
-                              f" is not available yet: use one of the two")
         _shard_memories(model, topology.expert, plan)
     if tp.size > 1:
         _shard_tensors(model, tp, plan, sequence_parallel)

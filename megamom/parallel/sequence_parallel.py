@@ -18,6 +18,10 @@ slice edge between the ranks, exactly:
                   over ring attention for exactness and simplicity: the gathered K / V of a GQA model
                   are small next to the activations a long context keeps, and the O(T^2) attention
                   compute is what dominates at the lengths where SP matters for that baseline.
+  experts         (SP x EP) an expert group joins data ranks of one sequence index, so the owners
+                  of a memory along a sequence group receive the same samples' rows, in the same
+                  order: the owner runs the state passing and the halos above over its received
+                  rows (SequenceSlice.for_owner), the shared memory included.
   routing         per token, local; the balance loss's counts and token totals are all-reduced
                   over the group (Router.counts_reduce), so each rank's loss is its part of the
                   whole sequence's loss.
@@ -66,6 +70,22 @@ class SequenceSlice:
         """Every rank's slices of x concatenated along `dim` (the whole sequence; the gradient goes back
         to each slice's rank)."""
         return gather_along(x, dim, self.group)
+
+    def for_owner(self, expert: Group, stride: int) -> "SequenceSlice":
+        """The slice as a rank of the expert group `expert` sees the rows it receives (expert
+        parallelism): the samples of every source rank of the group, source-major, a source's
+        documents numbered from source x `stride` (megamom.parallel.expert_parallel). The group's
+        ranks hold the same slice of different sequences, and the owners of a memory along this
+        slice's sequence group receive the same samples in the same order, so the state passing and
+        the halos run over the sequence group as on one rank, with EP x B rows."""
+        if expert.size == 1:
+            return self
+        rows = torch.stack([self.carry_in.long(), self.carry_out.long(), self.first_doc, self.last_doc])
+        every = gather_along(rows[None], 0, expert)  # [EP, 4, B] (integers: no gradient)
+        offset = torch.arange(expert.size, device=rows.device)[:, None] * stride
+        return SequenceSlice(self.group, self.start, self.length, self.total, every[:, 0].bool().reshape(-1),
+                             every[:, 1].bool().reshape(-1), (every[:, 2] + offset).reshape(-1),
+                             (every[:, 3] + offset).reshape(-1))
 
     # what the layers call (they know the slice, not the layout)
     def conv_halos(self, raw: dict, packing, width: int) -> dict:
@@ -122,8 +142,9 @@ def _segment_ends(x: torch.Tensor, cu: torch.Tensor, width: int):
     where the segment is shorter: -> ([S, width, C], rows present [S])."""
     idx = cu[1:, None] - width + torch.arange(width, device=x.device)  # [S, width]
     present = idx >= cu[:-1, None]
-    rows = x.index_select(0, idx.clamp(min=0).reshape(-1)).view(*idx.shape, *x.shape[1:])
-    rows = rows * present.view(*idx.shape, *([1] * (x.dim() - 1))).to(rows.dtype)
+    # row 0 of the padded x is the zero of the rows not present (and x may have no row at all)
+    padded = torch.cat([x.new_zeros(1, *x.shape[1:]), x])
+    rows = padded.index_select(0, torch.where(present, idx + 1, 0).reshape(-1)).view(*idx.shape, *x.shape[1:])
     return rows, present.sum(1)
 
 

@@ -9,10 +9,14 @@ DP. With 8 ranks at DP=2 x SP=2 x TP=2:
     sequence: 0  0  1  1  0  0  1  1     sequence groups {0,2} {1,3} {4,6} {5,7}
     data:     0  0  0  0  1  1  1  1     data groups    {0,4} {1,5} {2,6} {3,7}
 
-Expert groups (EP ranks) are formed inside DP x SP among ranks of the same tensor index: consecutive
-blocks of EP of the DP x SP ranks (expert rank = DP x SP index mod EP); the expert-data groups join
-the ranks of one expert index across the blocks. At DP=4, EP=2 (TP=SP=1): expert groups {0,1} {2,3},
-expert-data groups {0,2} {1,3}.
+Expert groups (EP ranks) are formed among the data ranks of one sequence and tensor index:
+consecutive blocks of EP data ranks (expert rank = data index mod EP), so an expert group's ranks
+hold the same slice of different sequences and the owners of a memory in the sequence ranks of one
+data index pass its states along the sequence group (megamom.parallel.sequence_parallel); the
+expert-data groups join the ranks of one expert index across the blocks and the sequence ranks.
+At DP=4, EP=2 (TP=SP=1): expert groups {0,1} {2,3}, expert-data groups {0,2} {1,3}. At DP=2 x
+SP=2, EP=2: expert groups {0,2} {1,3} (data ranks 0 and 1 of sequence index 0, of index 1),
+expert-data groups {0,1} {2,3}.
 `Topology.mpu()` is the adapter DeepSpeed takes (`deepspeed.initialize(mpu=...)`): ZeRO then
 partitions and reduces over the data group only, and its gradient norm counts a parameter sharded
 over the tensor group once per shard and a replicated one once."""
@@ -67,13 +71,14 @@ class Topology:
             # the ranks that hold one copy of every parameter: a data rank's whole tensor x sequence block
             "model": [[rank_of(dp, s, t) for s in range(L.sequence) for t in range(L.tensor)] for dp in range(L.data)],
         }
-        # expert groups: consecutive blocks of EP among the DP x SP ranks of one tensor index
+        # expert groups: consecutive blocks of EP in the sequence-major order of the DP x SP ranks of one
+        # tensor index (i = sp * DP + dp; EP divides DP when SP > 1, so a block is data ranks of one slice)
         dpsp = L.data * L.sequence
-        groups["expert"] = [[rank_of(i // L.sequence, i % L.sequence, tp) for i in range(b, b + L.expert)]
+        groups["expert"] = [[rank_of(i % L.data, i // L.data, tp) for i in range(b, b + L.expert)]
                             for tp in range(L.tensor) for b in range(0, dpsp, L.expert)]
         # expert-data groups: the ranks holding the same memories (the same expert index), whose
         # copies of those memories' gradients are reduced together
-        groups["expert_data"] = [[rank_of(i // L.sequence, i % L.sequence, tp) for i in range(e, dpsp, L.expert)]
+        groups["expert_data"] = [[rank_of(i % L.data, i // L.data, tp) for i in range(e, dpsp, L.expert)]
                                  for tp in range(L.tensor) for e in range(L.expert)]
         self._groups: dict[str, Group] = {}
         for name, lists in groups.items():

@@ -536,10 +536,11 @@ def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
     """name -> {"fp32", "exp_avg", "exp_avg_sq": float32 tensors, "step"}: one tensor rank's parameters
     and Adam state from a ZeRO-1/2 checkpoint, whole over data and expert ranks. Each data rank's
     optimizer file holds its partition of every parameter group, and where each parameter's pieces
-    lie in it (`param_slice_mappings`); a dense group is partitioned over the data ranks, a group of
-    memories over the ranks holding the same memories (data rank d holds expert shard d mod EP). A
-    parameter is its pieces in data-rank order; a memory stack is then its expert shards joined along
-    the memories."""
+    lie in it (`param_slice_mappings`); a dense group is partitioned over the data (x sequence) ranks,
+    a group of memories over the ranks holding the same memories, in their expert-data group's order
+    (megamom.parallel.topology: the sequence-major index j = sp x DP + dp holds expert shard j mod EP,
+    and is partition j // EP of it). A parameter is its pieces in that order; a memory stack is then
+    its expert shards joined along the memories."""
     from ..parallel.plan import placement
     state = read_trainer_state(ckpt)
     ep = expert_parallel_size(ckpt)
@@ -552,19 +553,24 @@ def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
                         mmap=True)["param_shapes"]
     shapes = {n: s for group in shapes for n, s in group.items()}
     model_cfg = (state.get("config") or {}).get("model") or {}
-    pieces: dict = {}  # (name, expert shard or None, state) -> [flat pieces in data-rank order]
+    sp = int((state.get("parallel") or {}).get("sequence", 1))
+    dp = len(files) // sp
+    pieces: dict = {}  # (name, expert shard or None, state) -> [(partition order, flat piece)]
     steps: dict = {}
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        for d, f in enumerate(files):
+        for d, f in enumerate(files):  # d: the rank in the data x sequence group (data-major)
+            j = d % sp * dp + d // sp  # (sequence-major: the expert groups' order)
             osd = torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
             adam = osd["base_optimizer_state"]["state"]
             for i, (flat, mapping) in enumerate(zip(osd["single_partition_of_fp32_groups"],
                                                     osd["param_slice_mappings"])):
                 flats = {"fp32": flat, **{k: adam[i][k] for k in ("exp_avg", "exp_avg_sq") if i in adam}}
                 for name, frag in mapping.items():
-                    expert = d % ep if _is_memory_stack(name, model_cfg) else None
+                    stack = _is_memory_stack(name, model_cfg)
+                    expert, order = (j % ep, j) if stack else (None, d)
                     for key, t in flats.items():
-                        pieces.setdefault((name, expert, key), []).append(t.narrow(0, frag.start, frag.numel))
+                        pieces.setdefault((name, expert, key), []).append((order, t.narrow(0, frag.start,
+                                                                                           frag.numel)))
                     if i in adam:
                         steps[name] = adam[i]["step"]
     out = {}
@@ -574,11 +580,13 @@ def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             if (name, 0 if stack else None, key) not in pieces:
                 continue
+            def joined(expert):
+                return torch.cat([t for _, t in sorted(pieces[(name, expert, key)], key=lambda it: it[0])])
             if stack:
-                shards = [torch.cat(pieces[(name, e, key)]).view(shape) for e in range(ep)]
+                shards = [joined(e).view(shape) for e in range(ep)]
                 merged[key] = torch.cat(shards, placement(name).expert_dim).float()
             else:
-                merged[key] = torch.cat(pieces[(name, None, key)]).view(shape).float()
+                merged[key] = joined(None).view(shape).float()
         merged["step"] = steps.get(name)
         out[name] = merged
     return out

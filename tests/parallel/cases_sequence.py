@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megamom.config import ModelConfig
 from megamom.model import build_model
 from megamom.parallel.layout import ParallelLayout
-from megamom.parallel.parallelize import parallelize, tensor_shard_of
+from megamom.parallel.parallelize import local_shard, parallelize
 from megamom.parallel.topology import Topology
 
 from cases_tensor import MODELS, _close
@@ -37,11 +37,12 @@ def model_config(name: str, **over) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def topology(sequence: int, tensor: int = 1) -> Topology:
+def topology(sequence: int, tensor: int = 1, expert: int = 1) -> Topology:
     W = dist.get_world_size()
-    key = (sequence, tensor)
+    key = (sequence, tensor, expert)
     if key not in _topologies:  # new_group is collective: built once per layout, in the same order everywhere
-        _topologies[key] = Topology(ParallelLayout(W, W // (sequence * tensor), sequence, tensor, 1), dist.get_rank())
+        layout = ParallelLayout(W, W // (sequence * tensor), sequence, tensor, expert)
+        _topologies[key] = Topology(layout, dist.get_rank())
     return _topologies[key]
 
 
@@ -72,14 +73,28 @@ def _mean_over(x: torch.Tensor, group) -> torch.Tensor:
     return x / group.size
 
 
+def _reduced_grad(p, top: Topology) -> torch.Tensor:
+    """What ZeRO does with a gradient: the mean over the data x sequence ranks; a routed memory's
+    (expert parallelism) summed over the ranks that hold it (the other ranks' tokens reached it
+    through the all-to-all already) and divided by the same count."""
+    from megamom.parallel.parallelize import is_expert_param
+    g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+    group = top.expert_data if is_expert_param(p) else top.data_sequence
+    if group.size > 1:
+        dist.all_reduce(g, group=group.group)
+    return g / top.data_sequence.size
+
+
 def forward_and_grads(name: str, sequence: int, tensor: int = 1, over: dict | None = None, segments: bool = True,
                       T: int = 24, edges: tuple = (), tensor_sequence_parallel: bool = False,
-                      checkpointing: bool = False, force_memory: int | None = None, a_log: float | None = None):
+                      checkpointing: bool = False, force_memory: int | None = None, a_log: float | None = None,
+                      expert: int = 1):
     """The whole sequence's loss, logits, router losses and every gradient (each the mean over the
-    sequence and data ranks, as DeepSpeed and the logs take it) equal the whole model's on one process."""
+    sequence and data ranks, as DeepSpeed and the logs take it) equal the whole model's on one process.
+    expert > 1: the memories split over expert groups of data ranks (SP x EP)."""
     torch.set_default_dtype(torch.float64)
     cfg = model_config(name, **(over or {}))
-    top = topology(sequence, tensor)
+    top = topology(sequence, tensor, expert)
     data = top.data.size
     torch.manual_seed(0)
     ref = build_model(cfg)
@@ -116,9 +131,8 @@ def forward_and_grads(name: str, sequence: int, tensor: int = 1, over: dict | No
     ref_params = dict(ref.named_parameters())
     bad = []
     for n, p in par.named_parameters():
-        g = _mean_over(p.grad if p.grad is not None else torch.zeros_like(p), sp)
-        g = _mean_over(g, top.data)
-        want = tensor_shard_of(n, ref_params[n].grad, top.tensor.size, top.tensor.rank)
+        g = _reduced_grad(p, top)
+        want = local_shard(n, ref_params[n].grad, top, cfg)
         try:
             _close(g, want, f"grad of {n}")
         except AssertionError as e:
@@ -128,7 +142,8 @@ def forward_and_grads(name: str, sequence: int, tensor: int = 1, over: dict | No
     return out.loss.item()
 
 
-def deepspeed_step(name: str, sequence: int, tensor: int, zero_stage: int, grad_clip: float = 0.05):
+def deepspeed_step(name: str, sequence: int, tensor: int, zero_stage: int, grad_clip: float = 0.05,
+                   expert: int = 1):
     """One optimizer step through DeepSpeed at DP x SP (x TP): every parameter equals the whole
     model's after the same step on the data ranks' micro-batches (AdamW, clipping by the global norm).
     To 1e-6: ZeRO-1/2 step float32 master weights."""
@@ -140,17 +155,16 @@ def deepspeed_step(name: str, sequence: int, tensor: int, zero_stage: int, grad_
     cfg.model = model_config(name)
     cfg.train.zero_stage, cfg.train.grad_clip, cfg.train.lr, cfg.train.weight_decay = zero_stage, grad_clip, 1e-2, 0.1
     cfg.train.adam_eps = 1.0  # (a well-conditioned update: see cases_tensor.deepspeed_step)
-    top = topology(sequence, tensor)
+    top = topology(sequence, tensor, expert)
     ref, ref_norm = one_process_step(cfg, top.data.size, grad_clip)
     torch.manual_seed(0)
     engine = deepspeed_engine(cfg, parallelize(build_model(cfg.model), top), top)
-    norm = step_and_compare(engine, top, ref, ref_norm, grad_clip,
-                            lambda n, t: tensor_shard_of(n, t, top.tensor.size, top.tensor.rank))
+    norm = step_and_compare(engine, top, ref, ref_norm, grad_clip, lambda n, t: local_shard(n, t, top, cfg.model))
     torch.set_default_dtype(torch.float32)
     return norm
 
 
-def save_resume_consolidate(sequence: int, tensor: int, root: str, zero_stage: int = 2):
+def save_resume_consolidate(sequence: int, tensor: int, root: str, zero_stage: int = 2, expert: int = 1):
     """ZeRO-1/2 at DP x SP (x TP), float64: exact resume and consolidation (cases_tensor.resume_and_consolidate;
     each rank's logits are its slice of the whole batch's)."""
     from megamom.config import Config
@@ -160,7 +174,7 @@ def save_resume_consolidate(sequence: int, tensor: int, root: str, zero_stage: i
     cfg = Config()
     cfg.model = model_config("mom_gated_delta")
     cfg.train.zero_stage, cfg.train.lr, cfg.train.grad_clip = zero_stage, 1e-2, 0.05
-    top = topology(sequence, tensor)
+    top = topology(sequence, tensor, expert)
     path = resume_and_consolidate(cfg, top, root, lambda x: _gather_slices(x, top.sequence))
     torch.set_default_dtype(torch.float32)
     return path

@@ -76,3 +76,25 @@ def test_one_deepspeed_step_equals_one_process(pools, world, sequence, tensor, z
 def test_checkpoint_resumes_exactly_and_consolidates(pools, tmp_path, world, sequence, tensor, zero_stage):
     paths = pools(world).run(cases.save_resume_consolidate, sequence, tensor, str(tmp_path), zero_stage)
     assert len(set(paths)) == 1
+
+
+@pytest.mark.parametrize("over,force_memory", [
+    (None, None), ({"shared_mem": False, "topk": 1}, None), ({"update_rule": "delta"}, None),
+    ({"update_rule": "gla", "per_memory_conv": True}, None), ({"num_memories": 8, "topk": 1}, None),
+    ({"topk": 1, "shared_mem": False}, 0), ({"aux_loss_form": "paper"}, None)])
+def test_sequence_and_expert_parallelism(pools, over, force_memory):
+    # DP 2 x SP 2, the memories over expert groups of the 2 data ranks of each slice; with every
+    # token sent to memory 0 (top-1, no shared memory) expert rank 1 receives no row and still
+    # passes the states of the documents crossing its slice
+    pools(4).run(cases.forward_and_grads, "mom_gated_delta", 2, 1, over, True, 24, (), False, False, force_memory,
+                 None, 2)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_one_deepspeed_step_with_sequence_and_expert_parallelism(pools, zero_stage):
+    pools(4).run(cases.deepspeed_step, "mom_gated_delta", 2, 1, zero_stage, 0.05, 2)
+
+
+def test_checkpoint_resumes_exactly_and_consolidates_with_sequence_and_expert_parallelism(pools, tmp_path):
+    paths = pools(4).run(cases.save_resume_consolidate, 2, 1, str(tmp_path), 2, 2)
+    assert len(set(paths)) == 1

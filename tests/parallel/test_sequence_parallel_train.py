@@ -49,3 +49,36 @@ def test_sp2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, 
     for n in ref:
         torch.testing.assert_close(whole[n], ref[n], rtol=0, atol=5e-3, msg=lambda m: f"{n}: {m}")
         assert (whole[n] - ref[n]).abs().mean() < 1e-5, n
+
+
+def test_sp2_with_ep2_trains_like_one_process_and_resumes_in_one(tmp_path, megamom_env, megamom_exe):
+    # 4 ranks: DP 2 x SP 2, the memories over expert groups of the 2 data ranks of each slice. (The
+    # balance loss is one micro-batch's, so it is off here, as in the EP=2 run's test.)
+    one, straight, crashed = (tmp_path / n for n in ("one", "straight", "crashed"))
+    common = ["train.max_steps=4", "train.save_every=2", "train.zero_stage=2", "train.precision=fp32",
+              "model.aux_loss_coef=0", "model.z_loss_coef=0.001"]
+    train(megamom_exe, megamom_env, one, *common, "train.micro_batch_size=8")
+    both = [*common, "train.micro_batch_size=4", "parallel.sequence=2", "parallel.expert=2"]
+    r = train(megamom_exe, megamom_env, straight, *both, nproc=4, timeout=600)
+    assert "2 data-parallel x 2 sequence-parallel x 1 tensor-parallel ranks" in r.stderr + r.stdout
+    assert "memories split over 2 expert-parallel ranks" in r.stderr + r.stdout
+    a, b = losses(one), losses(straight)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), f"step {s}: 1 process {a[s]} vs SP=2 x EP=2 {b[s]}"
+
+    env = dict(megamom_env, MEGAMOM_FAULT="ckpt_after_commit:2")  # SIGKILL right after saving step 2
+    r = train(megamom_exe, env, crashed, *both, nproc=4, check=False, timeout=600)
+    assert r.returncode != 0 and max(losses(crashed)) == 2
+    # resumed in one process: memories and optimizer state joined over the expert and sequence ranks
+    r = train(megamom_exe, megamom_env, crashed, *common, "train.micro_batch_size=8")
+    assert "re-splitting weights and optimizer state" in r.stderr + r.stdout
+    m = losses(crashed)
+    for s in (3, 4):
+        assert abs(m[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: SP=2 x EP=2 {b[s]} vs resumed in one process {m[s]}"
+
+    whole = ckpt.load_model_state_dict(straight / "checkpoints" / "step_00000004")
+    ref = ckpt.load_model_state_dict(one / "checkpoints" / "step_00000004")
+    for n in ref:  # (see the EP=2 run's test for the bounds)
+        torch.testing.assert_close(whole[n], ref[n], rtol=0, atol=5e-3, msg=lambda m: f"{n}: {m}")
+        assert (whole[n] - ref[n]).abs().mean() < 1e-5, n
