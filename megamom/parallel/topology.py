@@ -78,8 +78,11 @@ class Topology:
                             for tp in range(L.tensor) for b in range(0, dpsp, L.expert)]
         # expert-data groups: the ranks holding the same memories (the same expert index), whose
         # copies of those memories' gradients are reduced together
-        groups["expert_data"] = [[rank_of(i % L.data, i // L.data, tp) for i in range(e, dpsp, L.expert)]
+        groups["expert_data"] = [sorted(rank_of(i % L.data, i // L.data, tp) for i in range(e, dpsp, L.expert))
                                  for tp in range(L.tensor) for e in range(L.expert)]
+        # (every list ascending: a process group's ranks are numbered in ascending order (new_group
+        # sorts them), and Group.rank must be the index the collectives and DeepSpeed's partitions use)
+        assert all(ranks == sorted(ranks) for lists in groups.values() for ranks in lists)
         self._groups: dict[str, Group] = {}
         for name, lists in groups.items():
             mine = None

@@ -537,10 +537,9 @@ def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
     and Adam state from a ZeRO-1/2 checkpoint, whole over data and expert ranks. Each data rank's
     optimizer file holds its partition of every parameter group, and where each parameter's pieces
     lie in it (`param_slice_mappings`); a dense group is partitioned over the data (x sequence) ranks,
-    a group of memories over the ranks holding the same memories, in their expert-data group's order
-    (megamom.parallel.topology: the sequence-major index j = sp x DP + dp holds expert shard j mod EP,
-    and is partition j // EP of it). A parameter is its pieces in that order; a memory stack is then
-    its expert shards joined along the memories."""
+    a group of memories over the ranks holding the same memories (the expert-data group; its ranks
+    are numbered in ascending global order, as the files). A parameter is its pieces in file order; a
+    memory stack is then its expert shards joined along the memories."""
     from ..parallel.plan import placement
     state = read_trainer_state(ckpt)
     ep = expert_parallel_size(ckpt)
@@ -554,23 +553,21 @@ def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
     shapes = {n: s for group in shapes for n, s in group.items()}
     model_cfg = (state.get("config") or {}).get("model") or {}
     sp = int((state.get("parallel") or {}).get("sequence", 1))
-    dp = len(files) // sp
-    pieces: dict = {}  # (name, expert shard or None, state) -> [(partition order, flat piece)]
+    pieces: dict = {}  # (name, expert shard or None, state) -> [flat pieces in data-rank order]
     steps: dict = {}
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for d, f in enumerate(files):  # d: the rank in the data x sequence group (data-major)
-            j = d % sp * dp + d // sp  # (sequence-major: the expert groups' order)
+            # its expert shard: the data index mod EP (megamom.parallel.topology)
+            expert_index = d // sp % ep
             osd = torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"]
             adam = osd["base_optimizer_state"]["state"]
             for i, (flat, mapping) in enumerate(zip(osd["single_partition_of_fp32_groups"],
                                                     osd["param_slice_mappings"])):
                 flats = {"fp32": flat, **{k: adam[i][k] for k in ("exp_avg", "exp_avg_sq") if i in adam}}
                 for name, frag in mapping.items():
-                    stack = _is_memory_stack(name, model_cfg)
-                    expert, order = (j % ep, j) if stack else (None, d)
+                    expert = expert_index if _is_memory_stack(name, model_cfg) else None
                     for key, t in flats.items():
-                        pieces.setdefault((name, expert, key), []).append((order, t.narrow(0, frag.start,
-                                                                                           frag.numel)))
+                        pieces.setdefault((name, expert, key), []).append(t.narrow(0, frag.start, frag.numel))
                     if i in adam:
                         steps[name] = adam[i]["step"]
     out = {}
@@ -580,13 +577,11 @@ def _merged_zero_states(ckpt: Path, tensor_rank: int) -> dict:
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             if (name, 0 if stack else None, key) not in pieces:
                 continue
-            def joined(expert):
-                return torch.cat([t for _, t in sorted(pieces[(name, expert, key)], key=lambda it: it[0])])
             if stack:
-                shards = [joined(e).view(shape) for e in range(ep)]
+                shards = [torch.cat(pieces[(name, e, key)]).view(shape) for e in range(ep)]
                 merged[key] = torch.cat(shards, placement(name).expert_dim).float()
             else:
-                merged[key] = joined(None).view(shape).float()
+                merged[key] = torch.cat(pieces[(name, None, key)]).view(shape).float()
         merged["step"] = steps.get(name)
         out[name] = merged
     return out

@@ -98,3 +98,10 @@ def test_one_deepspeed_step_with_sequence_and_expert_parallelism(pools, zero_sta
 def test_checkpoint_resumes_exactly_and_consolidates_with_sequence_and_expert_parallelism(pools, tmp_path):
     paths = pools(4).run(cases.save_resume_consolidate, 2, 1, str(tmp_path), 2, 2)
     assert len(set(paths)) == 1
+
+
+def test_eight_ranks_sequence_and_expert_parallelism_consolidates(pools, tmp_path):
+    # DP 4 x SP 2, EP 2: a memory stack's ZeRO partitions are spread over data x sequence ranks of
+    # both sequence indices (expert-data groups {0,1,4,5} and {2,3,6,7}); consolidation joins them
+    paths = pools(8).run(cases.save_resume_consolidate, 2, 1, str(tmp_path), 2, 2)
+    assert len(set(paths)) == 1
