@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": ("megamom.train.eval_cli", "loss and perplexity of a checkpoint on a prepared dataset"),
     "tokenizer": ("megamom.tokenizer.cli", "train, apply or export a sentencepiece tokenizer"),
     "prep": ("megamom.data_prep.cli", "tokenize raw text into streaming (MDS) shards"),
+    "prep-mqar": ("megamom.data_prep.mqar", "write associative-recall (MQAR) examples as a training dataset"),
     "convert": ("megamom.convert.cli", "convert checkpoints to and from Hugging Face format"),
     "generate": ("megamom.generate_cli", "generate text from a checkpoint or Hugging Face export"),
     "info": ("megamom.info", "parameters (total / activated) and FLOPs per token of a config"),

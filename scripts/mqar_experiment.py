@@ -44,12 +44,16 @@ MODELS = {
 }
 
 
-def plan(lr_main: float) -> list[dict]:
+GROUPS = {"main": "main", "lr sweep": "lr", "aux off": "aux", "aux paper form": "aux", "table 6": "table6",
+          "MoM's parameters": "params"}  # a plan group -> its --groups name
+
+
+def plan(lr_main: float, seeds: int = 3) -> list[dict]:
     """Every run, most important first."""
-    runs = [dict(model=m, lr=lr_main, seed=s, group="main") for s in (0, 1, 2) for m in MODELS]
+    runs = [dict(model=m, lr=lr_main, seed=s, group="main") for s in range(seeds) for m in MODELS]
     runs += [dict(model=m, lr=lr, seed=0, group="lr sweep") for lr in (lr_main / 3, lr_main * 3) for m in MODELS]
     mom = "MoM 4x top-2 + shared"
-    runs += [dict(model=mom, lr=lr_main, seed=s, group=g, over=o) for s in (0, 1, 2) for g, o in
+    runs += [dict(model=mom, lr=lr_main, seed=s, group=g, over=o) for s in range(seeds) for g, o in
              (("aux off", {"aux_loss_coef": 0.0}), ("aux paper form", {"aux_loss_form": "paper"}))]
     runs += [dict(model=mom, lr=lr_main, seed=0, group="table 6", over=o) for o in
              ({"num_memories": 2}, {"num_memories": 8}, {"topk": 1}, {"shared_mem": False})]
@@ -87,8 +91,12 @@ class TrainSet:
         return self.ids[i], self.labels[i]
 
 
-def train_one(run: dict, data: TrainSet, evals: dict, steps: int, batch: int, device) -> dict:
+def train_one(run: dict, data: TrainSet, evals: dict, steps: int, batch: int, device, precision: str = "fp32",
+              model_out: list | None = None) -> dict:
+    """One run: -> its JSON row. precision: bf16 (autocast on the GPU) or fp32; model_out: a list the
+    trained model is appended to."""
     cfg = model_config(run)
+    bf16 = precision == "bf16" and device.type == "cuda"
     torch.manual_seed(run["seed"])
     model = build_model(cfg).to(device)
     decay = [p for n, p in model.named_parameters() if n not in model.no_weight_decay_names()]
@@ -103,7 +111,7 @@ def train_one(run: dict, data: TrainSet, evals: dict, steps: int, batch: int, de
     losses = []
     for step in range(steps):
         ids, labels = data.batch(batch, g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(ids, labels=labels, return_logits=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -113,12 +121,15 @@ def train_one(run: dict, data: TrainSet, evals: dict, steps: int, batch: int, de
         if step % 50 == 0 or step == steps - 1:
             losses.append(round(out.lm_loss.item(), 4))
     train_s = time.perf_counter() - t0
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         acc = {name: round(mqar_accuracy(model, b, batch_size=128, device=device), 4) for name, b in evals.items()}
+    if model_out is not None:
+        model_out.append(model)
     params = sum(p.numel() for p in model.parameters())
     state = _state_per_layer(cfg)
     return {**{k: v for k, v in run.items() if k != "over"}, "over": run.get("over", {}), "params": params,
-            "state_per_layer": state, "steps": steps, "batch": batch, "train_s": round(train_s, 1),
+            "state_per_layer": state, "steps": steps, "batch": batch, "precision": "bf16" if bf16 else "fp32",
+            "train_s": round(train_s, 1),
             "final_loss": losses[-1], "losses": losses, "accuracy": acc}
 
 
@@ -190,6 +201,10 @@ def main():
     ap.add_argument("--pairs", type=int, nargs="+", default=[8, 16, 32, 64], help="pairs trained and evaluated on")
     ap.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--length-pairs", type=int, default=16, help="pairs of the length evaluation")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
+                    help="fp32 (the default: at these widths bf16 autocast slows or stops learning, docs/mqar.md)")
+    ap.add_argument("--groups", nargs="+", choices=sorted(set(GROUPS.values())), help="only these groups of the plan")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the main and balance-loss groups")
     ap.add_argument("--smoke", action="store_true", help="a tiny CPU check of the whole script")
     ap.add_argument("--plot-only", action="store_true", help="table and plot from OUT/mqar.jsonl")
     args = ap.parse_args()
@@ -208,13 +223,14 @@ def main():
         evals.update({f"len{t}": mqar_batch(n_eval, LENGTH_PAIRS, t, V, seed=20_000 + t) for t in EVAL_LENGTHS})
         results.write_text("")
         last = 0.0
-        runs = plan(args.lr)[:5] if args.smoke else plan(args.lr)
+        runs = [r for r in plan(args.lr, args.seeds) if not args.groups or GROUPS[r["group"]] in args.groups]
+        runs = runs[:5] if args.smoke else runs
         for i, run in enumerate(runs):
             if time.perf_counter() - start + last > args.budget_s:
                 print(f"budget reached: {len(runs) - i} of {len(runs)} runs not started")
                 break
             t0 = time.perf_counter()
-            row = train_one(run, data, evals, steps, batch, device)
+            row = train_one(run, data, evals, steps, batch, device, args.precision)
             last = time.perf_counter() - t0
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -95,3 +95,64 @@ def test_eval_task_mqar_reports_accuracy_per_number_of_pairs(made, capsys):  # n
     assert (code, stdout) == (2, "") and "use seq_len >= 79" in stderr
     code, _, stderr = cli(capsys, "eval", "--checkpoint", made["run"], "--task", "mqar", "--data", made["data"])
     assert code == 2 and "drop --data" in stderr
+
+
+# ------------------------------------------------------------------------------ MQAR as a training dataset
+def test_prep_mqar_writes_shards_whose_labels_are_the_answers_only(tmp_path, capsys):
+    from megamom.config import DataConfig
+    from megamom.data.loader import build_loader
+    from megamom.data_prep import read_manifest
+    out = tmp_path / "mqar"
+    code, stdout, stderr = cli(capsys, "prep-mqar", "--out", out, "--vocab", "64", "--seq-len", "32", "--pairs", "2",
+                               "4", "--train-examples", "40", "--val-examples", "8")
+    assert code == 0, stderr
+    assert "data.tokenizer=ids:64" in stdout
+    m = read_manifest(out)
+    assert m["tokenizer"]["path"] == "ids:64" and m["seq_len"] == 32
+    docs = m["counts"]["documents"]
+    assert docs["read"] == docs["written"] == 48 and docs["rejected"] == {}
+    assert [m["counts"]["splits"][s]["samples"] for s in ("train", "val")] == [40, 8]
+    loader = build_loader(DataConfig(paths=[str(out)], seq_len=32, tokenizer="ids:64"), split="train",
+                          micro_batch_size=8, dp_rank=0, dp_size=1, seed=0)
+    answers = {2: 0, 4: 0}
+    for i, batch in zip(range(5), loader):  # one epoch: every example once
+        ids, labels = batch["input_ids"], batch["labels"]
+        assert ids.shape == labels.shape == (8, 32) and "segment_ids" not in batch
+        for n in range(8):
+            asked = (labels[n] != IGNORE_INDEX).nonzero().squeeze(1)
+            pairs = len(asked)
+            answers[pairs] += 1
+            pair = dict(zip(ids[n, 0:2 * pairs:2].tolist(), ids[n, 1:2 * pairs:2].tolist()))
+            # the label at a query is the value its key was paired with, and nothing else is labelled
+            assert all(pair[ids[n, t].item()] == labels[n, t].item() for t in asked.tolist())
+    assert answers == {2: 20, 4: 20}  # the numbers of pairs in equal shares
+
+
+def test_prep_mqar_refuses_a_task_that_cannot_be_built_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "mqar"
+    code, stdout, stderr = cli(capsys, "prep-mqar", "--out", out, "--seq-len", "16", "--pairs", "8")
+    assert code == 2 and "--pairs 8 --seq-len 16" in stderr and "use seq_len >= 31" in stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_ids_tokenizer_reads_and_writes_ids():
+    from megamom.tokenizer import TokenizerError, load_tokenizer
+    tok = load_tokenizer("ids:64")
+    assert tok.vocab_size == 64 and tok.encode(" 3 17\n5 ") == [3, 17, 5] and tok.decode([3, 17]) == "3 17"
+    assert tok.hash == load_tokenizer("ids:64").hash != load_tokenizer("ids:65").hash
+    with pytest.raises(TokenizerError, match="'64' is not an id of the ids:64 vocabulary"):
+        tok.encode("1 64")
+    with pytest.raises(TokenizerError, match="ids:<size>"):
+        load_tokenizer("ids:many")
+
+
+def test_megamom_train_learns_mqar_through_the_main_path(tmp_path, capsys):
+    out, run = tmp_path / "mqar", tmp_path / "run"
+    assert cli(capsys, "prep-mqar", "--out", out, "--vocab", "64", "--seq-len", "32", "--pairs", "2",
+               "--train-examples", "256", "--val-examples", "32")[0] == 0
+    code, stdout, stderr = cli(capsys, "train", "--config", "configs/tiny.yaml", f"data.paths=[{out}]",
+                               "data.tokenizer=ids:64", "data.seq_len=32", "model.vocab_size=64",
+                               "train.max_steps=3", "train.warmup_steps=1", f"train.out_dir={run}",
+                               "--sample-prompt", "3 40 3", "--sample-tokens", "1")
+    assert code == 0, stderr[-2000:]
+    assert "done: step 3" in stdout and "sample: '" in stdout

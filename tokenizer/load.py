@@ -15,10 +15,13 @@ def load_tokenizer(path: str | Path, num_threads: int = 1) -> Tokenizer:
     """Load a tokenizer. Directories written by megamom hold both the sentencepiece model and its
     Hugging Face export (identical ids, tested); the sentencepiece model is used (it is faster, and
     the hash is then the same as for the bare `.model`). Other directories go through
-    `transformers.AutoTokenizer`."""
+    `transformers.AutoTokenizer`. `ids:<vocab>`: token ids written as text (tokenizer/ids.py)."""
     from .hf import HFTokenizer, is_hf_dir
+    from .ids import PREFIX, IdsTokenizer
     from .spm import SentencePieceTokenizer
 
+    if str(path).startswith(PREFIX):  # token ids as text (synthetic tasks)
+        return IdsTokenizer.parse(str(path))
     p = Path(path).expanduser()
     if p.is_file():
         return SentencePieceTokenizer.from_file(p, num_threads)

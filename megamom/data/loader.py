@@ -193,7 +193,8 @@ def _env(values: dict):
 # ---------------------------------------------------------------------------------------------
 
 class Collate:
-    """Samples -> padded int64 tensors with labels (and segment ids for packed rows)."""
+    """Samples -> padded int64 tensors with labels (and segment ids for packed rows). A sample with a
+    `loss_mask` (megamom prep-mqar) has a label only where its mask marks the token to predict."""
 
     def __init__(self, seq_len: int, packed: bool, pad_id: int):
         self.C, self.packed, self.pad = seq_len + 1, packed, pad_id
@@ -207,7 +208,7 @@ class Collate:
             ids = s["input_ids"]
             n = min(len(ids), C)
             tokens[i, :n] = ids[:n]
-            valid[i, :n] = True
+            valid[i, :n] = s["loss_mask"][:n].astype(bool) if "loss_mask" in s else True
             if self.packed:
                 lens = np.asarray(s["doc_lens"], dtype=np.int64)
                 seg[i, :n] = np.repeat(np.arange(len(lens)), lens)[:n]

@@ -39,11 +39,12 @@ def check_mqar(num_pairs: int, seq_len: int, vocab_size: int) -> None:
                          f"lower half of the vocabulary, token 0 excluded): use vocab_size >= {2 * num_pairs + 2}")
 
 
-def mqar_batch(num_examples: int, num_pairs: int, seq_len: int, vocab_size: int, seed: int = 0,
-               power_a: float = 0.01) -> MQARBatch:
-    """`num_examples` MQAR examples of `seq_len` model positions (the sequences are seq_len + 1 long).
-    power_a: Zoology's spacing of the queries (p(gap g) ~ g^(a - 1): most queries soon after the
-    pairs, some far). Deterministic in `seed`."""
+def mqar_sequences(num_examples: int, num_pairs: int, seq_len: int, vocab_size: int, seed: int = 0,
+                   power_a: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """`num_examples` MQAR sequences of seq_len + 1 tokens: -> (tokens int64 [N, seq_len + 1], answer
+    bool [N, seq_len + 1]: the tokens to predict, each a value after its query key). power_a:
+    Zoology's spacing of the queries (p(gap g) ~ g^(a - 1): most queries soon after the pairs, some
+    far). Deterministic in `seed`."""
     check_mqar(num_pairs, seq_len, vocab_size)
     rng = np.random.default_rng(seed)
     L = seq_len + 1
@@ -51,7 +52,7 @@ def mqar_batch(num_examples: int, num_pairs: int, seq_len: int, vocab_size: int,
     slots = (L - context) // 2  # places for a (query, answer) pair after the context
     half = vocab_size // 2
     seq = rng.integers(1, vocab_size, size=(num_examples, L))  # the filler: random tokens
-    labels = np.full((num_examples, L), IGNORE_INDEX, dtype=np.int64)
+    answer = np.zeros((num_examples, L), dtype=bool)
     gaps = np.arange(1, slots + 1, dtype=np.float64)
     p = gaps ** (power_a - 1)
     p /= p.sum()
@@ -62,9 +63,17 @@ def mqar_batch(num_examples: int, num_pairs: int, seq_len: int, vocab_size: int,
         where = context + 2 * rng.choice(slots, num_pairs, replace=False, p=p)
         order = rng.permutation(num_pairs)
         seq[n, where], seq[n, where + 1] = keys[order], values[order]
-        labels[n, where + 1] = values[order]  # the answer is read where the query key is the input
-    ids = torch.from_numpy(seq[:, :-1].copy())
-    return MQARBatch(ids, torch.from_numpy(labels[:, 1:].copy()), num_pairs)
+        answer[n, where + 1] = True  # the answer is read where the query key is the input
+    return seq, answer
+
+
+def mqar_batch(num_examples: int, num_pairs: int, seq_len: int, vocab_size: int, seed: int = 0,
+               power_a: float = 0.01) -> MQARBatch:
+    """`num_examples` MQAR examples of `seq_len` model positions (mqar_sequences: inputs are the
+    sequences but their last token, labels the next tokens where they are answers)."""
+    seq, answer = mqar_sequences(num_examples, num_pairs, seq_len, vocab_size, seed, power_a)
+    labels = np.where(answer, seq, IGNORE_INDEX)
+    return MQARBatch(torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(labels[:, 1:].copy()), num_pairs)
 
 
 @torch.no_grad()
