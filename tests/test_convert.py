@@ -429,3 +429,52 @@ def test_cli_errors_exit_2_and_name_the_problem(tmp_path, capsys):
     assert main(["convert", "from-hf", "--out", str(tmp_path / "o")]) == 2
     assert "needs --model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spelling", ["num_memories", "num_experts"])
+def test_from_a_checkpoint_in_the_mom_authors_layout(spelling, tmp_path, capsys):
+    """A synthetic checkpoint in the MoM authors' released layout (`mom_gated_deltanet`: per-memory
+    Linears, `shared_k/v/b/a`, `gate`, depthwise q/k/v_conv1d, the MLP's gate and up fused in one
+    gate_proj, an unused `D`), written from a megamom model with their key names, shapes and config
+    keys (also the first spellings num_experts / single_expert), imports to the same logits."""
+    from megamom.cli import main
+    from megamom.config import ModelConfig
+    from megamom.convert.hf_io import write_safetensors
+    from megamom.convert.paper_format import to_paper_state_dict
+    cfg = ModelConfig(arch="mom", vocab_size=128, hidden_size=64, num_layers=2, num_heads=2, head_dim=16,
+                      num_memories=3, topk=2, shared_mem=True, hidden_ratio=3, intermediate_size=None,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = CausalLM(cfg).eval()
+    theirs = to_paper_state_dict(model.state_dict(), cfg)
+    I = cfg.mlp_hidden_size
+    assert theirs["model.layers.0.mlp.gate_proj.weight"].shape == (2 * I, 64) and "model.layers.0.attn.D" in theirs
+    assert "model.layers.0.attn.k_proj.2.weight" in theirs and "model.layers.0.mlp.up_proj.weight" not in theirs
+    fc = {"model_type": "mom_gated_deltanet", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2,
+          "head_dim": 16, "expand_v": 1, "vocab_size": 128, spelling: 3, "topk": 2, "shared_mem": True,
+          ("single_kv_proj" if spelling == "num_memories" else "single_expert"): False, "hidden_ratio": 3,
+          "intermediate_size": None, "tie_word_embeddings": True, "use_gate": True, "capacity": 1.0,
+          "norm_eps": cfg.norm_eps, "max_position_embeddings": 2048}
+    src = tmp_path / "paper"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(fc))
+    write_safetensors(theirs, src, 1 << 30)
+    code = main(["convert", "from-hf", "--model", str(src), "--out", str(tmp_path / "ckpt"), "--format",
+                 "mom-paper"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    back = model_config_from_dict(read_trainer_state(tmp_path / "ckpt")["config"]["model"])
+    assert (back.num_memories, back.mlp_hidden_size, back.shared_mem, back.per_memory_conv) == (3, I, True, False)
+    imported = CausalLM(back).eval()
+    imported.load_state_dict(load_model_state_dict(tmp_path / "ckpt"), strict=True)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids, return_logits=True).logits, model(ids, return_logits=True).logits,
+                                   rtol=0, atol=0)
+    # a wrong --format, and a fused MLP of the wrong width, are refused naming the fix
+    assert main(["convert", "from-hf", "--model", str(src), "--out", str(tmp_path / "x"), "--format", "fla"]) == 2
+    assert "'mom-paper' format" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    theirs["model.layers.1.mlp.gate_proj.weight"] = theirs["model.layers.1.mlp.gate_proj.weight"][:-2]
+    write_safetensors(theirs, src, 1 << 30)
+    assert main(["convert", "from-hf", "--model", str(src), "--out", str(tmp_path / "y")]) == 2
+    assert "2 x intermediate size" in capsys.readouterr().err and not (tmp_path / "y").exists()

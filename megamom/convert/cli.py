@@ -28,9 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("to-hf")
     t.add_argument("--checkpoint", help="checkpoint directory (…/checkpoints/step_XXXXXXXX) or a run directory "
                                         "(its newest complete checkpoint); ZeRO 0-3")
-    t.add_argument("--format", default="megamom", dest="fmt",
-                   help="megamom (default): own classes shipped as remote code, every architecture; "
-                        "fla: flash-linear-attention's `mom` model type (MoM, gated delta rule)")
+    t.add_argument("--format", default=None, dest="fmt",
+                   help="to-hf: megamom (default): own classes shipped as remote code, every architecture; "
+                        "fla: flash-linear-attention's `mom` model type (MoM, gated delta rule). from-hf: "
+                        "megamom, fla or mom-paper (the MoM authors' `mom_gated_deltanet` checkpoints); read "
+                        "off config.json when not given")
     t.add_argument("--dtype", default="fp32", help="weights dtype: fp32 (default, exact) or bf16")
     t.add_argument("--tokenizer", help="tokenizer to ship (default: the one the checkpoint records); it must be "
                                        "the training tokenizer (checked by hash)")
@@ -39,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--verify", action="store_true",
                    help="load the export with transformers and compare its logits with megamom's")
     f = p.add_argument_group("from-hf")
-    f.add_argument("--model", help="Hugging Face model directory (megamom or fla `mom` format)")
+    f.add_argument("--model", help="Hugging Face model directory (megamom, fla `mom` or the MoM authors' format)")
     c = p.add_argument_group("both")
     c.add_argument("--out", required=True, help="output directory (written all-or-nothing)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -56,14 +58,16 @@ def run(args) -> int:
             if not args.checkpoint:
                 raise ConvertError("to-hf needs --checkpoint DIR")
             from .to_hf import to_hf
-            out = to_hf(args.checkpoint, args.out, fmt=args.fmt, dtype=args.dtype, tokenizer=args.tokenizer,
+            out = to_hf(args.checkpoint, args.out, fmt=args.fmt or "megamom", dtype=args.dtype, tokenizer=args.tokenizer,
                         no_tokenizer=args.no_tokenizer, max_shard_size=args.max_shard_size,
                         overwrite=args.overwrite, verify=args.verify, echo=echo)
         else:
             if not args.model:
                 raise ConvertError("from-hf needs --model HFDIR")
-            from .from_hf import from_hf
-            out = from_hf(args.model, args.out, overwrite=args.overwrite, echo=echo)
+            from .from_hf import FORMATS, from_hf
+            if args.fmt is not None and args.fmt not in FORMATS:
+                raise ConvertError(f"--format {args.fmt!r}: from-hf reads {', '.join(FORMATS)}")
+            out = from_hf(args.model, args.out, overwrite=args.overwrite, echo=echo, fmt=args.fmt)
     except ConvertError as e:
         print(f"megamom convert {args.direction}: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Hugging Face model directory (megamom's own `megamom` format or flash-linear-attention's `mom`)
+"""Hugging Face model directory (megamom's own `megamom` format, flash-linear-attention's `mom`, or
+the MoM authors' `mom_gated_deltanet`)
 -> a megamom weights checkpoint, to continue pretraining from.
 
 The output is a checkpoint directory in the trainer's layout, readable wherever a checkpoint is
@@ -29,7 +30,7 @@ import megamom
 
 from ..config import Config, ConfigError, ModelConfig, model_config_from_dict
 from ..model.memory_mixer import upgrade_state_dict
-from . import fla_format
+from . import fla_format, paper_format
 from .errors import ConvertError
 from .hf_io import read_weights
 from .outdir import check_out, staged
@@ -65,8 +66,12 @@ def read_hf_config(model_dir: Path) -> tuple[str, ModelConfig, dict]:
         return "megamom", megamom_config_from_json(fc), fc
     if model_type == fla_format.MODEL_TYPE:
         return "fla", fla_format.from_fla_config(fc), fc
+    if model_type == paper_format.MODEL_TYPE:
+        cfg, fla = paper_format.from_paper_config(fc)
+        return "mom-paper", cfg, fla
     raise ConvertError(f"unknown format: {str(cfile)!r} has model_type {model_type!r}; megamom converts "
-                       f"'megamom' (its own exports) and 'mom' (flash-linear-attention's MoM)")
+                       f"'megamom' (its own exports), 'mom' (flash-linear-attention's MoM) and "
+                       f"'{paper_format.MODEL_TYPE}' (the MoM authors' released checkpoints)")
 
 
 def _tokenizer_files(model_dir: Path) -> list[Path]:
@@ -75,9 +80,26 @@ def _tokenizer_files(model_dir: Path) -> list[Path]:
     return [model_dir / n for n in (*HF_TOKENIZER_FILES, MARKER) if (model_dir / n).is_file()]
 
 
-def from_hf(model_dir: str, out: str, overwrite: bool = False, echo: Callable[[str], None] = log.info) -> Path:
+FORMATS = ("megamom", "fla", "mom-paper")  # model_type megamom, mom, mom_gated_deltanet
+
+
+def from_hf(model_dir: str, out: str, overwrite: bool = False, echo: Callable[[str], None] = log.info,
+            fmt: str | None = None) -> Path:
+    """fmt: the format the caller expects (None: whatever config.json's model_type says)."""
     src = Path(model_dir).expanduser()
+    expected = fmt
     fmt, cfg, fc = read_hf_config(src)
+    if expected is not None and expected != fmt:
+        raise ConvertError(f"{str(src)!r} is in the {fmt!r} format (config.json model_type "
+                           f"{json.loads((src / 'config.json').read_text()).get('model_type')!r}), not {expected!r}: "
+                           f"drop --format (it is read off config.json) or point --model elsewhere")
+    # (for the authors' format fc is the equivalent fla config; capacity is theirs alone)
+    capacity = paper_format.paper_config(json.loads((src / "config.json").read_text()))["capacity"] \
+        if fmt == "mom-paper" else 1.0
+    if capacity < 1.0:
+        echo(f"note: capacity={capacity}: the authors' code keeps at most capacity x T of a sequence's tokens per "
+             f"memory (the most recent); megamom is dropless, so outputs equal theirs only where no memory "
+             f"receives more (docs/fidelity.md)")
     out_path = check_out(out, overwrite, inputs=(src,))
     tok_files = _tokenizer_files(src)
     tok = None
@@ -97,9 +119,11 @@ def from_hf(model_dir: str, out: str, overwrite: bool = False, echo: Callable[[s
     sd = read_weights(src)
     if fmt == "fla":
         sd = fla_format.from_fla_state_dict(sd, cfg, fc)
+    elif fmt == "mom-paper":
+        sd = paper_format.from_paper_state_dict(sd, cfg, fc)
     else:
         sd = upgrade_state_dict(sd, cfg)  # an export of older megamom
-    if fmt != "fla" and cfg.tie_word_embeddings and "lm_head.weight" in sd:
+    if fmt == "megamom" and cfg.tie_word_embeddings and "lm_head.weight" in sd:
         if not torch.equal(sd["lm_head.weight"], sd.get("model.embeddings.weight", sd["lm_head.weight"])):
             raise ConvertError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
         sd.pop("lm_head.weight")
