@@ -478,3 +478,60 @@ def test_from_a_checkpoint_in_the_mom_authors_layout(spelling, tmp_path, capsys)
     write_safetensors(theirs, src, 1 << 30)
     assert main(["convert", "from-hf", "--model", str(src), "--out", str(tmp_path / "y")]) == 2
     assert "2 x intermediate size" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+# ------------------------------------------------------------------------------- lm-evaluation-harness
+LM_EVAL_TASK = """task: megamom_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+LM_EVAL_DOCS = [("In the beginning God created the", ["heaven", "table", "river"], 0),
+                ("And God said, Let there be", ["light", "cheese", "Tuesday"], 0),
+                ("And God called the light", ["Night", "Day", "Sea"], 1)]
+
+
+@pytest.mark.parametrize("name", ["mom-zero1", "transformer-zero2"])
+def test_lm_evaluation_harness_scores_an_export_as_megamom_does(name, exports, runs, env, tmp_path):
+    """lm-evaluation-harness (`lm_eval --model hf`, trust_remote_code) on a local multiple-choice task:
+    every choice's log-likelihood equals megamom's own (the continuation's tokens given the context,
+    float32), and the accuracy is the share of documents whose answer scores highest."""
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in LM_EVAL_DOCS))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    exe = str(Path(sys.executable).parent / "lm_eval")
+    r = subprocess.run([exe, "--model", "hf", "--model_args", f"pretrained={exports[name]},trust_remote_code=True,"
+                        "dtype=float32", "--tasks", "megamom_tiny", "--include_path", str(tmp_path), "--device", "cpu",
+                        "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"],
+                       env=dict(env, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_megamom_tiny_*.jsonl")
+               for line in f.read_text().splitlines()]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["megamom_tiny"]
+    model, tok = megamom_reference(step_dir(runs[name]))
+    right = 0
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        question, choices, answer = LM_EVAL_DOCS[s["doc_id"]]
+        context = tok.encode(question)
+        ours = []
+        for choice in choices:
+            whole = tok.encode(f"{question} {choice}")
+            assert whole[:len(context)] == context
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = model(ids[:, :-1], return_logits=True).logits.double().log_softmax(-1)[0]
+            ours.append(sum(logp[t - 1, whole[t]].item() for t in range(len(context), len(whole))))
+        theirs = [float(resp[0]) for resp in s["filtered_resps"]]
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3, (s["doc_id"], ours, theirs)
+        right += max(range(len(ours)), key=ours.__getitem__) == answer
+    assert len(samples) == len(LM_EVAL_DOCS)
+    assert abs(results["acc,none"] - right / len(LM_EVAL_DOCS)) < 1e-9
