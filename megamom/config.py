@@ -28,6 +28,7 @@ from .errors import ConfigError  # noqa: F401  (raised here, and imported from h
 ARCHS = ("mom", "linear", "transformer")
 UPDATE_RULES = ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")
 QK_NORMS = ("l2", "none")
+QKV_ACTIVATIONS = ("silu", "none")
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
@@ -66,6 +67,12 @@ class ModelConfig:
     qk_norm: str = "l2"
     chunk_size: int = 64
     gla_gate_normalizer: float = 16.0
+    # GLA's per-key decay projection: 0 a full-rank [K, d] matrix per memory; r > 0 the GLA paper's
+    # (and fla's, and the MoM authors') low-rank gate with a bias, W_up [K, r] W_down [r, d] x + b
+    gla_gate_rank: int = 0
+    # q / k / v's activation without the short conv (with it: the conv's SiLU): silu as fla's MoM and
+    # Gated DeltaNet layers; none as fla's GLA layer (and the MoM authors' GLA variant)
+    qkv_activation: str = "silu"
     # Attention (arch transformer)
     num_kv_heads: Optional[int] = None
     rope_theta: float = 10000.0
@@ -131,6 +138,7 @@ class ModelConfig:
         _choice("model.arch", self.arch, ARCHS)
         _choice("model.update_rule", self.update_rule, UPDATE_RULES)
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        _choice("model.qkv_activation", self.qkv_activation, QKV_ACTIVATIONS)
         _choice("model.aux_loss_form", self.aux_loss_form, AUX_LOSS_FORMS)
         _choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
         _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
@@ -162,6 +170,12 @@ class ModelConfig:
                 raise ConfigError(f"model.topk={self.topk} exceeds model.num_memories={self.num_memories}: "
                                   "a token cannot be routed to more memories than exist; lower topk or "
                                   "raise num_memories")
+        if self.gla_gate_rank < 0:
+            raise ConfigError(f"model.gla_gate_rank={self.gla_gate_rank} must be >= 0 (0: a full-rank decay "
+                              f"projection; e.g. 16: the GLA paper's low-rank gate)")
+        if self.gla_gate_rank and self.update_rule != "gla":
+            raise ConfigError(f"model.gla_gate_rank={self.gla_gate_rank} is GLA's decay gate; model.update_rule="
+                              f"{self.update_rule!r} has none: set model.gla_gate_rank=0 or model.update_rule=gla")
         if self.use_short_conv and self.conv_size < 2:
             raise ConfigError(f"model.conv_size={self.conv_size} must be >= 2 (or set model.use_short_conv=false)")
         if self.chunk_size & (self.chunk_size - 1):

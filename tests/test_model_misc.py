@@ -442,3 +442,68 @@ def test_matched_baselines_have_moms_parameters_or_state():
         assert abs(got - want) <= 0.01 * want, (name, got, want)
     assert counts("gdn-340m-total-state")[1] == mom_memories * mom_state
     assert counts("gdn-340m-activated-state")[1] == 3 * mom_state  # top-2 + shared
+
+
+def test_the_papers_gla_layer_equals_flash_linear_attentions(fla_import):
+    """model.update_rule=gla with gla_gate_rank=16-style low-rank gate, no conv, no q/k norm and no
+    q/k/v activation is fla's GatedLinearAttention layer (the GLA of the MoM paper's variants): with
+    fla's weights mapped in, the output equals fla's layer computed by hand from fla's recurrent
+    reference: q, k, v projections, gk = logsigmoid(W_up W_down x + b) / 16, the
+    recurrence, per-head RMSNorm times swish(g), o_proj. Also one token at a time (decoding)."""
+    import torch.nn.functional as F
+
+    from megamom.model.memory_mixer import MemoryMixer
+    gla_layers = fla_import("fla.layers.gla")
+    naive = fla_import("fla.ops.gla.naive")
+    torch.manual_seed(0)
+    d, H, rank, eps = 32, 2, 4, 1e-5
+    theirs = gla_layers.GatedLinearAttention(hidden_size=d, expand_k=0.5, expand_v=1.0, num_heads=H,
+                                             use_short_conv=False, gate_low_rank_dim=rank, norm_eps=eps).double()
+    for p in theirs.parameters():  # (fla zero-inits nothing here, but make every weight count)
+        torch.nn.init.normal_(p, std=0.3)
+    K, V = d // 2 // H, d // H
+    cfg = ModelConfig(arch="linear", update_rule="gla", hidden_size=d, num_heads=H, head_dim=K, expand_v=V // K,
+                      gla_gate_rank=rank, use_short_conv=False, qk_norm="none", qkv_activation="none", norm_eps=eps,
+                      vocab_size=16, num_layers=1, chunk_size=8)
+    ours = MemoryMixer(cfg).double()
+    mapping = {"q_proj.weight": theirs.q_proj.weight, "shared_k_proj": theirs.k_proj.weight,
+               "shared_v_proj": theirs.v_proj.weight, "shared_a_down": theirs.gk_proj[0].weight,
+               "shared_a_up": theirs.gk_proj[1].weight, "shared_a_bias": theirs.gk_proj[1].bias,
+               "g_proj.weight": theirs.g_proj.weight, "o_norm.weight": theirs.g_norm_swish_gate.weight,
+               "o_proj.weight": theirs.o_proj.weight}
+    ours.load_state_dict({k: v.detach() for k, v in mapping.items()}, strict=True)
+    B, T = 2, 19
+    x = torch.randn(B, T, d, dtype=torch.float64)
+
+    def fla_by_hand(x):
+        q, k, v = (f(x).view(B, -1, H, n) for f, n in ((theirs.q_proj, K), (theirs.k_proj, K), (theirs.v_proj, V)))
+        gk = F.logsigmoid(theirs.gk_proj(x)).view(B, -1, H, K) / theirs.gate_logit_normalizer
+        o, _ = naive.naive_recurrent_gla(q, k, v, gk)
+        o = o.double()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * theirs.g_norm_swish_gate.weight
+        o = o * F.silu(theirs.g_proj(x).view(B, -1, H, V))
+        return theirs.o_proj(o.reshape(B, -1, H * V))
+
+    doc_ids = torch.arange(B).repeat_interleave(T)
+    with torch.no_grad():
+        want = fla_by_hand(x)
+        got = ours(x, doc_ids, B)[0]
+        # (fla's naive reference runs its recurrence in float32)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        _, _, cache = ours(x[:, :7], doc_ids.view(B, T)[:, :7].reshape(-1), B, use_cache=True)
+        steps = []
+        for t in range(7, T):  # decoding from the prefix's state, one token at a time
+            out, _, cache = ours(x[:, t:t + 1], doc_ids.view(B, T)[:, t], B, cache=cache)
+            steps.append(out)
+        torch.testing.assert_close(torch.cat(steps, 1), got[:, 7:], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,memories", [("gla-340m-paper", 1), ("mom-gla-340m-paper", 5)])
+def test_the_papers_gla_configs(name, memories):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    with torch.device("meta"):
+        layer = CausalLM(cfg.model).model.layers[0].attn
+    assert layer.a_proj is None and layer.q_conv is None  # the low-rank gate, no conv
+    downs = [t for t in (layer.a_down, layer.shared_a_down) if t is not None]
+    assert sum(t.numel() // (16 * 1024) for t in downs) == memories
+    assert layer.memory_weight("a_proj")[1].shape == (4 * 128, 1024)  # the product W_up W_down

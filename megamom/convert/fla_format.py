@@ -27,7 +27,8 @@ _PER_MEMORY = (("k_proj", "k_proj", "shared_k"), ("v_proj", "v_proj", "shared_v"
 _CONVS = (("q_conv", "q_conv1d"), ("k_conv", "k_conv1d"), ("v_conv", "v_conv1d"))
 # ModelConfig fields fla has no key for; they do not change the function (see module docstring).
 _NOT_IN_FLA = ("aux_loss_coef", "aux_loss_form", "rescale_residual_init", "z_loss_coef", "chunk_size",
-               "num_kv_heads", "rope_theta", "gla_gate_normalizer") + IMPLEMENTATION_ONLY_KEYS
+               "num_kv_heads", "rope_theta", "gla_gate_normalizer", "gla_gate_rank",
+               "qkv_activation") + IMPLEMENTATION_ONLY_KEYS
 
 
 def refusal_reasons(cfg: ModelConfig) -> list[str]:

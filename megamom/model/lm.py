@@ -160,7 +160,7 @@ class CausalLM(nn.Module):
         names = set()
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if p.dim() < 2 or "norm" in name or "embeddings" in name or leaf in ("A_log", "dt_bias", "bias"):
+            if p.dim() < 2 or "norm" in name or "embeddings" in name or leaf == "A_log" or leaf.endswith("bias"):
                 names.add(name)
         return names
 

@@ -83,9 +83,15 @@ class MemoryMixer(nn.Module, ParallelRegion):
         self.dispatcher = Dispatcher(E, shared)
         self.q_proj = nn.Linear(d, Kd, bias=False)
         decay_dim = {"scalar": H, "vector": Kd, None: 0}[self.rule.decay]
-        widths = {"k_proj": Kd, "v_proj": Vd, "b_proj": H if self.rule.delta else 0, "a_proj": decay_dim}
+        rank = cfg.gla_gate_rank if self.rule.decay == "vector" else 0
+        widths = {"k_proj": Kd, "v_proj": Vd, "b_proj": H if self.rule.delta else 0, "a_proj": 0 if rank else decay_dim}
         for name, width in widths.items():  # k_proj [E, Kd, d] routed, shared_k_proj [Kd, d], ...
             self._memory_parameter(name, width, d, E, shared)
+        # GLA's low-rank decay gate (a_up a_down x + a_bias); a_proj is then their product (memory_weight)
+        self._memory_parameter("a_down", rank, d, E, shared)
+        self._memory_parameter("a_up", Kd if rank else 0, rank, E, shared)
+        self.a_bias = nn.Parameter(torch.empty(E, Kd)) if rank and E else None
+        self.shared_a_bias = nn.Parameter(torch.empty(Kd)) if rank and shared else None
         if self.rule.decay == "scalar":
             self.A_log = nn.Parameter(torch.empty(H))
             self.dt_bias = nn.Parameter(torch.empty(H))
@@ -136,9 +142,23 @@ class MemoryMixer(nn.Module, ParallelRegion):
         return self.router.topk if self.router is not None else 0
 
     def memory_weight(self, name: str) -> Optional[MemoryWeight]:
-        """(routed [E, P, d] or None, shared [P, d] or None) of a per-memory weight; None if absent."""
+        """(routed [E, P, d] or None, shared [P, d] or None) of a per-memory weight; None if absent.
+        GLA's low-rank decay gate gives `a_proj` as the product a_up a_down."""
+        if name == "a_proj" and (self.a_down is not None or self.shared_a_down is not None):
+            return (None if self.a_up is None else self.a_up @ self.a_down,
+                    None if self.shared_a_up is None else self.shared_a_up @ self.shared_a_down)
         family = (getattr(self, name), getattr(self, f"shared_{name}", None))
         return None if family == (None, None) else family
+
+    def _activation(self, t: torch.Tensor) -> torch.Tensor:
+        """q / k / v's activation without the short conv (model.qkv_activation)."""
+        return F.silu(t) if self.cfg.qkv_activation == "silu" else t
+
+    def _decay_bias(self) -> Optional[torch.Tensor]:
+        """[M, Kd] the low-rank decay gate's bias per memory (the shared one last), or None."""
+        family = [t for t in (self.a_bias, None if self.shared_a_bias is None else self.shared_a_bias[None])
+                  if t is not None]
+        return torch.cat(family) if family else None
 
     def _memories(self, names) -> list[MemoryWeight]:
         return [w for w in map(self.memory_weight, names) if w is not None]
@@ -151,9 +171,13 @@ class MemoryMixer(nn.Module, ParallelRegion):
         for lin in (self.router, self.q_proj, self.g_proj, self.o_proj):
             if lin is not None:
                 nn.init.xavier_uniform_(lin.weight, gain=gain)
-        for routed, shared in self._memories(("k_proj", "v_proj", "b_proj", "a_proj")):
+        for name in ("k_proj", "v_proj", "b_proj", "a_proj", "a_down", "a_up"):
+            routed, shared = getattr(self, name), getattr(self, f"shared_{name}")
             for w in ([*routed] if routed is not None else []) + ([shared] if shared is not None else []):
                 nn.init.xavier_uniform_(w, gain=gain)  # each memory's matrix on its own fans
+        for bias in (self.a_bias, self.shared_a_bias):
+            if bias is not None:
+                bias.zero_()
         if self.rule.decay == "scalar":
             H = self.num_heads
             self.A_log.copy_(torch.empty(H).uniform_(0, 16).log())
@@ -230,13 +254,17 @@ class MemoryMixer(nn.Module, ParallelRegion):
         return gates_fused(narrow_rows, self.num_heads, self._width("b_proj") > 0,
                            self.A_log if scalar else None, self.dt_bias if scalar else None)
 
-    def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor]):
-        """-> (log-decay g in float32 or None, beta or None), per head (or per key for GLA)."""
+    def _gates(self, b: Optional[torch.Tensor], a: Optional[torch.Tensor], row_memory: Optional[torch.Tensor] = None):
+        """-> (log-decay g in float32 or None, beta or None), per head (or per key for GLA).
+        row_memory: each row's memory (the low-rank GLA gate's bias); None: a's rows are [.., M, Kd]."""
         beta = _f32(b).sigmoid() if b is not None else None
         g = None
         if self.rule.decay == "scalar":
             g = -_f32(self.A_log).exp() * F.softplus(_f32(a) + _f32(self.dt_bias))
         elif self.rule.decay == "vector":
+            bias = self._decay_bias()
+            if bias is not None:
+                a = _f32(a) + _f32(bias if row_memory is None else bias.index_select(0, row_memory))
             g = F.logsigmoid(_f32(a)) / self.cfg.gla_gate_normalizer
         return g, beta
 
@@ -326,15 +354,15 @@ class MemoryMixer(nn.Module, ParallelRegion):
             # the conv reads each memory row's q through the packing (no packed copy on the Triton path)
             q_rows, k_rows, v_rows, rest, conv_state = self._conv(q, rows, packing, init,
                                                                   use_cache or cache is not None, backend)
-        else:  # the SiLU stays without the conv (as in fla's MoM and Gated DeltaNet layers)
+        else:  # no conv: model.qkv_activation (SiLU as fla's MoM and Gated DeltaNet layers, none as its GLA)
             Kd, Vd = self._width("k_proj"), self._width("v_proj")
             k_rows, v_rows, rest = rows.split([Kd, Vd, rows.shape[1] - Kd - Vd], 1)
             q_rows = self.dispatcher.gather(q, packing, fused)
-            q_rows, k_rows, v_rows = F.silu(q_rows), F.silu(k_rows), F.silu(v_rows)
+            q_rows, k_rows, v_rows = map(self._activation, (q_rows, k_rows, v_rows))
         if fused and self.rule.decay != "vector":  # (GLA's per-key decay: torch; its scan is torch too)
             g, beta = self._fused_gates(narrow_rows)
         else:
-            g, beta = self._gates(*self._gate_rows(narrow_rows, rest))
+            g, beta = self._gates(*self._gate_rows(narrow_rows, rest), packing.row_memory)
         scan_in = (self.rule, q_rows.view(1, A, H, K), k_rows.view(1, A, H, K), v_rows.view(1, A, H, Vh),
                    None if g is None else g.view(1, A, *g.shape[1:]) if self.rule.decay == "scalar" else
                    g.view(1, A, H, K), None if beta is None else beta.view(1, A, H))
@@ -439,7 +467,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
                 outs.append(F.silu(out_t))
             q, k, v = (o.view(B * M, H, -1) for o in outs)
         else:
-            q, k, v = (F.silu(t).reshape(B * M, H, -1) for t in (q, k, v))
+            q, k, v = (self._activation(t).reshape(B * M, H, -1) for t in (q, k, v))
         g, beta = self._gates(b, a)
         if g is not None:
             g = g.reshape(B * M, H) if self.rule.decay == "scalar" else g.reshape(B * M, H, K)

@@ -43,7 +43,14 @@ _PLAN: list[tuple[str, Placement]] = [
     (r"\.mlp\.down_proj\.weight", ROW),
     # memory layers (MemoryMixer)
     (r"\.attn\.router\.weight", Placement(None, None, "the router: replicated, every rank routes its own tokens")),
-    (r"\.attn\.(k_proj|v_proj|b_proj|a_proj)$", MEMORY_ROWS),
+    # GLA's low-rank decay gate: the down projection [memories, rank, d] serves every head
+    (r"\.attn\.a_down$", Placement(None, 0, "[routed memories, rank, d]: memories over experts; every head reads "
+                                            "it, so each tensor rank's gradient is summed over the group",
+                                   partial_grad=True)),
+    (r"\.attn\.shared_a_down$", Placement(None, None, "the shared memory's [rank, d]: every head reads it, its "
+                                                      "gradient summed over the tensor group", partial_grad=True)),
+    (r"\.attn\.(k_proj|v_proj|b_proj|a_proj|a_up|a_bias)$", MEMORY_ROWS),
+    (r"\.attn\.shared_(a_up|a_bias)$", SHARED_MEMORY),
     (r"\.attn\.shared_(k_proj|v_proj|b_proj|a_proj|q_conv|k_conv|v_conv)$", SHARED_MEMORY),
     (r"\.attn\.(q_conv|k_conv|v_conv)$", MEMORY_CONV),
     (r"\.attn\.(A_log|dt_bias)$", PER_HEAD),

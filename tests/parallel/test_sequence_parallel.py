@@ -27,7 +27,9 @@ def test_without_documents(pools, name):
 
 
 @pytest.mark.parametrize("over", [{"conv_size": 2}, {"use_short_conv": False}, {"per_memory_conv": True},
-                                  {"num_memories": 8, "topk": 1}])
+                                  {"num_memories": 8, "topk": 1},
+                                  {"update_rule": "gla", "gla_gate_rank": 4, "use_short_conv": False,
+                                   "qkv_activation": "none", "qk_norm": "none"}])
 def test_convs_and_memories_with_few_rows(pools, over):
     # 8 memories top-1 over 6-token slices: most memories have no row in most slices, and a conv's
     # halo comes from several ranks back

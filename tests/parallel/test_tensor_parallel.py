@@ -35,6 +35,13 @@ def test_activation_checkpointing_under_tensor_parallelism(pools, name):
     pools(2).run(cases.forward_and_grads, name, 2, 1, True, None, True)
 
 
+@pytest.mark.parametrize("tensor_sequence_parallel", [False, True])
+def test_the_papers_gla_gate(pools, tensor_sequence_parallel):
+    # the low-rank decay gate: its down projection serves every head (gradient summed over the group)
+    over = {"gla_gate_rank": 4, "use_short_conv": False, "qk_norm": "none", "qkv_activation": "none"}
+    pools(4).run(cases.forward_and_grads, "mom_gla", 2, 2, True, over, False, tensor_sequence_parallel)
+
+
 def test_no_segments_and_untied_output_layer(pools):
     pools(2).run(cases.forward_and_grads, "mom_gated_delta", 2, 1, False, {"tie_word_embeddings": False})
 
