@@ -58,8 +58,8 @@ def run(args) -> int:
             if not args.checkpoint:
                 raise ConvertError("to-hf needs --checkpoint DIR")
             from .to_hf import to_hf
-            out = to_hf(args.checkpoint, args.out, fmt=args.fmt or "megamom", dtype=args.dtype, tokenizer=args.tokenizer,
-                        no_tokenizer=args.no_tokenizer, max_shard_size=args.max_shard_size,
+            out = to_hf(args.checkpoint, args.out, fmt=args.fmt or "megamom", dtype=args.dtype,
+                        tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, max_shard_size=args.max_shard_size,
                         overwrite=args.overwrite, verify=args.verify, echo=echo)
         else:
             if not args.model:
