@@ -29,6 +29,7 @@ ARCHS = ("mom", "linear", "transformer")
 UPDATE_RULES = ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")
 QK_NORMS = ("l2", "none")
 QKV_ACTIVATIONS = ("silu", "none")
+FEATURE_MAPS = ("none", "hadamard")
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 SHUFFLE_ALGOS = ("py1e", "py1br", "py1b", "py1s", "py2s", "naive")
@@ -73,6 +74,9 @@ class ModelConfig:
     # q / k / v's activation without the short conv (with it: the conv's SiLU): silu as fla's MoM and
     # Gated DeltaNet layers; none as fla's GLA layer (and the MoM authors' GLA variant)
     qkv_activation: str = "silu"
+    # linear attention's learned feature map of q and k: hadamard is fla's `elementwise_product`
+    # (per head, (W1 x + b1) * (W2 x + b2), one for q and one for k, shared by the memories)
+    feature_map: str = "none"
     # Attention (arch transformer)
     num_kv_heads: Optional[int] = None
     rope_theta: float = 10000.0
@@ -139,6 +143,10 @@ class ModelConfig:
         _choice("model.update_rule", self.update_rule, UPDATE_RULES)
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
         _choice("model.qkv_activation", self.qkv_activation, QKV_ACTIVATIONS)
+        _choice("model.feature_map", self.feature_map, FEATURE_MAPS)
+        if self.feature_map != "none" and self.update_rule != "linear_attn":
+            raise ConfigError(f"model.feature_map={self.feature_map!r} is linear attention's: set "
+                              f"model.update_rule=linear_attn or model.feature_map=none")
         _choice("model.aux_loss_form", self.aux_loss_form, AUX_LOSS_FORMS)
         _choice("model.attn_impl", self.attn_impl, ATTN_IMPLS)
         _choice("model.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)

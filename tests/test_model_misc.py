@@ -498,6 +498,13 @@ def test_the_papers_gla_layer_equals_flash_linear_attentions(fla_import):
         torch.testing.assert_close(torch.cat(steps, 1), got[:, 7:], rtol=1e-9, atol=1e-10)
 
 
+def test_the_authors_linear_attention_config():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mom-linear-attn-340m-paper.yaml")
+    with torch.device("meta"):
+        layer = CausalLM(cfg.model).model.layers[0].attn
+    assert layer.q_feature.layer1.weight.shape == (256, 256) and layer.g_proj is None and layer.q_conv is None
+
+
 @pytest.mark.parametrize("name,memories", [("gla-340m-paper", 1), ("mom-gla-340m-paper", 5)])
 def test_the_papers_gla_configs(name, memories):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
@@ -507,3 +514,52 @@ def test_the_papers_gla_configs(name, memories):
     downs = [t for t in (layer.a_down, layer.shared_a_down) if t is not None]
     assert sum(t.numel() // (16 * 1024) for t in downs) == memories
     assert layer.memory_weight("a_proj")[1].shape == (4 * 128, 1024)  # the product W_up W_down
+
+
+def test_the_authors_linear_attention_layer_equals_flash_linear_attentions(fla_import):
+    """model.update_rule=linear_attn with feature_map=hadamard, no conv, no q/k norm, no activation
+    and no output gate is fla's LinearAttention layer with its default `elementwise_product` feature
+    map (the MoM authors' linear-attention memories): with fla's weights mapped in, the output equals
+    fla's layer computed by hand from fla's recurrent reference; also one token at a time."""
+    from megamom.model.memory_mixer import MemoryMixer
+    la_layers = fla_import("fla.layers.linear_attn")
+    naive = fla_import("fla.ops.linear_attn.naive")
+    torch.manual_seed(0)
+    d, H, eps = 32, 2, 1e-5
+    theirs = la_layers.LinearAttention(hidden_size=d, expand_k=1.0, expand_v=1.0, num_heads=H, norm_eps=eps).double()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    K = d // H
+    cfg = ModelConfig(arch="linear", update_rule="linear_attn", hidden_size=d, num_heads=H, head_dim=K,
+                      feature_map="hadamard", use_short_conv=False, qk_norm="none", qkv_activation="none",
+                      use_output_gate=False, norm_eps=eps, vocab_size=16, num_layers=1, chunk_size=8)
+    ours = MemoryMixer(cfg).double()
+    mapping = {"q_proj.weight": theirs.q_proj.weight, "shared_k_proj": theirs.k_proj.weight,
+               "shared_v_proj": theirs.v_proj.weight, "o_norm.weight": theirs.norm.weight,
+               "o_proj.weight": theirs.o_proj.weight}
+    for ours_name, fmap in (("q_feature", theirs.feature_map_q), ("k_feature", theirs.feature_map_k)):
+        for n, t in fmap.state_dict().items():
+            mapping[f"{ours_name}.{n}"] = t
+    ours.load_state_dict({k: v.detach() for k, v in mapping.items()}, strict=True)
+    B, T = 2, 19
+    x = torch.randn(B, T, d, dtype=torch.float64)
+
+    def fla_by_hand(x):
+        q, k, v = (f(x).view(B, -1, H, K) for f in (theirs.q_proj, theirs.k_proj, theirs.v_proj))
+        q, k = theirs.feature_map_q(q), theirs.feature_map_k(k)
+        o, _ = naive.naive_recurrent_linear_attn(q, k, v)
+        o = o.double()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * theirs.norm.weight
+        return theirs.o_proj(o.reshape(B, -1, H * K))
+
+    doc_ids = torch.arange(B).repeat_interleave(T)
+    with torch.no_grad():
+        want = fla_by_hand(x)
+        got = ours(x, doc_ids, B)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # (fla's reference runs in float32)
+        _, _, cache = ours(x[:, :7], doc_ids.view(B, T)[:, :7].reshape(-1), B, use_cache=True)
+        steps = []
+        for t in range(7, T):
+            out, _, cache = ours(x[:, t:t + 1], doc_ids.view(B, T)[:, t], B, cache=cache)
+            steps.append(out)
+        torch.testing.assert_close(torch.cat(steps, 1), got[:, 7:], rtol=1e-9, atol=1e-10)

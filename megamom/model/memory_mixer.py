@@ -60,6 +60,25 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+class HadamardFeatureMap(nn.Module):
+    """fla's `elementwise_product` feature map of linear attention: (W1 x + b1) * (W2 x + b2) over
+    each head's K features (the MoM authors' linear-attention variant)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.layer1 = nn.Linear(head_dim, head_dim)
+        self.layer2 = nn.Linear(head_dim, head_dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for lin in (self.layer1, self.layer2):  # (the authors' init of every linear of the layer)
+            nn.init.xavier_uniform_(lin.weight, gain=2 ** -2.5)
+            lin.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer1(x) * self.layer2(x)
+
+
 class MemoryMixer(nn.Module, ParallelRegion):
     """Stages: Router (each token's memories and weights) -> Dispatcher (the rows of the memories
     held here, packed memory-major) -> memory experts (their projections, conv, gates and one scan
@@ -103,6 +122,9 @@ class MemoryMixer(nn.Module, ParallelRegion):
                 self._memory_parameter(name, width, self.conv_size, E, shared)
             else:  # one conv [1, C, W] for every memory
                 setattr(self, name, nn.Parameter(torch.empty(1, width, self.conv_size)))
+        hadamard = cfg.feature_map == "hadamard" and cfg.arch != "transformer"
+        self.q_feature = HadamardFeatureMap(K) if hadamard else None
+        self.k_feature = HadamardFeatureMap(K) if hadamard else None
         self.g_proj = nn.Linear(d, Vd, bias=False) if cfg.use_output_gate else None
         self.o_norm = GatedRMSNorm(Vh, eps=cfg.norm_eps, backend=cfg.kernel_backend)
         self.o_proj = nn.Linear(Vd, d, bias=False)
@@ -154,6 +176,13 @@ class MemoryMixer(nn.Module, ParallelRegion):
         """q / k / v's activation without the short conv (model.qkv_activation)."""
         return F.silu(t) if self.cfg.qkv_activation == "silu" else t
 
+    def _features(self, q: torch.Tensor, k: torch.Tensor):
+        """q and k [..., H * K] through the learned feature maps (model.feature_map), per head."""
+        if self.q_feature is None:
+            return q, k
+        K = self.head_dim
+        return (f(t.unflatten(-1, (-1, K))).flatten(-2) for f, t in ((self.q_feature, q), (self.k_feature, k)))
+
     def _decay_bias(self) -> Optional[torch.Tensor]:
         """[M, Kd] the low-rank decay gate's bias per memory (the shared one last), or None."""
         family = [t for t in (self.a_bias, None if self.shared_a_bias is None else self.shared_a_bias[None])
@@ -178,6 +207,9 @@ class MemoryMixer(nn.Module, ParallelRegion):
         for bias in (self.a_bias, self.shared_a_bias):
             if bias is not None:
                 bias.zero_()
+        for feature in (self.q_feature, self.k_feature):
+            if feature is not None:
+                feature.reset_parameters()
         if self.rule.decay == "scalar":
             H = self.num_heads
             self.A_log.copy_(torch.empty(H).uniform_(0, 16).log())
@@ -359,6 +391,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
             k_rows, v_rows, rest = rows.split([Kd, Vd, rows.shape[1] - Kd - Vd], 1)
             q_rows = self.dispatcher.gather(q, packing, fused)
             q_rows, k_rows, v_rows = map(self._activation, (q_rows, k_rows, v_rows))
+        q_rows, k_rows = self._features(q_rows, k_rows)
         if fused and self.rule.decay != "vector":  # (GLA's per-key decay: torch; its scan is torch too)
             g, beta = self._fused_gates(narrow_rows)
         else:
@@ -468,6 +501,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
             q, k, v = (o.view(B * M, H, -1) for o in outs)
         else:
             q, k, v = (self._activation(t).reshape(B * M, H, -1) for t in (q, k, v))
+        q, k = self._features(q.reshape(B * M, -1), k.reshape(B * M, -1))
+        q, k = q.view(B * M, H, -1), k.view(B * M, H, -1)
         g, beta = self._gates(b, a)
         if g is not None:
             g = g.reshape(B * M, H) if self.rule.decay == "scalar" else g.reshape(B * M, H, K)

@@ -54,6 +54,9 @@ _PLAN: list[tuple[str, Placement]] = [
     (r"\.attn\.shared_(k_proj|v_proj|b_proj|a_proj|q_conv|k_conv|v_conv)$", SHARED_MEMORY),
     (r"\.attn\.(q_conv|k_conv|v_conv)$", MEMORY_CONV),
     (r"\.attn\.(A_log|dt_bias)$", PER_HEAD),
+    (r"\.attn\.(q_feature|k_feature)\.layer[12]\.(weight|bias)", Placement(
+        None, None, "linear attention's feature map, shared by every head: each tensor rank's gradient covers "
+                    "its heads, summed over the group", partial_grad=True)),
     (r"\.attn\.o_norm\.weight", Placement(None, None, "the per-head norm's weight, shared by every head: each "
                                                     "tensor rank's gradient covers its heads, summed over the group",
                                           partial_grad=True)),

@@ -28,6 +28,8 @@ def test_every_token_routed_to_one_memory(pools, shared):
 @pytest.mark.parametrize("name", [{"update_rule": "gla", "per_memory_conv": True}, {"update_rule": "delta"},
                                   {"update_rule": "gla", "gla_gate_rank": 4, "use_short_conv": False,
                                    "qkv_activation": "none"},
+                                  {"update_rule": "linear_attn", "feature_map": "hadamard", "use_short_conv": False,
+                                   "qkv_activation": "none", "use_output_gate": False},
                                   {"use_short_conv": False}, {"per_memory_conv": False}])
 def test_other_update_rules_and_convs(pools, name):
     pools(2).run(cases.forward_and_grads, 2, 1, name)

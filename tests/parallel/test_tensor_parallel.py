@@ -35,11 +35,21 @@ def test_activation_checkpointing_under_tensor_parallelism(pools, name):
     pools(2).run(cases.forward_and_grads, name, 2, 1, True, None, True)
 
 
+PAPER_VARIANTS = {  # the authors' GLA and linear-attention memories (docs/fidelity.md)
+    "gla": {"update_rule": "gla", "gla_gate_rank": 4, "use_short_conv": False, "qk_norm": "none",
+            "qkv_activation": "none", "per_memory_conv": False},
+    "linear_attn": {"update_rule": "linear_attn", "feature_map": "hadamard", "use_short_conv": False,
+                    "qk_norm": "none", "qkv_activation": "none", "use_output_gate": False, "per_memory_conv": False},
+}
+
+
+@pytest.mark.parametrize("variant", list(PAPER_VARIANTS))
 @pytest.mark.parametrize("tensor_sequence_parallel", [False, True])
-def test_the_papers_gla_gate(pools, tensor_sequence_parallel):
-    # the low-rank decay gate: its down projection serves every head (gradient summed over the group)
-    over = {"gla_gate_rank": 4, "use_short_conv": False, "qk_norm": "none", "qkv_activation": "none"}
-    pools(4).run(cases.forward_and_grads, "mom_gla", 2, 2, True, over, False, tensor_sequence_parallel)
+def test_the_papers_gla_and_linear_attention(pools, variant, tensor_sequence_parallel):
+    # the low-rank decay gate's down projection and the feature maps serve every head: their
+    # gradients are summed over the tensor group
+    pools(4).run(cases.forward_and_grads, "mom_gla", 2, 2, True, PAPER_VARIANTS[variant], False,
+                 tensor_sequence_parallel)
 
 
 def test_no_segments_and_untied_output_layer(pools):
