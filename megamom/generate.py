@@ -1,8 +1,13 @@
 """Autoregressive generation with the recurrent cache: prefill through the chunked path, then one
-token at a time. Memory layers keep a constant-size state; attention layers a growing K/V cache."""
+token at a time. Memory layers keep a constant-size state; attention layers a growing K/V cache.
+
+`generate` continues a batch of equal-length prompts; `generate_batch` takes prompts of any
+lengths: a memory model prefills them as one packed row (the documents of a row, `cu_seqlens` in
+the scan: no padding), its cache holding one row per prompt, and decodes them together, each
+stopping at its EOS; a model with attention layers runs each prompt alone."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -10,29 +15,35 @@ import torch
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, eos_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, use_cache: bool = True) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, use_cache: bool = True, top_p: float = 1.0) -> torch.Tensor:
     """input_ids: [B, T] prompt. Greedy when temperature == 0. Returns [B, T + new] (rows that hit
     eos keep emitting eos). use_cache=False runs the whole sequence again for every new token (a
     model whose memories are split over expert ranks keeps no decode state)."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 or None: no top-k filter)")
+    _check(max_new_tokens, top_k, top_p)
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache)
+        return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, top_p)
     finally:
         model.train(was_training)  # also when generation fails
 
 
-def _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache=True):
+def _check(max_new_tokens: int, top_k: Optional[int], top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 or None: no top-k filter)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1: no nucleus filter)")
+
+
+def _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache=True, top_p=1.0):
     out = model(input_ids, use_cache=use_cache, logits_to_keep=1)
     cache, logits = out.cache, out.logits[:, -1]
     tokens = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        nxt = _sample(logits.float(), temperature, top_k, generator)
+        nxt = _sample(logits.float(), temperature, top_k, generator, top_p)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
@@ -47,11 +58,72 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, gene
     return torch.cat(tokens, 1)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None, check_every: int = 8,
+                   on_tokens: Optional[Callable[[torch.Tensor], None]] = None) -> list[list[int]]:
+    """Each prompt's new tokens (ending with its EOS where one came). A megamom CausalLM; prompts of
+    any lengths (each at least one token). check_every: decode steps between the host's looks at
+    whether every prompt has stopped (each look is a device sync). on_tokens(next [P]): called with
+    every step's tokens (a streaming printer; it syncs each step)."""
+    _check(max_new_tokens, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every} must be >= 1")
+    was_training = model.training
+    model.eval()
+    try:
+        if model.config.arch == "transformer":  # an attention cache holds one sequence per row
+            return [new for p in prompts for new in _decode(model, [p], max_new_tokens, temperature, top_k, top_p,
+                                                               eos_id, generator, check_every, on_tokens)]
+        return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every,
+                       on_tokens)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every, on_tokens):
+    device = model.output_weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.tensor([t for p in prompts for t in p], device=device)[None]
+    if len(prompts) == 1:
+        out = model(ids, use_cache=True, logits_to_keep=1)
+    else:  # one packed row: the cache gets a row per prompt, the logits of each prompt's last token
+        segments = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)[None]
+        out = model(ids, segment_ids=segments, use_cache=True, logits_at=lengths.cumsum(0) - 1)
+    cache, logits = out.cache, out.logits[0] if len(prompts) > 1 else out.logits[:, -1]
+    steps = []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = _sample(logits.float(), temperature, top_k, generator, top_p)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        steps.append(nxt)
+        if on_tokens is not None:
+            on_tokens(nxt)
+        if step == max_new_tokens - 1 or (eos_id is not None and (step + 1) % check_every == 0 and bool(done.all())):
+            break
+        out = model(nxt[:, None], cache=cache, logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    if eos_id is not None:
+        rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
+    return rows
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator,
+            top_p: float = 1.0) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:  # the smallest set of most likely tokens whose probability reaches top_p
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= top_p  # (the most likely token is always kept)
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,7 +1,10 @@
 """`megamom generate --model DIR --prompt TEXT`: text from a Hugging Face export (megamom format, or
 flash-linear-attention `mom` format where fla and CUDA are available) or straight from a megamom
-checkpoint, through the Hugging Face classes and `generate()` with the constant-memory recurrent
-cache. Several --prompt give one left-padded batch. Greedy unless --temperature > 0."""
+checkpoint. megamom models run megamom's own generation (megamom.generate.generate_batch: prompts
+of any lengths prefilled together as one packed row, the constant-memory recurrent cache, each
+prompt stopping at its EOS); fla's through the Hugging Face `generate()`. Several --prompt (or a
+--prompts-file, one prompt per line) give one batch; a single prompt streams to the terminal.
+Greedy unless --temperature > 0."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +21,8 @@ class GenerateError(ValueError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="Hugging Face export (megamom convert to-hf), or a megamom checkpoint / run directory")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompts-file", help="a text file of prompts, one per line (blank lines skipped)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
@@ -107,13 +111,19 @@ def load(model: str, device, dtype: str = "auto", tokenizer: str | None = None):
 
 
 def generate_texts(hf, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, bos: bool = True, stop_at_eos: bool = True) -> list[dict]:
-    """bos: start every prompt with the BOS token (`prompt_bos` says what the model expects)."""
+                   top_p: float = 1.0, bos: bool = True, stop_at_eos: bool = True, seed: int = 0,
+                   on_text=None) -> list[dict]:
+    """bos: start every prompt with the BOS token (`prompt_bos` says what the model expects).
+    on_text(text): with one prompt, called with each new piece of the completion (streaming)."""
     import torch
     device = next(hf.parameters()).device
     rows = [([tok.bos_id] if bos and tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
     if not all(rows):
         raise GenerateError("an empty prompt needs the BOS token (the tokenizer has none, or --no-bos was given)")
+    core = getattr(hf, "_core", None)  # a megamom model: megamom's own generation
+    if core is not None:
+        return _generate_megamom(core, tok, prompts, rows, max_new_tokens, temperature, top_k, top_p, stop_at_eos,
+                                 seed, on_text)
     T = max(len(r) for r in rows)
     pad = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=device)
@@ -132,6 +142,36 @@ def generate_texts(hf, tok, prompts: list[str], max_new_tokens: int = 64, temper
     return results
 
 
+def _generate_megamom(model, tok, prompts, rows, max_new_tokens, temperature, top_k, top_p, stop_at_eos, seed,
+                      on_text) -> list[dict]:
+    import torch
+
+    from .generate import generate_batch
+    eos = tok.eos_id if stop_at_eos else None
+    device = model.output_weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    streamed = {"ids": [], "text": ""}
+
+    def stream(nxt):  # the completion so far, decoded whole (a piece may change the previous text's end)
+        streamed["ids"].append(int(nxt[0]))
+        ids = streamed["ids"][:-1] if streamed["ids"][-1] == eos else streamed["ids"]
+        text = tok.decode(ids)
+        if text.startswith(streamed["text"]) and len(text) > len(streamed["text"]):
+            on_text(text[len(streamed["text"]):])
+            streamed["text"] = text
+
+    try:
+        news = generate_batch(model, rows, max_new_tokens, temperature, top_k or None, top_p, eos, generator,
+                              on_tokens=stream if on_text is not None and len(rows) == 1 else None)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    results = []
+    for prompt, row in zip(prompts, news):
+        row = row[:-1] if eos is not None and row and row[-1] == eos else row
+        results.append({"prompt": prompt, "completion": tok.decode(row), "new_token_ids": row})
+    return results
+
+
 def run(args) -> int:
     import torch
     if args.max_new_tokens < 1:
@@ -143,12 +183,31 @@ def run(args) -> int:
         return 2
     torch.manual_seed(args.seed)
     try:
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            path = Path(args.prompts_file).expanduser()
+            if not path.is_file():
+                raise GenerateError(f"--prompts-file {args.prompts_file!r} does not exist")
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise GenerateError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        if not 0 < args.top_p <= 1:
+            raise GenerateError(f"--top-p {args.top_p} must be in (0, 1]")
         hf, tok = load(args.model, device, args.dtype, args.tokenizer)
         from .convert.to_hf import BOS_KEY  # (in the export's config.json; set from a checkpoint's state by load)
         bos = args.bos if args.bos is not None else prompt_bos(tok, getattr(hf.config, BOS_KEY, None))
+        stream = len(prompts) == 1 and not args.json
+        printed: list[str] = []
+
+        def show(piece: str) -> None:
+            printed.append(piece)
+            print(piece, end="", flush=True)
+        if stream:
+            print(prompts[0], end="", flush=True)
         t0 = time.perf_counter()
-        results = generate_texts(hf, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                 args.top_p, bos=bos, stop_at_eos=not args.ignore_eos)
+        results = generate_texts(hf, tok, prompts, args.max_new_tokens, args.temperature, args.top_k,
+                                 args.top_p, bos=bos, stop_at_eos=not args.ignore_eos, seed=args.seed,
+                                 on_text=show if stream else None)
     except GenerateError as e:
         print(f"megamom generate: error: {e}", file=sys.stderr)
         return 2
@@ -156,6 +215,9 @@ def run(args) -> int:
     for r in results:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
+        elif stream:  # the rest of the completion (a piece whose decoding was still changing), then a newline
+            shown = "".join(printed)
+            print(r["completion"][len(shown):] if r["completion"].startswith(shown) else "")
         else:
             print(r["prompt"] + r["completion"] + ("\n" if len(results) > 1 else ""))
     n = sum(len(r["new_token_ids"]) for r in results)

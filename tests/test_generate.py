@@ -168,16 +168,80 @@ def test_logits_to_keep_and_float32_decoding():
 
 @pytest.mark.parametrize("case", ["mom-gated_delta", "transformer"])
 def test_cache_with_packed_documents_is_refused(case):
-    """A cache holds one sequence per row; packed documents (segment_ids) with a cache would mix
-    them (silently for attention), so the model refuses up front."""
+    """A cache continues one sequence per row: packed documents (segment_ids) cannot continue one,
+    and cannot fill an attention cache (they would mix silently), so the model refuses up front."""
     model = build(**CASES[case])
     seg = torch.tensor([[0, 0, 1, 1]] * B)
-    with torch.no_grad(), pytest.raises(ValueError, match="segment_ids"):
-        model(tokens(length=4), segment_ids=seg, use_cache=True)
+    if case == "transformer":
+        with torch.no_grad(), pytest.raises(ValueError, match="segment_ids"):
+            model(tokens(length=4), segment_ids=seg, use_cache=True)
     with torch.no_grad():
         cache = model(tokens(length=4), use_cache=True).cache
         with pytest.raises(ValueError, match="segment_ids"):
             model(tokens(length=4), segment_ids=seg, cache=cache)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "transformer"])
+def test_packed_prefill_caches_one_row_per_document(case):
+    """Documents packed in rows (segment_ids) prefill a cache with one row per document, in order,
+    equal to each document's own cache: decoding then continues every document at once."""
+    model = build(**CASES[case])
+    ids = tokens(length=12)
+    seg = torch.tensor([[0] * 5 + [1] * 7, [0] * 12, [0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]])
+    with torch.no_grad():
+        packed = model(ids, segment_ids=seg, use_cache=True).cache
+        alone, nxt = [], []
+        for b in range(B):
+            for d in seg[b].unique().tolist():
+                doc = ids[b:b + 1, seg[b] == d]
+                alone.append(model(doc, use_cache=True).cache)
+                nxt.append(doc[:, -1])
+        for i, layer in enumerate(packed.layers):
+            assert layer.state.shape[1] == len(alone)
+            for j, c in enumerate(alone):
+                torch.testing.assert_close(layer.state[:, j], c.layers[i].state[:, 0], atol=ATOL, rtol=0)
+                for n in layer.conv or {}:
+                    torch.testing.assert_close(layer.conv[n][:, j], c.layers[i].conv[n][:, 0], atol=ATOL, rtol=0)
+        step = model(torch.stack(nxt), cache=packed).logits[:, 0]
+        for j, c in enumerate(alone):
+            torch.testing.assert_close(step[j], model(nxt[j][:, None], cache=c).logits[0, 0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["mom-gated_delta", "mom-gla", "linear-gated_delta", "mom-no-conv-topall",
+                                  "transformer"])
+def test_generate_batch_of_prompts_of_any_lengths_equals_one_at_a_time(case):
+    from megamom.generate import generate, generate_batch
+    model = build(**CASES[case])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 1, 12, 3)]
+    eos = 7
+    batch = generate_batch(model, prompts, 9, eos_id=eos, check_every=2)
+    for p, new in zip(prompts, batch):
+        alone = generate(model, torch.tensor([p]), 9, eos_id=eos)[0, len(p):].tolist()
+        want = alone[:alone.index(eos) + 1] if eos in alone else alone
+        assert new == want, (p, new, want)
+    assert any(len(new) < 9 for new in batch) or all(eos not in new for new in batch)
+    streamed = []
+    assert generate_batch(model, prompts[:1], 4, on_tokens=lambda t: streamed.append(t.tolist())) == [
+        [s[0] for s in streamed]]
+
+
+def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
+    from megamom.generate import _sample, generate_batch
+    model = build(**CASES["mom-gated_delta"])
+    prompts = [[1, 2, 3], [4]]
+
+    def sample(seed, **kw):
+        return generate_batch(model, prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                              **kw)
+    assert sample(0) == sample(0) and sample(0) != sample(1)
+    # a nucleus smaller than the top token's probability is the top token: greedy
+    assert sample(0, top_p=1e-6) == generate_batch(model, prompts, 12)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {_sample(logits, 1.0, None, torch.Generator().manual_seed(s), top_p=0.75).item() for s in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reach 0.75: the third and fourth tokens are cut
+    with pytest.raises(ValueError, match="top_p"):
+        generate_batch(model, prompts, 2, top_p=0.0)
 
 
 def test_autocast_routes_in_the_norm_for_sequences_and_in_the_mixer_for_decode_steps(monkeypatch):

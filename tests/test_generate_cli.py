@@ -1,6 +1,7 @@
 """`megamom generate`: from a Hugging Face export and from a trainer checkpoint, greedy output equal to
-megamom's own generation (BOS first only where the training documents had it, one left-padded batch for
-several prompts), reproducible sampling, clear errors."""
+megamom's own generation (BOS first only where the training documents had it, one packed batch for
+several prompts, from --prompt or a --prompts-file), a single prompt streamed, reproducible sampling,
+clear errors."""
 import json
 import os
 import subprocess
@@ -74,6 +75,27 @@ def test_greedy_batch_equals_megamom(source, trained, capsys):
         assert r["new_token_ids"] == reference(run, r["prompt"], 6)
         assert r["completion"] == tok.decode(r["new_token_ids"])
     assert "tokens/s" in err
+
+
+def test_prompts_file_and_streaming(trained, tmp_path, capsys):
+    run, export, _ = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    code, out, err = run_cli(capsys, "--model", str(export), "--max-new-tokens", "6", "--json", "--prompts-file",
+                             str(prompts))
+    assert code == 0, err
+    results = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["new_token_ids"] for r in results] == [reference(run, p, 6) for p in PROMPTS]
+    # one prompt streams: the prompt, the completion as it comes, a newline; the same text as unstreamed
+    want = load_tokenizer(export).decode(reference(run, PROMPTS[1], 6))
+    capsys.readouterr()  # (what loading the reference printed)
+    code, out, err = run_cli(capsys, "--model", str(export), "--max-new-tokens", "6", "--prompt", PROMPTS[1])
+    assert code == 0, err
+    assert out == PROMPTS[1] + want + "\n"
+    code, _, err = run_cli(capsys, "--model", str(export))
+    assert code == 2 and "no prompt" in err
+    code, _, err = run_cli(capsys, "--model", str(export), "--prompt", "x", "--top-p", "0")
+    assert code == 2 and "--top-p" in err
 
 
 def test_prompts_start_as_the_training_documents_did(trained, capsys):

@@ -166,15 +166,19 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, cache: Optional[ModelCache] = None,
-                use_cache: bool = False, logits_to_keep: int = 0, return_logits: bool = True) -> LMOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, return_logits: bool = True,
+                logits_at: Optional[torch.Tensor] = None) -> LMOutput:
         """input_ids, labels: [B, T] with labels[t] the target of position t (-100 = ignore).
         segment_ids: [B, T] document number per token (memories and attention reset at
-        document starts). logits_to_keep > 0 computes logits for the last positions only."""
+        document starts); with use_cache (memory models) the cache then holds one row per document,
+        in order (several prompts prefilled as one packed row: megamom.generate.generate_batch).
+        logits_to_keep > 0 computes logits for the last positions only; logits_at [n] for these
+        positions of every row."""
         cfg = self.config
-        if segment_ids is not None and (use_cache or cache is not None):
-            # a cache holds one sequence per row (memory states, K/V): packed documents would mix
-            raise ValueError("segment_ids (packed documents) cannot be combined with a cache; "
-                             "generate with one document per row and segment_ids=None")
+        if segment_ids is not None and (cache is not None or (use_cache and cfg.arch == "transformer")):
+            # a cache continues one sequence per row; an attention cache of packed documents would mix them
+            raise ValueError("segment_ids (packed documents) cannot continue a cache, nor fill an attention "
+                             "cache; generate with one document per row and segment_ids=None")
         offset = cache.seen_tokens if cache is not None else 0
         if self.sequence_split is not None:  # this rank's slice of the sequences (labels too)
             if use_cache or cache is not None:
@@ -209,6 +213,8 @@ class CausalLM(nn.Module):
             out.cache = ModelCache(new_caches, offset + T)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
         if return_logits:
             out.logits = self.loss_fn.logits(x, self.output_weight)
         if labels is not None:
