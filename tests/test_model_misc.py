@@ -563,3 +563,43 @@ def test_the_authors_linear_attention_layer_equals_flash_linear_attentions(fla_i
             out, _, cache = ours(x[:, t:t + 1], doc_ids.view(B, T)[:, t], B, cache=cache)
             steps.append(out)
         torch.testing.assert_close(torch.cat(steps, 1), got[:, 7:], rtol=1e-9, atol=1e-10)
+
+
+def test_transformer_equals_hugging_face_llama():
+    """The Transformer++ baseline is Llama: with its weights mapped into transformers'
+    LlamaForCausalLM (RoPE, grouped-query attention, SwiGLU MLP, RMSNorm, tied embeddings), the
+    logits are the same, with documents packed in rows (segment_ids) against each
+    document run alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = ModelConfig(arch="transformer", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=48, rope_theta=500.0, norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ours = CausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # (norm weights away from 1: every weight counts)
+            p.add_(torch.randn_like(p) * 0.2)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=True,
+        max_position_embeddings=128, attention_bias=False, mlp_bias=False)).double().eval()
+    names = {"model.embeddings.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        names.update({p + "attn_norm.weight": p + "input_layernorm.weight",
+                      p + "mlp_norm.weight": p + "post_attention_layernorm.weight"})
+        names.update({p + f"attn.{n}.weight": p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj")})
+        names.update({p + f"mlp.{n}.weight": p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")})
+    sd = {names[k]: v for k, v in ours.state_dict().items()}
+    missing, unexpected = llama.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    llama.tie_weights()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # (both compute the rotary angles in float32: ~1e-6 apart in float64 logits of size ~1)
+        want = llama(ids).logits
+        torch.testing.assert_close(ours(ids).logits, want, rtol=0, atol=2e-5)
+        seg = torch.tensor([[0] * 15 + [1] * 25] * 2)
+        packed = ours(ids, segment_ids=seg).logits
+        torch.testing.assert_close(packed[:, 15:], llama(ids[:, 15:]).logits, rtol=0, atol=2e-5)
+        assert (want - llama(ids.flip(1)).logits.flip(1)).abs().max() > 0.1  # (the comparison can fail)
