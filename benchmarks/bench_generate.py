@@ -6,6 +6,9 @@ tokens (default 1024) after prompts of 1K to 32K tokens, for
                     generate() -- the shipped remote code, PyTorch kernels, recurrent cache;
   * megamom-native  the same weights in megamom's own CausalLM + megamom.generate (Triton kernels
                     on CUDA when they import; --no-native to skip);
+  * megamom-graphed the same, decoding through one CUDA graph per step
+                    (megamom.generate.generate_batch with cuda_graph=True; its capture counts in
+                    the decode time);
   * llama-sdpa      the anchor: HF LlamaForCausalLM with SDPA attention and its KV cache, of the
                     same width (configs/transformer-340m.yaml by default),
 
@@ -132,6 +135,12 @@ def run_native(model, ids, new_tokens):
     return generate(model, ids, new_tokens)
 
 
+def run_graphed(model, ids, new_tokens):
+    from megamom.generate import generate_batch
+    new = generate_batch(model, ids.tolist(), new_tokens, cuda_graph=True)
+    return torch.cat([ids, torch.tensor(new, device=ids.device)], 1)
+
+
 @torch.no_grad()
 def measure(name, model, fn, prompt_len, args, timer, vocab) -> dict:
     device = timer.device
@@ -141,7 +150,7 @@ def measure(name, model, fn, prompt_len, args, timer, vocab) -> dict:
     timer.reset_peak()
     timer.sync()
     t0 = time.perf_counter()
-    if name == "megamom-native":
+    if name in ("megamom-native", "megamom-graphed"):
         pre = model(ids, use_cache=True, logits_to_keep=1)
         cache_bytes = pre.cache.nbytes()
     else:
@@ -218,6 +227,10 @@ def main() -> int:
                     if export_dir is None:
                         _, export_dir = build_megamom_hf(mom, dtype, device, Path(tmp))
                     built[name] = (build_megamom_native(export_dir, mom, dtype, device), run_native, mom.vocab_size)
+                elif name == "megamom-graphed":
+                    if export_dir is None:
+                        _, export_dir = build_megamom_hf(mom, dtype, device, Path(tmp))
+                    built[name] = (build_megamom_native(export_dir, mom, dtype, device), run_graphed, mom.vocab_size)
                 elif name == "llama-sdpa":
                     built[name] = (build_llama(tr, max(prompts) + args.new_tokens + 8, dtype, device), run_hf,
                                    tr.vocab_size)

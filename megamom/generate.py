@@ -58,15 +58,57 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, gene
     return torch.cat(tokens, 1)
 
 
+class GraphedDecodeStep:
+    """A memory model's decode step for a batch, replayed from one CUDA graph: the tokens and every
+    layer's memory states and conv tails live in static buffers that the graph reads and updates in
+    place, so a step is one replay instead of a few hundred kernel launches from Python. Built from
+    a prefill's cache (its rows are the batch); step(tokens [P]) -> the next logits [P, V] (a view of
+    the graph's output buffer, overwritten by the next step)."""
+
+    def __init__(self, model, cache):
+        from .model.cache import MemoryLayerCache, ModelCache
+        if model.config.arch == "transformer":
+            raise ValueError("a CUDA-graphed decode step needs a memory model (an attention cache grows)")
+
+        def copy(c):
+            return ModelCache([MemoryLayerCache(layer.state.clone(), None if layer.conv is None else
+                                                {n: t.clone() for n, t in layer.conv.items()}) for layer in c.layers],
+                              c.seen_tokens)
+        self.model, self.cache = model, copy(cache)
+        first = self.cache.layers[0].state
+        self.tokens = torch.zeros(first.shape[1], 1, dtype=torch.long, device=first.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (kernel compilation, autotuning) on copies of the state
+            for _ in range(2):
+                model(self.tokens, cache=copy(self.cache), logits_to_keep=1)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            out = model(self.tokens, cache=self.cache, logits_to_keep=1)
+            self.logits = out.logits[:, -1]
+            for mine, new in zip(self.cache.layers, out.cache.layers):  # (after every read of the old state)
+                mine.state.copy_(new.state)
+                for n in mine.conv or {}:
+                    mine.conv[n].copy_(new.conv[n])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
                    generator: Optional[torch.Generator] = None, check_every: int = 8,
-                   on_tokens: Optional[Callable[[torch.Tensor], None]] = None) -> list[list[int]]:
+                   on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
+                   cuda_graph: bool = False) -> list[list[int]]:
     """Each prompt's new tokens (ending with its EOS where one came). A megamom CausalLM; prompts of
     any lengths (each at least one token). check_every: decode steps between the host's looks at
     whether every prompt has stopped (each look is a device sync). on_tokens(next [P]): called with
-    every step's tokens (a streaming printer; it syncs each step)."""
+    every step's tokens (a streaming printer; it syncs each step). cuda_graph: decode through a
+    GraphedDecodeStep (a memory model on CUDA)."""
     _check(max_new_tokens, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -79,12 +121,13 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
             return [new for p in prompts for new in _decode(model, [p], max_new_tokens, temperature, top_k, top_p,
                                                                eos_id, generator, check_every, on_tokens)]
         return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every,
-                       on_tokens)
+                       on_tokens, cuda_graph)
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every, on_tokens):
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every, on_tokens,
+            cuda_graph=False):
     device = model.output_weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     ids = torch.tensor([t for p in prompts for t in p], device=device)[None]
@@ -94,6 +137,7 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, g
         segments = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)[None]
         out = model(ids, segment_ids=segments, use_cache=True, logits_at=lengths.cumsum(0) - 1)
     cache, logits = out.cache, out.logits[0] if len(prompts) > 1 else out.logits[:, -1]
+    graphed = GraphedDecodeStep(model, cache) if cuda_graph and max_new_tokens > 1 else None
     steps = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -106,8 +150,11 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, g
             on_tokens(nxt)
         if step == max_new_tokens - 1 or (eos_id is not None and (step + 1) % check_every == 0 and bool(done.all())):
             break
-        out = model(nxt[:, None], cache=cache, logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1]
+        if graphed is not None:
+            logits = graphed.step(nxt)
+        else:
+            out = model(nxt[:, None], cache=cache, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1]
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
     if eos_id is not None:
         rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
