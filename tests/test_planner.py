@@ -67,15 +67,15 @@ def test_layouts_best_first_and_what_less_memory_costs():
                                                                (4, 1, 2), (2, 2, 2), (1, 4, 2), (2, 1, 4), (1, 2, 4)}
     fitting = [e for e in plans if e.total <= planner.HEADROOM * 80 * GiB]
     assert fitting and plans[: len(fitting)] == fitting  # those that fit come first
-    tp2 = [e for e in plans if e.tensor == 2 and e.sequence == 1 and e.zero == 1][0]
-    tp1 = [e for e in plans if e.tensor == 1 and e.sequence == 1 and e.zero == 1][0]
+    tp2 = [e for e in plans if e.tensor == 2 and e.sequence == 1 and e.zero == 1 and e.expert == 1][0]
+    tp1 = [e for e in plans if e.tensor == 1 and e.sequence == 1 and e.zero == 1 and e.expert == 1][0]
     assert tp2.params == pytest.approx(tp1.params / 2, rel=0.02)
     assert tp1.tensor_comm == 0 and tp2.tensor_comm > 0 and tp2.data_comm < tp1.data_comm
 
 
 def test_sequence_parallelism_trains_longer_contexts():
     cfg = cfg_of("mom-340m.yaml")
-    plans = {(e.sequence, e.tensor, e.zero): e for e in planner.plan_layouts(cfg, 8, 80)}
+    plans = {(e.sequence, e.tensor, e.zero): e for e in planner.plan_layouts(cfg, 8, 80) if e.expert == 1}
     longest = [plans[(s, 1, 2)].longest_context for s in (1, 2, 4, 8)]
     assert all(b > 1.7 * a for a, b in zip(longest, longest[1:])), longest  # nearly linear in SP
     assert longest[0] >= 64 * 1024 and all(n % 1024 == 0 for n in longest)
@@ -94,6 +94,22 @@ def test_sequence_parallelism_trains_longer_contexts():
     t = {(e.sequence, e.zero): e for e in planner.plan_layouts(cfg_of("transformer-340m.yaml"), 8, 80)
          if e.tensor == 1}
     assert t[(8, 2)].longest_context / t[(1, 2)].longest_context < longest[3] / longest[0]
+
+
+def test_expert_parallelism_splits_the_memories_weights_not_the_optimizer_state():
+    cfg = cfg_of("mom-340m.yaml", "model.num_memories=8")
+    plans = {(e.data, e.sequence, e.tensor, e.expert, e.zero): e for e in planner.plan_layouts(cfg, 8, 80)}
+    assert {k[3] for k in plans} == {1, 2, 4, 8}
+    assert all(k[4] in (1, 2) for k in plans if k[3] > 1)  # (ZeRO-1/2 only with experts)
+    ep1, ep4 = plans[(8, 1, 1, 1, 1)], plans[(8, 1, 1, 4, 1)]
+    dense, stacks = planner.local_parameters(cfg, 1, 1)
+    assert planner.local_parameters(cfg, 1, 4) == (dense, stacks // 4)
+    assert ep4.params == pytest.approx(ep1.params - 2 * stacks * 3 / 4)  # bf16 module weights of 3/4 of the memories
+    assert ep4.optimizer == pytest.approx(ep1.optimizer)  # partitioned over data / EP instead: the same share
+    assert ep1.expert_comm == 0 and ep4.expert_comm > 0
+    # with SP an expert group is data ranks of one slice: EP divides DP
+    assert {(k[0], k[3]) for k in plans if k[1] == 2 and k[2] == 1} == {(4, 1), (4, 2), (4, 4)}
+    assert all(e.expert == 1 for e in planner.plan_layouts(cfg_of("gdn-340m.yaml"), 8, 80))
 
 
 def test_cli_prints_the_table_and_checks_its_input(megamom_exe):

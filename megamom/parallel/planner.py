@@ -14,6 +14,12 @@ What is exact and what is estimated:
   activation checkpointing.
 - communication per optimizer step: bytes each GPU sends in the tensor group (ring all-reduce /
   all-gather / reduce-scatter) and in the data group (ZeRO's gradient and parameter exchanges).
+- expert parallelism (MoM): each GPU holds 1 / EP of the routed memories' projections (and their
+  convs when per memory); ZeRO partitions their gradients and optimizer state over the expert-data
+  group (data x sequence / EP ranks), so the optimizer state per GPU is the same as without EP and
+  the module weights (and ZeRO-1's gradients) shrink; the activations stay (an owner runs as many
+  rows as it sends on average); each MoM layer's all-to-all sends the routed rows' hidden states out
+  and their outputs back, forward and backward.
 - sequence parallelism: each GPU holds 1 / SP of every sequence's activations, plus what the state
   passing keeps per sample (every rank's memory summaries, gathered, and the extended scan of the
   slice's last document) or, for Transformer++, the whole sequence's keys and values per layer
@@ -47,6 +53,8 @@ class Estimate:
     data_comm: float
     sequence: int = 1
     longest_context: int = 0  # tokens of one sequence at micro-batch 1 (0: not computed)
+    expert: int = 1
+    expert_comm: float = 0.0  # bytes sent per GPU per optimizer step by the memories' all-to-alls
 
     @property
     def total(self) -> float:
@@ -65,6 +73,26 @@ def parameter_counts(cfg, tensor: int) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     local = sum(p.numel() // (tensor if plan[n].tensor_dim is not None else 1) for n, p in model.named_parameters())
     return total, local
+
+
+def local_parameters(cfg, tensor: int, expert: int) -> tuple[int, int]:
+    """(dense parameters, routed-memory parameters) held by one GPU at this tensor and expert size."""
+    import torch
+
+    from ..model import build_model
+    from .plan import is_memory_stack, sharding_plan
+    m = cfg.model
+    with torch.device("meta"):
+        model = build_model(m)
+    plan = sharding_plan(model)
+    dense = stacks = 0
+    for n, p in model.named_parameters():
+        local = p.numel() // (tensor if plan[n].tensor_dim is not None else 1)
+        if is_memory_stack(n, m.arch, m.per_memory_conv):
+            stacks += local // expert
+        else:
+            dense += local
+    return dense, stacks
 
 
 def state_bytes(local_params: int, data: int, zero: int, precision: str) -> tuple[float, float, float]:
@@ -162,6 +190,18 @@ def longest_context(cfg, tensor: int, sequence: int, fixed: float, budget: float
     return lo * step
 
 
+def expert_communication(cfg, expert: int, checkpointing: bool, tokens_per_step: int) -> float:
+    """Bytes one GPU sends per optimizer step in its expert group: per MoM layer, the (EP - 1) / EP of
+    its top-k rows owned elsewhere leave as hidden states [d] and come back as outputs [H Vh] (16-bit),
+    each way again in the backward (and once more in a recomputed forward)."""
+    m = cfg.model
+    if expert == 1 or m.arch != "mom":
+        return 0.0
+    rows = m.topk * tokens_per_step * (expert - 1) / expert
+    forward = rows * 2 * (m.hidden_size + m.num_heads * m.head_v_dim)  # out (hidden states) and back (outputs)
+    return m.num_layers * forward * (3 if checkpointing else 2)
+
+
 def communication(cfg, tensor: int, data: int, zero: int, local_params: int, sequence_parallel: bool,
                   checkpointing: bool, tokens_per_step: int, precision: str) -> tuple[float, float]:
     """Bytes one GPU sends per optimizer step in the tensor group and in the data group (ring
@@ -198,35 +238,46 @@ def plan_layouts(cfg, gpus: int, gpu_mem_gib: float, precision: str = "bf16") ->
     for tensor in [t for t in (1, 2, 4, 8) if gpus % t == 0]:
         if any(n % tensor for n in (m.num_heads, m.mlp_hidden_size, m.vocab_size, m.num_kv_heads or m.num_heads)):
             continue
-        _, local = parameter_counts(cfg, tensor)
         for sequence in [s for s in (1, 2, 4, 8) if (gpus // tensor) % s == 0]:
             if T % (sequence * (tensor if cfg.parallel.tensor_sequence_parallel else 1)):
                 continue
             data = gpus // (tensor * sequence)
             tokens = micro * T // sequence
-            zeros = (0, 1, 2, 3) if tensor == 1 and sequence == 1 else (0, 1, 2)
-            for zero in zeros:
-                weights, grads, optim = state_bytes(local, data * sequence, zero, precision)
-                options = []
-                for checkpointing in (False, True):
-                    for keep in keeps:
-                        act = tokens * activation_bytes_per_token(cfg, tensor, cfg.parallel.tensor_sequence_parallel,
-                                                                  keep, checkpointing)
-                        act += micro * sequence_parallel_bytes(cfg, tensor, sequence, T, checkpointing)
-                        tpc, dpc = communication(cfg, tensor, data * sequence, zero, local,
-                                                 cfg.parallel.tensor_sequence_parallel, checkpointing,
-                                                 tokens * accum, precision)
-                        options.append(Estimate(tensor, data, zero, checkpointing, keep, weights, grads, optim, act,
-                                                tpc, dpc, sequence))
-                fitting = [e for e in options if e.total <= budget]
-                best = fitting[0] if fitting else min(options, key=lambda e: e.total)
-                best.longest_context = longest_context(cfg, tensor, sequence, weights + grads + optim, budget)
-                out.append(best)
+            # expert groups: data ranks of one slice when SP > 1 (parallel/topology.py)
+            experts = [e for e in (1, 2, 4, 8) if e == 1 or (m.arch == "mom" and m.num_memories % e == 0
+                                                            and (data if sequence > 1 else data * sequence) % e == 0)]
+            for expert in experts:
+                dense, stacks = local_parameters(cfg, tensor, expert)
+                zeros = (1, 2) if expert > 1 else (0, 1, 2, 3) if tensor == 1 and sequence == 1 else (0, 1, 2)
+                for zero in zeros:  # (memories partitioned over the expert-data group: data x sequence / EP)
+                    weights, grads, optim = (a + b for a, b in zip(
+                        state_bytes(dense, data * sequence, zero, precision),
+                        state_bytes(stacks, data * sequence // expert, zero, precision)))
+                    options = []
+                    for checkpointing in (False, True):
+                        for keep in keeps:
+                            act = tokens * activation_bytes_per_token(
+                                cfg, tensor, cfg.parallel.tensor_sequence_parallel, keep, checkpointing)
+                            act += micro * sequence_parallel_bytes(cfg, tensor, sequence, T, checkpointing)
+                            tpc, dpc = communication(cfg, tensor, data * sequence, zero, dense,
+                                                     cfg.parallel.tensor_sequence_parallel, checkpointing,
+                                                     tokens * accum, precision)
+                            dpc += communication(cfg, 1, data * sequence // expert, zero, stacks, False, False, 0,
+                                                 precision)[1]  # (the memories' reduction: expert-data group)
+                            epc = expert_communication(cfg, expert, checkpointing, tokens * accum)
+                            options.append(Estimate(tensor, data, zero, checkpointing, keep, weights, grads, optim,
+                                                    act, tpc, dpc, sequence, expert=expert, expert_comm=epc))
+                    fitting = [e for e in options if e.total <= budget]
+                    best = fitting[0] if fitting else min(options, key=lambda e: e.total)
+                    best.longest_context = longest_context(cfg, tensor, sequence, weights + grads + optim, budget)
+                    out.append(best)
 
     def rank(e: Estimate):
-        # fits first; then less tensor and sequence parallelism (their exchanges sit on the critical
-        # path), no recomputation, the scan keeping more, a lower ZeRO stage (fewer exchanges), less memory
-        return (e.total > budget, e.tensor * e.sequence, e.checkpointing, keeps.index(e.scan_keep), e.zero, e.total)
+        # fits first; then less tensor, sequence and expert parallelism (their exchanges sit on the
+        # critical path), no recomputation, the scan keeping more, a lower ZeRO stage (fewer
+        # exchanges), less memory
+        return (e.total > budget, e.tensor * e.sequence, e.expert, e.checkpointing, keeps.index(e.scan_keep), e.zero,
+                e.total)
     return sorted(out, key=rank)
 
 
@@ -265,16 +316,17 @@ def run(args) -> int:
           f"{'on' if cfg.parallel.tensor_sequence_parallel else 'off'}")
     print("GiB per GPU; activations are an estimate (within 12% of measured peaks on one GPU, "
           "benchmarks/RESULTS.md); comm = GB sent per GPU per optimizer step")
-    head = (f"{'layout':<18}{'ZeRO':>5}{'ckpt':>6}{'keep':>8}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
-            f"{'total':>8}{'TP comm':>9}{'DP comm':>9}{'longest':>10}  fits")
+    head = (f"{'layout':<24}{'ZeRO':>5}{'ckpt':>6}{'keep':>8}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}"
+            f"{'total':>8}{'TP comm':>9}{'DP comm':>9}{'EP comm':>9}{'longest':>10}  fits")
     print(head)
     for e in plan_layouts(cfg, args.gpus, args.gpu_mem, args.precision):
         fits = e.total <= HEADROOM * args.gpu_mem * GiB
         longest = f"{e.longest_context // 1024}K" if e.longest_context else "-"
-        print(f"{f'DP{e.data} x SP{e.sequence} x TP{e.tensor}':<18}{e.zero:>5}{'yes' if e.checkpointing else 'no':>6}"
+        layout = f"DP{e.data} x SP{e.sequence} x TP{e.tensor}" + (f", EP{e.expert}" if e.expert > 1 else "")
+        print(f"{layout:<24}{e.zero:>5}{'yes' if e.checkpointing else 'no':>6}"
               f"{e.scan_keep:>8}{e.params / GiB:>8.1f}{e.grads / GiB:>8.1f}{e.optimizer / GiB:>8.1f}"
               f"{e.activations / GiB:>8.1f}{e.total / GiB:>8.1f}{e.tensor_comm / 1e9:>9.2f}{e.data_comm / 1e9:>9.2f}"
-              f"{longest:>10}  {'yes' if fits else 'no'}")
+              f"{e.expert_comm / 1e9:>9.2f}{longest:>10}  {'yes' if fits else 'no'}")
     print("longest = the longest sequence at micro-batch 1 with activation checkpointing and scan_keep none; "
-          "expert parallelism is not planned yet")
+          "EP = the routed memories split over expert groups of data ranks (MoM)")
     return 0
