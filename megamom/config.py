@@ -144,6 +144,10 @@ class ModelConfig:
         _choice("model.qk_norm", self.qk_norm, QK_NORMS)
         _choice("model.qkv_activation", self.qkv_activation, QKV_ACTIVATIONS)
         _choice("model.feature_map", self.feature_map, FEATURE_MAPS)
+        if self.qkv_activation != "silu" and self.use_short_conv and self.arch != "transformer":
+            raise ConfigError(f"model.qkv_activation={self.qkv_activation!r} applies without the short conv (the "
+                              f"conv's own activation is SiLU): set model.use_short_conv=false or "
+                              f"model.qkv_activation=silu")
         if self.feature_map != "none" and self.update_rule != "linear_attn":
             raise ConfigError(f"model.feature_map={self.feature_map!r} is linear attention's: set "
                               f"model.update_rule=linear_attn or model.feature_map=none")

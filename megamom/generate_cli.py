@@ -153,6 +153,8 @@ def _generate_megamom(model, tok, prompts, rows, max_new_tokens, temperature, to
     streamed = {"ids": [], "text": ""}
 
     def stream(nxt):  # the completion so far, decoded whole (a piece may change the previous text's end)
+        if eos is not None and eos in streamed["ids"]:
+            return  # (the steps after EOS repeat it until the host looks)
         streamed["ids"].append(int(nxt[0]))
         ids = streamed["ids"][:-1] if streamed["ids"][-1] == eos else streamed["ids"]
         text = tok.decode(ids)

@@ -33,6 +33,9 @@ def build(**kw) -> CausalLM:
 
 CASES = {
     **{f"mom-{r}": dict(update_rule=r) for r in ("gated_delta", "delta", "gla", "scalar_decay", "linear_attn")},
+    # the learned feature map after the conv, the q / k norm after the map (in the scan)
+    "mom-linear_attn-feature-map": dict(update_rule="linear_attn", feature_map="hadamard"),
+    "mom-gla-low-rank-gate": dict(update_rule="gla", gla_gate_rank=3),
     "mom-per-memory-conv-no-shared-top1": dict(per_memory_conv=True, shared_mem=False, topk=1),
     "mom-no-conv-topall": dict(use_short_conv=False, topk=4),
     "linear-gated_delta": dict(arch="linear"),
@@ -271,3 +274,20 @@ def test_generation_without_a_cache_equals_with_one():
     prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(3))
     cached = generate(model, prompt, 6)
     assert torch.equal(generate(model, prompt, 6, use_cache=False), cached)
+
+
+def test_streaming_stops_at_the_first_eos():
+    """After EOS the batch keeps emitting it until the host looks; the stream must show none of it."""
+    from megamom.generate_cli import _generate_megamom
+    model = build(**CASES["mom-gated_delta"])
+    with torch.no_grad():
+        first = model(torch.tensor([[1, 2, 3]]), logits_to_keep=1).logits[0, -1].argmax().item()
+
+    class Tok:
+        eos_id, bos_id = first, None
+
+        def decode(self, ids):
+            return "".join("<eos>" if i == first else f"[{i}]" for i in ids)
+    pieces = []
+    out = _generate_megamom(model, Tok(), ["p"], [[1, 2, 3]], 6, 0.0, 0, 1.0, True, 0, pieces.append)
+    assert out[0]["new_token_ids"] == [] and pieces == []

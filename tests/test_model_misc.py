@@ -603,3 +603,17 @@ def test_transformer_equals_hugging_face_llama():
         packed = ours(ids, segment_ids=seg).logits
         torch.testing.assert_close(packed[:, 15:], llama(ids[:, 15:]).logits, rtol=0, atol=2e-5)
         assert (want - llama(ids.flip(1)).logits.flip(1)).abs().max() > 0.1  # (the comparison can fail)
+
+
+def test_counting_the_papers_gla_gate_and_the_conv_activation_rule():
+    from megamom.model.counting import count_parameters
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mom-gla-340m-paper.yaml").model
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    layer = model.model.layers[0].attn
+    one = sum(getattr(layer, n)[0].numel() for n in ("k_proj", "v_proj", "a_down", "a_up", "a_bias"))
+    counted = count_parameters(model)
+    assert counted.per_memory == one
+    assert counted.activated == counted.total - cfg.num_layers * (cfg.num_memories - cfg.topk) * one
+    with pytest.raises(ConfigError, match="qkv_activation='none' applies without the short conv"):
+        ModelConfig(arch="mom", update_rule="gla", qkv_activation="none").validate()

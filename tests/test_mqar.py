@@ -144,6 +144,8 @@ def test_ids_tokenizer_reads_and_writes_ids():
         tok.encode("1 64")
     with pytest.raises(TokenizerError, match="ids:<size>"):
         load_tokenizer("ids:many")
+    with pytest.raises(TokenizerError, match="is not an id"):
+        tok.encode("3 \u00b2")  # (a digit to str.isdigit, not to int)
 
 
 def test_megamom_train_learns_mqar_through_the_main_path(tmp_path, capsys):

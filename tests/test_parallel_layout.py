@@ -1,6 +1,8 @@
 """The parallel layout and the sharding plan (megamom.parallel): every divisibility rule named
 before any work, TP-innermost rank order, expert groups inside DP x SP, and a placement for every
 parameter of every architecture that splits evenly wherever the layout is valid."""
+from pathlib import Path
+
 import pytest
 
 from megamom.config import ConfigError, load_config
@@ -120,3 +122,26 @@ def test_settings_not_combined_with_expert_parallelism_are_refused(setting, frag
     cfg = cfg_of("parallel.expert=2", setting)
     with pytest.raises(ConfigError, match=rf"parallel.expert=2 cannot be combined with {setting}.*{fragment}"):
         check_supported(ParallelLayout.build(cfg, 2), cfg)
+
+
+def test_resuming_at_another_sequence_size_under_expert_parallelism_reshards():
+    """Which memories a rank holds depends on the sequence size when EP > 1 (expert groups are data
+    ranks of one slice): a checkpoint of DP2 x SP2 x EP2 resumed on the same 4 ranks at DP4 x EP2 must
+    go through the universal re-split, not DeepSpeed's native load of each rank's old partition."""
+    from types import SimpleNamespace
+
+    from megamom.config import Config
+    from megamom.train.trainer import Trainer
+
+    def decide(saved: dict, ours: dict):
+        cfg = Config()
+        cfg.train.zero_stage = 2
+        me = SimpleNamespace(cfg=cfg, reshard=None, dist=SimpleNamespace(world_size=4),
+                             topology=SimpleNamespace(**{k: SimpleNamespace(size=v) for k, v in ours.items()}),
+                             _model_config_diff=lambda state: [])
+        state = {"world_size": 4, "parallel": {"tensor": 1, **saved}, "config": {"train": {"zero_stage": 2}}}
+        Trainer._check_config_compatible(me, state, Path("ckpt"))
+        return me.reshard
+    assert decide({"sequence": 2, "expert": 2}, {"tensor": 1, "sequence": 1, "expert": 2}) == (1, 2, 4)
+    assert decide({"sequence": 2, "expert": 2}, {"tensor": 1, "sequence": 2, "expert": 2}) is None  # same layout
+    assert decide({"sequence": 2, "expert": 1}, {"tensor": 1, "sequence": 1, "expert": 1}) is None  # (dense: same)

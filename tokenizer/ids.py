@@ -24,14 +24,14 @@ class IdsTokenizer(Tokenizer):
     @classmethod
     def parse(cls, spec: str) -> "IdsTokenizer":
         size = spec[len(PREFIX):]
-        if not size.isdigit():
+        if not (size.isascii() and size.isdigit()):
             raise TokenizerError(f"tokenizer {spec!r}: write the ids vocabulary as ids:<size>, e.g. ids:512")
         return cls(int(size))
 
     def encode(self, text: str) -> list[int]:
         ids = []
         for word in text.split():
-            if not word.isdigit() or int(word) >= self.vocab_size:
+            if not (word.isascii() and word.isdigit()) or int(word) >= self.vocab_size:
                 raise TokenizerError(f"{word!r} is not an id of the {self.path} vocabulary (0 to "
                                      f"{self.vocab_size - 1}, separated by spaces)")
             ids.append(int(word))

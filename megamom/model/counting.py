@@ -28,7 +28,10 @@ def _per_memory_params(cfg: ModelConfig, include_conv: bool = True) -> int:
     d, H, Kd, Vd = cfg.hidden_size, cfg.num_heads, cfg.key_dim, cfg.value_dim
     n = (Kd + Vd) * d
     n += H * d if rule.delta else 0
-    n += {"scalar": H, "vector": Kd, None: 0}[rule.decay] * d
+    if rule.decay == "vector" and cfg.gla_gate_rank:  # the low-rank gate: W_down, W_up and the bias
+        n += cfg.gla_gate_rank * (d + Kd) + Kd
+    else:
+        n += {"scalar": H, "vector": Kd, None: 0}[rule.decay] * d
     if include_conv and cfg.use_short_conv and cfg.per_memory_conv:
         n += (2 * Kd + Vd) * cfg.conv_size
     return n

@@ -400,7 +400,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
                    None if g is None else g.view(1, A, *g.shape[1:]) if self.rule.decay == "scalar" else
                    g.view(1, A, H, K), None if beta is None else beta.view(1, A, H))
         scan_args = dict(scale=K ** -0.5, chunk_size=self.cfg.chunk_size, backend=backend,
-                         use_qk_l2norm=self.cfg.qk_norm == "l2" and not self.conv_size,  # (else in the conv)
+                         # (with the conv and no feature map the conv normalised them)
+                         use_qk_l2norm=self.cfg.qk_norm == "l2" and (not self.conv_size or self.q_feature is not None),
                          keep=self.scan_keep if torch.is_grad_enabled() else "none")
         if seq_slice is not None:  # each row's first document goes on from the state the earlier ranks pass
             o_rows, final_state = seq_slice.memory_scan(*scan_in, packing, **scan_args), None
@@ -439,7 +440,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
         (the last inputs of each segment) or None."""
         M = self.num_memories
         per_mem = self.cfg.per_memory_conv
-        qk_group = self.head_dim if self.cfg.qk_norm == "l2" else None  # the scan's q / k norm, fused here
+        # the scan's q / k norm, fused here (not with a feature map: it comes after the map, in the scan)
+        qk_group = self.head_dim if self.cfg.qk_norm == "l2" and self.q_feature is None else None
         tails = None
         if init is not None:
             tails = {n: t.reshape(-1, *t.shape[2:]).to(q.dtype if n == "q" else rows.dtype) for n, t in init.items()}

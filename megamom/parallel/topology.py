@@ -54,6 +54,9 @@ class Topology:
         self.layout = layout
         self.global_rank = rank
         L = layout
+        if L.sequence > 1 and L.data % L.expert:  # (ParallelLayout.build refuses it with the fix)
+            raise ValueError(f"expert size {L.expert} does not divide the {L.data} data ranks: with sequence "
+                             f"parallelism an expert group joins data ranks of one slice")
         self.coordinates = L.coordinates(rank)
 
         def rank_of(dp: int, sp: int, tp: int) -> int:

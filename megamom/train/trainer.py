@@ -207,7 +207,11 @@ class Trainer:
         ours_ep = self.topology.expert.size
         saved_world = state.get("world_size") or self.dist.world_size
         same_world = saved_world == self.dist.world_size
-        if saved_tp == ours_tp and saved_ep == ours_ep and (same_world or (zero == 0 and saved_zero == 0)):
+        # under expert parallelism which memories a rank holds depends on the sequence size too
+        saved_sp = (state.get("parallel") or {}).get("sequence", 1)
+        same_sp = saved_sp == self.topology.sequence.size or (saved_ep == 1 and ours_ep == 1)
+        if (saved_tp == ours_tp and saved_ep == ours_ep and same_sp
+                and (same_world or (zero == 0 and saved_zero == 0))):
             return  # the same layout (ZeRO-0 files hold no data-parallel partition: any data size)
         if saved_zero in (1, 2) and zero in (1, 2):
             # DeepSpeed's universal form re-splits the weights and the optimizer state (checkpoint.to_universal)

@@ -1,8 +1,6 @@
 """The CUDA-graphed decode step (megamom.generate.GraphedDecodeStep) equals the eager one: for every
 update rule, a MoM model and a one-memory model on the GPU, the graphed steps' logits equal the eager
 steps' and greedy generation of a batch of prompts of different lengths gives the same tokens."""
-import dataclasses
-
 import pytest
 import torch
 
