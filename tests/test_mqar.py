@@ -115,7 +115,9 @@ def test_prep_mqar_writes_shards_whose_labels_are_the_answers_only(tmp_path, cap
     loader = build_loader(DataConfig(paths=[str(out)], seq_len=32, tokenizer="ids:64"), split="train",
                           micro_batch_size=8, dp_rank=0, dp_size=1, seed=0)
     answers = {2: 0, 4: 0}
-    for i, batch in zip(range(5), loader):  # one epoch: every example once
+    batches = iter(loader)
+    for _ in range(5):  # one epoch: every example once
+        batch = next(batches)
         ids, labels = batch["input_ids"], batch["labels"]
         assert ids.shape == labels.shape == (8, 32) and "segment_ids" not in batch
         for n in range(8):
@@ -125,6 +127,7 @@ def test_prep_mqar_writes_shards_whose_labels_are_the_answers_only(tmp_path, cap
             pair = dict(zip(ids[n, 0:2 * pairs:2].tolist(), ids[n, 1:2 * pairs:2].tolist()))
             # the label at a query is the value its key was paired with, and nothing else is labelled
             assert all(pair[ids[n, t].item()] == labels[n, t].item() for t in asked.tolist())
+    batches.close()  # (the loader lets streaming's epoch go)
     assert answers == {2: 20, 4: 20}  # the numbers of pairs in equal shares
 
 
@@ -148,13 +151,15 @@ def test_ids_tokenizer_reads_and_writes_ids():
         tok.encode("3 \u00b2")  # (a digit to str.isdigit, not to int)
 
 
-def test_megamom_train_learns_mqar_through_the_main_path(tmp_path, capsys):
+def test_megamom_train_learns_mqar_through_the_main_path(tmp_path, capsys, megamom_env, megamom_exe):
+    import subprocess
     out, run = tmp_path / "mqar", tmp_path / "run"
     assert cli(capsys, "prep-mqar", "--out", out, "--vocab", "64", "--seq-len", "32", "--pairs", "2",
                "--train-examples", "256", "--val-examples", "32")[0] == 0
-    code, stdout, stderr = cli(capsys, "train", "--config", "configs/tiny.yaml", f"data.paths=[{out}]",
-                               "data.tokenizer=ids:64", "data.seq_len=32", "model.vocab_size=64",
-                               "train.max_steps=3", "train.warmup_steps=1", f"train.out_dir={run}",
-                               "--sample-prompt", "3 40 3", "--sample-tokens", "1")
-    assert code == 0, stderr[-2000:]
-    assert "done: step 3" in stdout and "sample: '" in stdout
+    # (in its own process, as a run is: a trainer's streaming datasets hold process-wide shared memory)
+    r = subprocess.run([megamom_exe, "train", "--config", "configs/tiny.yaml", f"data.paths=[{out}]",
+                        "data.tokenizer=ids:64", "data.seq_len=32", "model.vocab_size=64", "train.max_steps=3",
+                        "train.warmup_steps=1", f"train.out_dir={run}", "--sample-prompt", "3 40 3",
+                        "--sample-tokens", "1"], env=megamom_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "done: step 3" in r.stdout and "sample: '" in r.stdout
