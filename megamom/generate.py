@@ -43,10 +43,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, gene
     tokens = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        nxt = _sample(logits.float(), temperature, top_k, generator, top_p)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
+        nxt = _next_tokens(logits, done, temperature, top_k, generator, top_p, eos_id)
         tokens.append(nxt[:, None])
         if eos_id is not None and bool(done.all()):
             break
@@ -141,10 +138,7 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, g
     steps = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = _sample(logits.float(), temperature, top_k, generator, top_p)
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
+        nxt = _next_tokens(logits, done, temperature, top_k, generator, top_p, eos_id)
         steps.append(nxt)
         if on_tokens is not None:
             on_tokens(nxt)
@@ -159,6 +153,15 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, g
     if eos_id is not None:
         rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
     return rows
+
+
+def _next_tokens(logits, done, temperature, top_k, generator, top_p, eos_id) -> torch.Tensor:
+    """The next token of every row; rows that stopped (`done`, updated in place) repeat EOS."""
+    nxt = _sample(logits.float(), temperature, top_k, generator, top_p)
+    if eos_id is not None:
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        done |= nxt == eos_id
+    return nxt
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator,

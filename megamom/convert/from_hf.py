@@ -89,13 +89,12 @@ def from_hf(model_dir: str, out: str, overwrite: bool = False, echo: Callable[[s
     src = Path(model_dir).expanduser()
     expected = fmt
     fmt, cfg, fc = read_hf_config(src)
+    raw = json.loads((src / "config.json").read_text())  # (for the authors' format fc is the equivalent fla config)
     if expected is not None and expected != fmt:
         raise ConvertError(f"{str(src)!r} is in the {fmt!r} format (config.json model_type "
-                           f"{json.loads((src / 'config.json').read_text()).get('model_type')!r}), not {expected!r}: "
-                           f"drop --format (it is read off config.json) or point --model elsewhere")
-    # (for the authors' format fc is the equivalent fla config; capacity is theirs alone)
-    capacity = paper_format.paper_config(json.loads((src / "config.json").read_text()))["capacity"] \
-        if fmt == "mom-paper" else 1.0
+                           f"{raw.get('model_type')!r}), not {expected!r}: drop --format (it is read off "
+                           f"config.json) or point --model elsewhere")
+    capacity = paper_format.paper_config(raw)["capacity"] if fmt == "mom-paper" else 1.0
     if capacity < 1.0:
         echo(f"note: capacity={capacity}: the authors' code keeps at most capacity x T of a sequence's tokens per "
              f"memory (the most recent); megamom is dropless, so outputs equal theirs only where no memory "

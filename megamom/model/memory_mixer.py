@@ -260,9 +260,12 @@ class MemoryMixer(nn.Module, ParallelRegion):
         return self._split_gates(narrow_rows, [self._width(n) for n in ("b_proj", "a_proj") if self._width(n)])
 
     def _width(self, name: str) -> int:
-        """Output rows of a per-memory projection (0: absent)."""
-        family = self.memory_weight(name)
-        return 0 if family is None else (family[0].shape[1] if family[0] is not None else family[1].shape[0])
+        """Output rows of a per-memory projection (0: absent). Read off the weights' shapes (the
+        low-rank decay gate's rows are its up projection's: no product is formed for a shape)."""
+        if name == "a_proj" and (self.a_up is not None or self.shared_a_up is not None):
+            name = "a_up"
+        routed, shared = getattr(self, name), getattr(self, f"shared_{name}", None)
+        return routed.shape[1] if routed is not None else shared.shape[0] if shared is not None else 0
 
     def _split(self, rows: torch.Tensor, sizes: list[int]):
         """[.., k | v | beta | decay] -> k, v, beta or None, decay or None."""

@@ -61,22 +61,8 @@ class Estimate:
         return self.params + self.grads + self.optimizer + self.activations
 
 
-def parameter_counts(cfg, tensor: int) -> tuple[int, int]:
-    """(parameters of the whole model, parameters held by one tensor rank)."""
-    import torch
-
-    from ..model import build_model
-    from .plan import sharding_plan
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    plan = sharding_plan(model)
-    total = sum(p.numel() for p in model.parameters())
-    local = sum(p.numel() // (tensor if plan[n].tensor_dim is not None else 1) for n, p in model.named_parameters())
-    return total, local
-
-
-def local_parameters(cfg, tensor: int, expert: int) -> tuple[int, int]:
-    """(dense parameters, routed-memory parameters) held by one GPU at this tensor and expert size."""
+def _parameter_split(cfg, tensor: int) -> tuple[int, int, int]:
+    """(parameters of the whole model, dense and routed-memory parameters of one tensor rank)."""
     import torch
 
     from ..model import build_model
@@ -85,14 +71,28 @@ def local_parameters(cfg, tensor: int, expert: int) -> tuple[int, int]:
     with torch.device("meta"):
         model = build_model(m)
     plan = sharding_plan(model)
-    dense = stacks = 0
+    total = dense = stacks = 0
     for n, p in model.named_parameters():
+        total += p.numel()
         local = p.numel() // (tensor if plan[n].tensor_dim is not None else 1)
         if is_memory_stack(n, m.arch, m.per_memory_conv):
-            stacks += local // expert
+            stacks += local
         else:
             dense += local
-    return dense, stacks
+    return total, dense, stacks
+
+
+def parameter_counts(cfg, tensor: int) -> tuple[int, int]:
+    """(parameters of the whole model, parameters held by one tensor rank)."""
+    total, dense, stacks = _parameter_split(cfg, tensor)
+    return total, dense + stacks
+
+
+def local_parameters(cfg, tensor: int, expert: int) -> tuple[int, int]:
+    """(dense parameters, routed-memory parameters) held by one GPU at this tensor and expert size
+    (expert divides the memories: each stack splits evenly)."""
+    _, dense, stacks = _parameter_split(cfg, tensor)
+    return dense, stacks // expert
 
 
 def state_bytes(local_params: int, data: int, zero: int, precision: str) -> tuple[float, float, float]:
@@ -238,6 +238,7 @@ def plan_layouts(cfg, gpus: int, gpu_mem_gib: float, precision: str = "bf16") ->
     for tensor in [t for t in (1, 2, 4, 8) if gpus % t == 0]:
         if any(n % tensor for n in (m.num_heads, m.mlp_hidden_size, m.vocab_size, m.num_kv_heads or m.num_heads)):
             continue
+        _, dense, all_stacks = _parameter_split(cfg, tensor)
         for sequence in [s for s in (1, 2, 4, 8) if (gpus // tensor) % s == 0]:
             if T % (sequence * (tensor if cfg.parallel.tensor_sequence_parallel else 1)):
                 continue
@@ -247,7 +248,7 @@ def plan_layouts(cfg, gpus: int, gpu_mem_gib: float, precision: str = "bf16") ->
             experts = [e for e in (1, 2, 4, 8) if e == 1 or (m.arch == "mom" and m.num_memories % e == 0
                                                             and (data if sequence > 1 else data * sequence) % e == 0)]
             for expert in experts:
-                dense, stacks = local_parameters(cfg, tensor, expert)
+                stacks = all_stacks // expert
                 zeros = (1, 2) if expert > 1 else (0, 1, 2, 3) if tensor == 1 and sequence == 1 else (0, 1, 2)
                 for zero in zeros:  # (memories partitioned over the expert-data group: data x sequence / EP)
                     weights, grads, optim = (a + b for a, b in zip(

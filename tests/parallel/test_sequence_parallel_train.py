@@ -14,6 +14,23 @@ from test_train import losses, train  # noqa: E402
 from megamom.train import checkpoint as ckpt  # noqa: E402
 
 
+def assert_losses_close(want: dict, got: dict, steps, what: str) -> None:
+    """Each step's loss within 1e-4 (relative) of the reference run's (fp32, sums in another order)."""
+    for s in steps:
+        assert abs(got[s] - want[s]) <= 1e-4 * abs(want[s]), f"step {s}: {what}: {want[s]} vs {got[s]}"
+
+
+def assert_consolidates_to(run: Path, one: Path) -> None:
+    """The run's step-4 checkpoint consolidates to the one-process run's weights (bounds: see the
+    EP=2 run's test: four fp32 Adam steps on sums in another order)."""
+    whole = ckpt.load_model_state_dict(run / "checkpoints" / "step_00000004")
+    ref = ckpt.load_model_state_dict(one / "checkpoints" / "step_00000004")
+    assert whole.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(whole[n], ref[n], rtol=0, atol=5e-3, msg=lambda m: f"{n}: {m}")
+        assert (whole[n] - ref[n]).abs().mean() < 1e-5, n
+
+
 def test_sp2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, megamom_env, megamom_exe):
     one, straight, crashed, moved = (tmp_path / n for n in ("one", "straight", "crashed", "moved"))
     common = ["train.max_steps=4", "train.save_every=2", "train.zero_stage=2", "train.precision=fp32",
@@ -26,8 +43,7 @@ def test_sp2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, 
     assert r.stdout.count("sample: ") == 1, r.stdout[-2000:]
     a, b = losses(one), losses(straight)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for s in a:
-        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), f"step {s}: 1 process {a[s]} vs SP=2 {b[s]}"
+    assert_losses_close(a, b, a, "1 process vs SP=2")
 
     env = dict(megamom_env, MEGAMOM_FAULT="ckpt_after_commit:2")  # SIGKILL right after saving step 2
     r = train(megamom_exe, env, crashed, *sp, nproc=2, check=False, timeout=400)
@@ -36,19 +52,13 @@ def test_sp2_trains_like_one_process_resumes_exactly_and_consolidates(tmp_path, 
     shutil.copytree(crashed, moved)
     train(megamom_exe, megamom_env, moved, *common)
     m = losses(moved)
-    for s in (3, 4):
-        assert abs(m[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: SP=2 {b[s]} vs resumed in one process {m[s]}"
+    assert_losses_close(b, m, (3, 4), "SP=2 vs resumed in one process")
     r = train(megamom_exe, megamom_env, crashed, *sp, nproc=2, timeout=400)
     assert "resumed from" in r.stderr + r.stdout
     c = losses(crashed)
     assert all(b[s] == c[s] for s in b), {s: (b[s], c[s]) for s in b if b[s] != c[s]}
 
-    whole = ckpt.load_model_state_dict(straight / "checkpoints" / "step_00000004")
-    ref = ckpt.load_model_state_dict(one / "checkpoints" / "step_00000004")
-    assert whole.keys() == ref.keys()
-    for n in ref:
-        torch.testing.assert_close(whole[n], ref[n], rtol=0, atol=5e-3, msg=lambda m: f"{n}: {m}")
-        assert (whole[n] - ref[n]).abs().mean() < 1e-5, n
+    assert_consolidates_to(straight, one)
 
 
 def test_sp2_with_ep2_trains_like_one_process_and_resumes_in_one(tmp_path, megamom_env, megamom_exe):
@@ -64,8 +74,7 @@ def test_sp2_with_ep2_trains_like_one_process_and_resumes_in_one(tmp_path, megam
     assert "memories split over 2 expert-parallel ranks" in r.stderr + r.stdout
     a, b = losses(one), losses(straight)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for s in a:
-        assert abs(a[s] - b[s]) <= 1e-4 * abs(a[s]), f"step {s}: 1 process {a[s]} vs SP=2 x EP=2 {b[s]}"
+    assert_losses_close(a, b, a, "1 process vs SP=2 x EP=2")
 
     env = dict(megamom_env, MEGAMOM_FAULT="ckpt_after_commit:2")  # SIGKILL right after saving step 2
     r = train(megamom_exe, env, crashed, *both, nproc=4, check=False, timeout=600)
@@ -74,11 +83,6 @@ def test_sp2_with_ep2_trains_like_one_process_and_resumes_in_one(tmp_path, megam
     r = train(megamom_exe, megamom_env, crashed, *common, "train.micro_batch_size=8")
     assert "re-splitting weights and optimizer state" in r.stderr + r.stdout
     m = losses(crashed)
-    for s in (3, 4):
-        assert abs(m[s] - b[s]) <= 1e-4 * abs(b[s]), f"step {s}: SP=2 x EP=2 {b[s]} vs resumed in one process {m[s]}"
+    assert_losses_close(b, m, (3, 4), "SP=2 x EP=2 vs resumed in one process")
 
-    whole = ckpt.load_model_state_dict(straight / "checkpoints" / "step_00000004")
-    ref = ckpt.load_model_state_dict(one / "checkpoints" / "step_00000004")
-    for n in ref:  # (see the EP=2 run's test for the bounds)
-        torch.testing.assert_close(whole[n], ref[n], rtol=0, atol=5e-3, msg=lambda m: f"{n}: {m}")
-        assert (whole[n] - ref[n]).abs().mean() < 1e-5, n
+    assert_consolidates_to(straight, one)
