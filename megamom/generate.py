@@ -2,14 +2,17 @@
 token at a time. Memory layers keep a constant-size state; attention layers a growing K/V cache.
 
 `generate` continues a batch of equal-length prompts; `generate_batch` takes prompts of any
-lengths: a memory model prefills them as one packed row (the documents of a row, `cu_seqlens` in
+lengths: a memory model prefills them packed into rows (the documents of a row, `cu_seqlens` in
 the scan: no padding), its cache holding one row per prompt, and decodes them together, each
-stopping at its EOS; a model with attention layers runs each prompt alone."""
+stopping at its EOS, on CUDA through one CUDA graph per step (`GraphedDecodeStep`); a model with
+attention layers runs each prompt alone."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+
+from .model.layers import drop_inference_caches
 
 
 @torch.no_grad()
@@ -25,6 +28,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     try:
         return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, top_p)
     finally:
+        drop_inference_caches(model)  # (the weights stacked for decoding)
         model.train(was_training)  # also when generation fails
 
 
@@ -60,34 +64,31 @@ class GraphedDecodeStep:
     layer's memory states and conv tails live in static buffers that the graph reads and updates in
     place, so a step is one replay instead of a few hundred kernel launches from Python. Built from
     a prefill's cache (its rows are the batch); step(tokens [P]) -> the next logits [P, V] (a view of
-    the graph's output buffer, overwritten by the next step)."""
+    the graph's output buffer, overwritten by the next step). It takes the cache's tensors over
+    (they are updated in place). The graph reads the weights as they were at capture: build a new
+    one after training changes them."""
 
     def __init__(self, model, cache):
         from .model.cache import MemoryLayerCache, ModelCache
         if model.config.arch == "transformer":
             raise ValueError("a CUDA-graphed decode step needs a memory model (an attention cache grows)")
-
-        def copy(c):
-            return ModelCache([MemoryLayerCache(layer.state.clone(), None if layer.conv is None else
-                                                {n: t.clone() for n, t in layer.conv.items()}) for layer in c.layers],
-                              c.seen_tokens)
-        self.model, self.cache = model, copy(cache)
+        self.model = model
+        self.cache = ModelCache([MemoryLayerCache(layer.state.contiguous(), None if layer.conv is None else
+                                                  {n: t.contiguous() for n, t in layer.conv.items()}, True)
+                                 for layer in cache.layers], cache.seen_tokens)
         first = self.cache.layers[0].state
         self.tokens = torch.zeros(first.shape[1], 1, dtype=torch.long, device=first.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (kernel compilation, autotuning) on copies of the state
             for _ in range(2):
-                model(self.tokens, cache=copy(self.cache), logits_to_keep=1)
+                model(self.tokens, cache=_static_copy(self.cache), logits_to_keep=1)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             out = model(self.tokens, cache=self.cache, logits_to_keep=1)
-            self.logits = out.logits[:, -1]
-            for mine, new in zip(self.cache.layers, out.cache.layers):  # (after every read of the old state)
-                mine.state.copy_(new.state)
-                for n in mine.conv or {}:
-                    mine.conv[n].copy_(new.conv[n])
+        assert all(new.state is mine.state for new, mine in zip(out.cache.layers, self.cache.layers))
+        self.logits = out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens.view(-1, 1))
@@ -95,45 +96,105 @@ class GraphedDecodeStep:
         return self.logits
 
 
+def _static_copy(cache):
+    """A copy of a memory model's cache whose decode steps update it in place (the graph's warm-up)."""
+    from .model.cache import MemoryLayerCache, ModelCache
+    return ModelCache([MemoryLayerCache(layer.state.contiguous().clone(), None if layer.conv is None else
+                                        {n: t.contiguous().clone() for n, t in layer.conv.items()}, True)
+                       for layer in cache.layers], cache.seen_tokens)
+
+
+def _concat_caches(caches: list):
+    """Memory-model caches of consecutive prompt groups -> one cache, a row per prompt."""
+    from .model.cache import MemoryLayerCache, ModelCache
+    if len(caches) == 1:
+        return caches[0]
+    layers = []
+    for parts in zip(*(c.layers for c in caches)):
+        conv = None if parts[0].conv is None else {n: torch.cat([p.conv[n] for p in parts], 1) for n in parts[0].conv}
+        layers.append(MemoryLayerCache(torch.cat([p.state for p in parts], 1), conv))
+    return ModelCache(layers, 0)
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: float = 1.0, eos_id: Optional[int] = None,
                    generator: Optional[torch.Generator] = None, check_every: int = 8,
                    on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
-                   cuda_graph: bool = False) -> list[list[int]]:
+                   cuda_graph: Optional[bool] = None, prefill_tokens: int = 65536) -> list[list[int]]:
     """Each prompt's new tokens (ending with its EOS where one came). A megamom CausalLM; prompts of
     any lengths (each at least one token). check_every: decode steps between the host's looks at
     whether every prompt has stopped (each look is a device sync). on_tokens(next [P]): called with
     every step's tokens (a streaming printer; it syncs each step). cuda_graph: decode through a
-    GraphedDecodeStep (a memory model on CUDA)."""
+    GraphedDecodeStep (None: for a memory model on CUDA). prefill_tokens: the most prompt tokens
+    one forward prefills (prompts are packed into rows up to it, a longer prompt is prefilled in
+    pieces, each continuing the cache): bounds the prefill's activation memory."""
     _check(max_new_tokens, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if check_every < 1:
         raise ValueError(f"check_every={check_every} must be >= 1")
+    if prefill_tokens < 1:
+        raise ValueError(f"prefill_tokens={prefill_tokens} must be >= 1")
     was_training = model.training
     model.eval()
     try:
         if model.config.arch == "transformer":  # an attention cache holds one sequence per row
+            if cuda_graph:
+                raise ValueError("cuda_graph needs a memory model (an attention cache grows)")
             return [new for p in prompts for new in _decode(model, [p], max_new_tokens, temperature, top_k, top_p,
                                                                eos_id, generator, check_every, on_tokens)]
+        if cuda_graph is None:
+            cuda_graph = model.output_weight.device.type == "cuda"
         return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every,
-                       on_tokens, cuda_graph)
+                       on_tokens, cuda_graph, prefill_tokens)
     finally:
+        drop_inference_caches(model)  # (the weights stacked for decoding)
         model.train(was_training)
 
 
-def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every, on_tokens,
-            cuda_graph=False):
+def prefill(model, prompts: list[list[int]], prefill_tokens: Optional[int] = None):
+    """(cache with one row per prompt, each prompt's last logits [P, V]) of a megamom CausalLM.
+    Memory models pack consecutive prompts into one row of up to prefill_tokens tokens (None: no
+    limit; `cu_seqlens` in the scan, no padding) and prefill a longer prompt in pieces of that size;
+    an attention model takes one prompt."""
     device = model.output_weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.tensor([t for p in prompts for t in p], device=device)[None]
-    if len(prompts) == 1:
-        out = model(ids, use_cache=True, logits_to_keep=1)
-    else:  # one packed row: the cache gets a row per prompt, the logits of each prompt's last token
-        segments = torch.repeat_interleave(torch.arange(len(prompts), device=device), lengths)[None]
-        out = model(ids, segment_ids=segments, use_cache=True, logits_at=lengths.cumsum(0) - 1)
-    cache, logits = out.cache, out.logits[0] if len(prompts) > 1 else out.logits[:, -1]
+    budget = prefill_tokens or sum(len(p) for p in prompts)
+    caches, logits, group = [], [], []
+
+    def flush():
+        ids = torch.tensor([t for p in group for t in p], device=device)[None]
+        if len(group) == 1:  # one prompt, in pieces
+            cache = None
+            for start in range(0, ids.shape[1], budget):
+                out = model(ids[:, start:start + budget], cache=cache, use_cache=True, logits_to_keep=1)
+                cache = out.cache
+            caches.append(cache)
+            logits.append(out.logits[:, -1])
+        else:  # one packed row: the cache gets a row per prompt, the logits of each prompt's last token
+            lengths = torch.tensor([len(p) for p in group], device=device)
+            segments = torch.repeat_interleave(torch.arange(len(group), device=device), lengths)[None]
+            out = model(ids, segment_ids=segments, use_cache=True, logits_at=lengths.cumsum(0) - 1)
+            caches.append(out.cache)
+            logits.append(out.logits[0])
+        group.clear()
+
+    if model.config.arch == "transformer" and len(prompts) != 1:
+        raise ValueError("an attention model prefills one prompt at a time")
+    for p in prompts:
+        if group and sum(map(len, group)) + len(p) > budget:
+            flush()
+        group.append(p)
+    flush()
+    return _concat_caches(caches), torch.cat(logits)
+
+
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every, on_tokens,
+            cuda_graph=False, prefill_tokens=None):
+    device = model.output_weight.device
+    if model.config.arch == "transformer":
+        prefill_tokens = None  # (the attention cache is continued by one prompt at a time anyway)
+    cache, logits = prefill(model, prompts, prefill_tokens)
     graphed = GraphedDecodeStep(model, cache) if cuda_graph and max_new_tokens > 1 else None
     steps = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

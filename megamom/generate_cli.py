@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "the export or checkpoint; where that is unknown, when the tokenizer has one)")
     bos.add_argument("--no-bos", dest="bos", action="store_false", help="do not start prompts with the BOS token")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the EOS token")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="decode a memory model step by step from Python (default on CUDA: one CUDA graph per step)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (text and token ids)")
 
 
@@ -112,9 +114,10 @@ def load(model: str, device, dtype: str = "auto", tokenizer: str | None = None):
 
 def generate_texts(hf, tok, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                    top_p: float = 1.0, bos: bool = True, stop_at_eos: bool = True, seed: int = 0,
-                   on_text=None) -> list[dict]:
+                   on_text=None, cuda_graph: bool = True) -> list[dict]:
     """bos: start every prompt with the BOS token (`prompt_bos` says what the model expects).
-    on_text(text): with one prompt, called with each new piece of the completion (streaming)."""
+    on_text(text): with one prompt, called with each new piece of the completion (streaming).
+    cuda_graph: a megamom memory model on CUDA decodes through one CUDA graph per step."""
     import torch
     device = next(hf.parameters()).device
     rows = [([tok.bos_id] if bos and tok.bos_id is not None else []) + tok.encode(p) for p in prompts]
@@ -123,7 +126,7 @@ def generate_texts(hf, tok, prompts: list[str], max_new_tokens: int = 64, temper
     core = getattr(hf, "_core", None)  # a megamom model: megamom's own generation
     if core is not None:
         return _generate_megamom(core, tok, prompts, rows, max_new_tokens, temperature, top_k, top_p, stop_at_eos,
-                                 seed, on_text)
+                                 seed, on_text, cuda_graph)
     T = max(len(r) for r in rows)
     pad = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
     ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=device)
@@ -143,7 +146,7 @@ def generate_texts(hf, tok, prompts: list[str], max_new_tokens: int = 64, temper
 
 
 def _generate_megamom(model, tok, prompts, rows, max_new_tokens, temperature, top_k, top_p, stop_at_eos, seed,
-                      on_text) -> list[dict]:
+                      on_text, cuda_graph=True) -> list[dict]:
     import torch
 
     from .generate import generate_batch
@@ -164,7 +167,8 @@ def _generate_megamom(model, tok, prompts, rows, max_new_tokens, temperature, to
 
     try:
         news = generate_batch(model, rows, max_new_tokens, temperature, top_k or None, top_p, eos, generator,
-                              on_tokens=stream if on_text is not None and len(rows) == 1 else None)
+                              on_tokens=stream if on_text is not None and len(rows) == 1 else None,
+                              cuda_graph=None if cuda_graph else False)
     except ValueError as e:
         raise GenerateError(str(e)) from None
     results = []
@@ -209,7 +213,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         results = generate_texts(hf, tok, prompts, args.max_new_tokens, args.temperature, args.top_k,
                                  args.top_p, bos=bos, stop_at_eos=not args.ignore_eos, seed=args.seed,
-                                 on_text=show if stream else None)
+                                 on_text=show if stream else None, cuda_graph=args.cuda_graph)
     except GenerateError as e:
         print(f"megamom generate: error: {e}", file=sys.stderr)
         return 2

@@ -229,6 +229,24 @@ def test_generate_batch_of_prompts_of_any_lengths_equals_one_at_a_time(case):
         [s[0] for s in streamed]]
 
 
+@pytest.mark.parametrize("case", ["mom-gated_delta", "mom-gla", "linear-gated_delta"])
+def test_prefill_budget_packs_rows_and_splits_long_prompts(case):
+    """A prefill budget smaller than the prompts (prompts packed into several rows, a longer prompt
+    prefilled in pieces that continue its cache) leaves the cache and logits of one packed prefill."""
+    from megamom.generate import prefill
+    model = build(**CASES[case]).eval()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 1, 23, 3, 4)]
+    with torch.no_grad():
+        whole, logits = prefill(model, prompts)
+        pieces, logits_pieces = prefill(model, prompts, prefill_tokens=7)  # rows [5, 1], [23] in 4 pieces, [3, 4]
+    torch.testing.assert_close(logits_pieces, logits, atol=ATOL, rtol=0)
+    for a, b in zip(pieces.layers, whole.layers):
+        torch.testing.assert_close(a.state, b.state, atol=ATOL, rtol=0)
+        for n in a.conv or {}:
+            torch.testing.assert_close(a.conv[n], b.conv[n], atol=ATOL, rtol=0)
+
+
 def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     from megamom.generate import _sample, generate_batch
     model = build(**CASES["mom-gated_delta"])

@@ -151,6 +151,62 @@ def test_padding_that_would_corrupt_a_state_is_refused():
         tr.generate(x, attention_mask=left, max_new_tokens=2, do_sample=False)
 
 
+@pytest.mark.parametrize("case", ["mom", "linear-gated_delta"])
+def test_fast_generate_equals_the_transformers_loop(case, monkeypatch):
+    """generate() of a memory model runs megamom's generation (megamom.generate.generate_batch) and
+    gives what transformers' own loop over forward() gives: a left-padded batch, greedy, stopping
+    at EOS (rows that stop are padded), and with max_length instead of max_new_tokens."""
+    import megamom.generate as generation
+    calls = []
+    real = generation.generate_batch
+    monkeypatch.setattr(generation, "generate_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hf = build(**CASES[case])
+    a, b = ids(1, 5, seed=3), ids(1, 9, seed=4)
+    x = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), a], 1), b])
+    mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
+    with torch.no_grad():
+        slow_free = None
+        for kwargs in (dict(max_new_tokens=7), dict(max_length=14)):
+            hf.fast_generate = False
+            slow = hf.generate(x, attention_mask=mask, do_sample=False, **kwargs)
+            hf.fast_generate = True
+            fast = hf.generate(x, attention_mask=mask, do_sample=False, **kwargs)
+            assert torch.equal(fast, slow), (fast, slow)
+            slow_free = slow
+        eos = int(slow_free[0, 11])  # a token the first row emits early: it stops there
+        hf.fast_generate = False
+        slow = hf.generate(x, attention_mask=mask, max_new_tokens=7, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        hf.fast_generate = True
+        fast = hf.generate(x, attention_mask=mask, max_new_tokens=7, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(fast, slow), (fast, slow)
+    assert len(calls) == 3
+
+
+def test_remote_code_generates_through_an_installed_megamom(tmp_path, monkeypatch):
+    """An export loaded as remote code uses the installed megamom's generation on its own weights
+    (no copy) where megamom is importable, with the tokens of transformers' loop."""
+    from transformers import AutoModelForCausalLM
+
+    import megamom.generate as generation
+    from megamom.convert.to_hf import write_export
+    calls = []
+    real = generation.generate_batch
+    monkeypatch.setattr(generation, "generate_batch", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    hf = build(arch="mom")
+    write_export(tmp_path, hf.config.to_model_config(), {k: v.float() for k, v in hf.state_dict().items()})
+    remote = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    assert not type(remote).__module__.startswith("megamom.")
+    x = ids()
+    with torch.no_grad():
+        fast = remote.generate(x, max_new_tokens=6, do_sample=False)
+        remote.fast_generate = False
+        slow = remote.generate(x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(fast, slow)
+    (core,) = calls
+    assert type(core).__module__ == "megamom.model.lm"
+    assert core.model.embeddings.weight.data_ptr() == remote.model.embeddings.weight.data_ptr()
+
+
 def test_beam_search_sampling_and_cache_reorder():
     hf = build(arch="mom")
     x = ids()

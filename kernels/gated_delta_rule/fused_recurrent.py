@@ -6,7 +6,11 @@
 decay: exp(g) per head (g [N, H]), per key (g [N, H, K], GLA) or none. One program per (value
 block, sequence * head); the [K, BV] state block stays in registers (float32). The update may be
 done in place (out_state=state): each program reads its block before writing it. The additive
-rules call it through gla/fused_recurrent.py (DELTA=False)."""
+rules call it through gla/fused_recurrent.py (DELTA=False).
+
+With `select` (a MoM layer's decode step, kernels/triton/decode_step.py) each sequence row is one
+memory of one token: only rows marked chosen are updated (in place, the others are neither read
+nor written) and the outputs of the others are 0."""
 from __future__ import annotations
 
 from typing import Optional
@@ -19,15 +23,21 @@ from ..triton import launch_cfg, next_pow2
 
 
 @triton.jit
-def _step_kernel(q, k, v, g, beta, s_in, s_out, o, scale, eps,
-                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 DECAY: tl.constexpr, DELTA: tl.constexpr, L2: tl.constexpr):
+def _step_kernel(q, k, v, g, beta, s_in, s_out, o, scale, eps, chosen,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 DECAY: tl.constexpr, DELTA: tl.constexpr, L2: tl.constexpr, SELECT: tl.constexpr,
+                 IN_PLACE: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
+    on = True
+    if SELECT:
+        on = tl.load(chosen + i_nh // H) != 0
+        if IN_PLACE:  # an unchosen memory's state is left where it is: no traffic
+            m_kv = m_kv & on
     p_s = i_nh * K * V + o_k[:, None] * V + o_v[None, :]
     b_q = tl.load(q + i_nh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_k = tl.load(k + i_nh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -36,6 +46,7 @@ def _step_kernel(q, k, v, g, beta, s_in, s_out, o, scale, eps,
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q, 0) + eps)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k, 0) + eps)
     b_s = tl.load(s_in + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    b_old = b_s
     if DECAY == 1:
         b_s = b_s * tl.exp(tl.load(g + i_nh).to(tl.float32))
     if DECAY == 2:
@@ -43,10 +54,14 @@ def _step_kernel(q, k, v, g, beta, s_in, s_out, o, scale, eps,
     if DELTA:
         b_b = tl.load(beta + i_nh).to(tl.float32)
         b_v = (b_v - tl.sum(b_k[:, None] * b_s, 0)) * b_b
-    b_s = b_s + b_k[:, None] * b_v[None, :]
-    b_o = tl.sum(b_q[:, None] * b_s, 0) * scale
+    b_new = b_s + b_k[:, None] * b_v[None, :]
+    b_o = tl.sum(b_q[:, None] * b_new, 0) * scale
+    if SELECT:
+        b_o = tl.where(on, b_o, 0.0)
+        if not IN_PLACE:  # an unchosen memory's state is copied unchanged
+            b_new = tl.where(on, b_new, b_old)
     tl.store(o + i_nh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
-    tl.store(s_out + p_s, b_s.to(s_out.dtype.element_ty), mask=m_kv)
+    tl.store(s_out + p_s, b_new.to(s_out.dtype.element_ty), mask=m_kv)
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional[torch.Tensor],
@@ -70,7 +85,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: O
     o = torch.empty(N, H, V, dtype=state.dtype, device=v.device)
     if N * H:
         cfg = launch_cfg("step", BV=next_pow2(V))
-        _step_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](q, k, v, g, beta, state, new, o, scale, 1e-6, K=K, V=V,
-                                                          BK=next_pow2(K), DECAY=decay, DELTA=delta,
-                                                          L2=use_qk_l2norm, **cfg)
+        _step_kernel[(triton.cdiv(V, cfg["BV"]), N * H)](q, k, v, g, beta, state, new, o, scale, 1e-6, None,
+                                                          H=H, K=K, V=V, BK=next_pow2(K), DECAY=decay, DELTA=delta,
+                                                          L2=use_qk_l2norm, SELECT=False, IN_PLACE=False, **cfg)
     return o, new

@@ -218,6 +218,67 @@ class MegaMoMForCausalLM(MegaMoMPreTrainedModel, GenerationMixin):
     def is_gradient_checkpointing(self) -> bool:
         return self._core.activation_checkpointing
 
+    # ------------------------------------------------------------------ generation
+    # generate() of a memory model goes through megamom's own generation where megamom is installed
+    # (`megamom.generate.generate_batch`: prompts packed without padding, one CUDA graph per decode
+    # step on CUDA), for the arguments it takes; anything else, and `fast_generate = False`, takes
+    # transformers' loop over this forward. Both give the same greedy tokens.
+    fast_generate = True
+    _FAST_ARGS = {"attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+                  "eos_token_id", "pad_token_id", "use_cache"}
+
+    def generate(self, input_ids: Optional[torch.LongTensor] = None, **kwargs):
+        fast = self._fast_generate(input_ids, kwargs)
+        return fast if fast is not None else super().generate(input_ids, **kwargs)
+
+    @torch.no_grad()
+    def _fast_generate(self, input_ids, kwargs) -> Optional[torch.Tensor]:
+        """The output of generate() through megamom.generate, or None where that does not apply."""
+        if (not self.fast_generate or input_ids is None or self._core.config.arch == "transformer"
+                or set(kwargs) - self._FAST_ARGS or kwargs.get("use_cache") is False):
+            return None
+        try:
+            generation = importlib.import_module("megamom.generate")
+            core = self._core if __name__.startswith("megamom.") else self._installed_core()
+        except Exception:  # megamom not installed, or another version of it: transformers' loop
+            return None
+        gc = self.generation_config
+        get = lambda name: kwargs[name] if kwargs.get(name) is not None else getattr(gc, name, None)  # noqa: E731
+        eos, pad = get("eos_token_id"), get("pad_token_id")
+        if isinstance(eos, (list, tuple)):
+            if len(eos) != 1:
+                return None
+            eos = eos[0]
+        B, T = input_ids.shape
+        max_new = get("max_new_tokens")
+        if max_new is None:
+            max_new = max((get("max_length") or 20) - T, 0)
+        mask = kwargs.get("attention_mask")
+        lengths = self._left_padding(mask, input_ids.shape, False, True) if mask is not None else None
+        rows = [r[T - int(n):] if lengths is not None else r
+                for r, n in zip(input_ids.tolist(), lengths.tolist() if lengths is not None else [T] * B)]
+        sample = bool(get("do_sample"))
+        new = generation.generate_batch(core, rows, max_new, temperature=get("temperature") or 1.0 if sample else 0.0,
+                                        top_k=get("top_k") if sample else None,
+                                        top_p=get("top_p") or 1.0 if sample else 1.0, eos_id=eos)
+        width = max(map(len, new), default=0)
+        filler = pad if pad is not None else (eos if eos is not None else 0)
+        out = torch.full((B, T + width), filler, dtype=input_ids.dtype, device=input_ids.device)
+        out[:, :T] = input_ids
+        for b, row in enumerate(new):
+            out[b, T:T + len(row)] = torch.tensor(row, dtype=input_ids.dtype)
+        return out
+
+    def _installed_core(self):
+        """The installed megamom's CausalLM on this model's very parameters (no copy)."""
+        megamom_config = importlib.import_module("megamom.config")
+        megamom_model = importlib.import_module("megamom.model")
+        cfg = megamom_config.ModelConfig(**dataclasses.asdict(self._core.config))
+        with torch.device("meta"):
+            core = megamom_model.CausalLM(cfg)
+        core.load_state_dict(self._core.state_dict(), assign=True)
+        return core.eval()
+
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, past_key_values: Optional[MegaMoMCache] = None,

@@ -12,6 +12,9 @@ import torch
 class MemoryLayerCache:
     state: torch.Tensor  # [M, B, H, K, V] float32 (memory-major, as the packed segments)
     conv: Optional[dict] = None  # {"q", "k", "v"}: [M, B, W-1, C]
+    # decode steps write the new state and conv tails into these tensors (a CUDA graph's static
+    # buffers: megamom.generate.GraphedDecodeStep) instead of returning new ones
+    update_in_place: bool = False
 
 
 @dataclass

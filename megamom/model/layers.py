@@ -1,6 +1,8 @@
 """Small building blocks shared by every architecture."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,6 +95,29 @@ class GatedRMSNorm(RMSNorm):
         return y if gate is None else y * F.silu(gate.to(y.dtype))
 
 
+_INFERENCE_CACHE = "_inference_cache"
+
+
+def cached_for_inference(owner: nn.Module, name: str, build: Callable[[], Any]) -> Any:
+    """build() (weights stacked for one GEMM, say), kept on `owner` between calls outside autograd
+    while none of its parameters changes (same storage, no in-place update): a decode step then
+    reads them instead of stacking them again. Under autograd build() runs every time, inside the
+    graph. `drop_inference_caches` frees them."""
+    if torch.is_grad_enabled():
+        return build()
+    key = tuple((p.data_ptr(), p._version) for p in owner.parameters())
+    store = owner.__dict__.setdefault(_INFERENCE_CACHE, {})
+    hit = store.get(name)
+    if hit is None or hit[0] != key:
+        hit = store[name] = (key, build())
+    return hit[1]
+
+
+def drop_inference_caches(model: nn.Module) -> None:
+    for module in model.modules():
+        module.__dict__.pop(_INFERENCE_CACHE, None)
+
+
 class SwiGLU(nn.Module, ParallelRegion):
     def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto"):
         super().__init__()
@@ -107,7 +132,9 @@ class SwiGLU(nn.Module, ParallelRegion):
             # one GEMM by the stacked weights: the input is read once and its gradient comes out of
             # one GEMM (two would be summed); the fused activation writes [dgate | dup] in one buffer
             from megamom.kernels.triton.swiglu import swiglu_packed
-            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            stacked = cached_for_inference(self, "gate_up", lambda: torch.cat([self.gate_proj.weight,
+                                                                                 self.up_proj.weight]))
+            gate_up = F.linear(x, stacked)
             return self.exit_region(self.down_proj(swiglu_packed(gate_up)))
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.exit_region(self.down_proj(F.silu(gate) * up))

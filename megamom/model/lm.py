@@ -115,6 +115,16 @@ def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - start
 
 
+def _context(segment_ids: Optional[torch.Tensor], B: int, T: int, offset: int, device) -> dict:
+    """The blocks' per-token context: global document ids, their number, positions (rotary)."""
+    doc_ids, num_docs = document_index(segment_ids, B, T, device)
+    if segment_ids is not None:
+        positions = document_positions(segment_ids)
+    else:
+        positions = (torch.arange(T, device=device) + offset).expand(B, T)
+    return {"doc_ids": doc_ids, "num_docs": num_docs, "positions": positions, "segment_ids": segment_ids}
+
+
 class CausalLM(nn.Module):
     # sequence parallelism's seam (megamom.parallel.sequence_parallel.SequenceSplit): the whole
     # micro-batch -> this rank's slice of every sequence and the blocks' context; None on one rank
@@ -190,12 +200,10 @@ class CausalLM(nn.Module):
         else:
             B, T = input_ids.shape
             x = self.model.embeddings(input_ids)
-            doc_ids, num_docs = document_index(segment_ids, B, T, x.device)
-            if segment_ids is not None:
-                positions = document_positions(segment_ids)
+            if cache is not None and T == 1 and cfg.arch != "transformer":  # a decode step reads no positions
+                ctx = {"doc_ids": None, "num_docs": B, "positions": None, "segment_ids": None}
             else:
-                positions = (torch.arange(T, device=x.device) + offset).expand(B, T)
-            ctx = {"doc_ids": doc_ids, "num_docs": num_docs, "positions": positions, "segment_ids": segment_ids}
+                ctx = _context(segment_ids, B, T, offset, x.device)
         layer_caches = cache.layers if cache is not None else [None] * len(self.model.layers)
         new_caches, stats = [], []
         residual = None

@@ -31,7 +31,7 @@ from megamom.kernels import (causal_conv1d_step, causal_conv1d_varlen, causal_co
 
 from ..config import ModelConfig
 from .cache import MemoryLayerCache
-from .layers import GatedRMSNorm, ParallelRegion, cast_for_autocast
+from .layers import GatedRMSNorm, ParallelRegion, cached_for_inference, cast_for_autocast
 from .dispatch import Dispatcher
 from .grouped_experts import MemoryWeight, grouped_projection, stack_memories
 from .router import Router, RouterOutput
@@ -470,7 +470,58 @@ class MemoryMixer(nn.Module, ParallelRegion):
     # ------------------------------------------------------------------------------ decoding
     @torch.no_grad()
     def _decode_step(self, x: torch.Tensor, cache: MemoryLayerCache):
-        """One token per sequence: update only the selected memories, constant memory."""
+        """One token per sequence: update only the selected memories, constant memory. On the
+        Triton path a handful of kernels (_decode_step_fused), else torch ops."""
+        if use_triton(x, self.cfg.kernel_backend) and self.q_feature is None:
+            return self._decode_step_fused(x, cache)
+        return self._decode_step_torch(x, cache)
+
+    def _decode_weights(self):
+        """(the rows of [q | every memory's k | v | beta | decay | output gate] stacked [*, d] for the
+        decode step's one GEMM, each memory's row count, the q / k / v conv weights or None), built
+        once while the weights stay as they are."""
+        def build():
+            stacked, sizes = self._projection_weights()
+            parts = [self.q_proj.weight, stacked.reshape(-1, stacked.shape[-1])]
+            if self.g_proj is not None:
+                parts.append(self.g_proj.weight)
+            convs = tuple(self.conv_weight(f"{n}_conv") for n in "qkv") if self.conv_size else None
+            return torch.cat(parts), sum(sizes), convs
+        return cached_for_inference(self, "decode_weights", build)
+
+    @torch.no_grad()
+    def _decode_step_fused(self, x: torch.Tensor, cache: MemoryLayerCache):
+        """_decode_step in five kernels: the router (top-k), one GEMM by the stacked weights, the
+        step (kernels/triton/decode_step.py: two), the weighted sum with the gated norm, W_o."""
+        from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
+        from megamom.kernels.triton.decode_step import memory_decode_step
+        from megamom.kernels.triton.router import route_fused
+        B, _, d = x.shape
+        H, K, Vh, M = self.num_heads, self.head_dim, self.head_v_dim, self.num_memories
+        xf = x.reshape(B, d)
+        topw = topi = None
+        if self.router is not None:
+            _, _, topw, topi = route_fused(xf, self.router.weight, self.topk)
+        xf = self.enter_region(xf[:, None]).squeeze(1)
+        weight, P, convs = self._decode_weights()
+        y = F.linear(xf, weight)
+        scalar = self.rule.decay == "scalar"
+        o, slot_w, state, tails = memory_decode_step(
+            y[:, :H * K], y[:, H * K:H * K + M * P].view(B, M, P), topi, topw, self.shared, cache.state, convs,
+            tuple(cache.conv[n] for n in "qkv") if convs else None, head_dim=K, delta=self.rule.delta,
+            decay=self.rule.decay, A_log=self.A_log if scalar else None, dt_bias=self.dt_bias if scalar else None,
+            decay_bias=self._decay_bias(), gla_normalizer=self.cfg.gla_gate_normalizer,
+            silu=bool(self.conv_size) or self.cfg.qkv_activation == "silu", l2=self.cfg.qk_norm == "l2",
+            scale=K ** -0.5, in_place=cache.update_in_place, out_dtype=xf.dtype)
+        gate = y[:, H * K + M * P:] if self.g_proj is not None else None
+        o = combine_gated_rmsnorm(o.view(M * B, H * Vh), _slot_rows(M, B, x.device), slot_w, gate,
+                                  self.o_norm.weight, self.o_norm.eps, H)
+        out = self.exit_region(self.o_proj(o)[:, None])
+        conv = dict(zip("qkv", tails)) if tails is not None else None
+        return out.view(B, 1, d), None, MemoryLayerCache(state, conv, cache.update_in_place)
+
+    @torch.no_grad()
+    def _decode_step_torch(self, x: torch.Tensor, cache: MemoryLayerCache):
         B, _, d = x.shape
         H, K, Vh, M = self.num_heads, self.head_dim, self.head_v_dim, self.num_memories
         xf = x.reshape(B, d)
@@ -519,8 +570,24 @@ class MemoryMixer(nn.Module, ParallelRegion):
         new_state = torch.where(selected.view(B * M, 1, 1, 1), new_state, state)
         o = (o.view(B, M, H, Vh) * weight[:, :, None, None].to(o.dtype)).sum(1)
         out = self.exit_region(self._output(o, xf)[:, None]).squeeze(1)
-        new_cache = MemoryLayerCache(new_state.view(B, M, H, K, Vh).transpose(0, 1).contiguous(), conv_state)
-        return out.view(B, 1, d), None, new_cache
+        new_state = new_state.view(B, M, H, K, Vh).transpose(0, 1)
+        if cache.update_in_place:
+            cache.state.copy_(new_state)
+            for name, tails in (conv_state or {}).items():
+                cache.conv[name].copy_(tails)
+            return out.view(B, 1, d), None, cache
+        return out.view(B, 1, d), None, MemoryLayerCache(new_state.contiguous(), conv_state)
+
+
+_SLOT_ROWS: dict = {}
+
+
+def _slot_rows(M: int, B: int, device) -> torch.Tensor:
+    """[B, M] the decode step's output row of (sequence, memory): memory-major, m * B + b."""
+    key = (M, B, str(device))
+    if key not in _SLOT_ROWS:
+        _SLOT_ROWS[key] = torch.arange(M * B, device=device).view(M, B).t().contiguous()
+    return _SLOT_ROWS[key]
 
 
 _PER_MEMORY_PROJECTIONS = ("k_proj", "v_proj", "b_proj", "a_proj")

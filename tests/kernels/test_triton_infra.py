@@ -51,7 +51,7 @@ def test_unknown_launch_override_is_refused():
 
 
 def test_kernels_compile_for_hopper():
-    """Every launch of the chunked scan (fwd + bwd, all rule variants), the decode step and the L2
+    """Every launch of the chunked scan (fwd + bwd, all rule variants), the decode steps and the L2
     norm compiles for sm_90 with Triton's bundled ptxas, no GPU needed (catches compile errors
     in CI, where the GPU tests do not run), at the MoM head size K = V = 256 and K=64/V=128, and
     float32 at K = V = 128 (shared memory within the sm_90 limit)."""
@@ -95,6 +95,17 @@ with compile_only(ptxas_report=False) as recs:
         gate = torch.randn(10, 2 * V, dtype=dt, requires_grad=True)
         combine_gated_rmsnorm(rows, torch.randperm(30).view(10, 3), torch.rand(10, 3, requires_grad=True), gate,
                               torch.ones(V, requires_grad=True), 1e-6, 2).float().sum().backward()
+        from megamom.kernels.triton.decode_step import memory_decode_step  # the layer's decode step
+        for delta, decay in ((True, "scalar"), (False, "vector")):
+            P = 2 * (K + V) + 2 * delta + (2 if decay == "scalar" else 2 * K)
+            y = torch.randn(3, 2 * K + 5 * P, dtype=dt)
+            for in_place in (False, True):
+                memory_decode_step(y[:, :2 * K], y[:, 2 * K:].view(3, 5, P), torch.randint(0, 4, (3, 2)),
+                                   torch.rand(3, 2), True, torch.zeros(5, 3, 2, K, V),
+                                   tuple(torch.randn(1, C, 4) for C in (2 * K, 2 * K, 2 * V)),
+                                   tuple(torch.zeros(5, 3, 3, C, dtype=dt) for C in (2 * K, 2 * K, 2 * V)),
+                                   head_dim=K, delta=delta, decay=decay, A_log=torch.zeros(2), dt_bias=torch.zeros(2),
+                                   decay_bias=torch.zeros(5, 2 * K) if decay == "vector" else None, in_place=in_place)
         from megamom.kernels.triton.rmsnorm import rms_norm
         rms_norm(torch.randn(10, 1024, dtype=dt, requires_grad=True), torch.ones(1024, requires_grad=True),
                  1e-6).float().sum().backward()
