@@ -165,20 +165,27 @@ def route_buffers(N: int, E: int, topk: int, device) -> tuple[torch.Tensor, ...]
             torch.empty(N, topk, dtype=torch.int64, device=device))
 
 
+def route_forward(x: torch.Tensor, weight: torch.Tensor, topk: int):
+    """The forward kernel alone, no autograd: x [N, d] and weight [E, d] contiguous, of any float
+    dtype (read as float32 in the kernel: a decode step casts nothing) -> route_fused's outputs."""
+    N, D = x.shape
+    E = weight.shape[0]
+    logits, probs, topw, topi = route_buffers(N, E, topk, x.device)
+    EP, KP = triton.next_power_of_2(E), triton.next_power_of_2(topk)
+    cfg = launch_cfg("router_fwd")
+    BM, BD = cfg.pop("BM"), min(cfg.pop("BD"), triton.next_power_of_2(max(D, 1)))
+    if N:
+        _router_fwd_kernel[(triton.cdiv(N, BM),)](x, weight, logits, probs, topw, topi, N, D=D, E=E, K=topk,
+                                                  EP=EP, KP=KP, BM=BM, BD=BD, **cfg)
+    return logits, probs, topw, topi
+
+
 class RouterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, topk):
-        N, D = x.shape
-        E = weight.shape[0]
         ctx.dtypes = (x.dtype, weight.dtype)
         x, weight = x.float().contiguous(), weight.float().contiguous()
-        logits, probs, topw, topi = route_buffers(N, E, topk, x.device)
-        EP, KP = triton.next_power_of_2(E), triton.next_power_of_2(topk)
-        cfg = launch_cfg("router_fwd")
-        BM, BD = cfg.pop("BM"), min(cfg.pop("BD"), triton.next_power_of_2(max(D, 1)))
-        if N:
-            _router_fwd_kernel[(triton.cdiv(N, BM),)](x, weight, logits, probs, topw, topi, N, D=D, E=E, K=topk,
-                                                      EP=EP, KP=KP, BM=BM, BD=BD, **cfg)
+        logits, probs, topw, topi = route_forward(x, weight, topk)
         ctx.save_for_backward(x, weight, probs, topw, topi)
         ctx.mark_non_differentiable(topi)
         ctx.set_materialize_grads(False)

@@ -478,15 +478,16 @@ class MemoryMixer(nn.Module, ParallelRegion):
 
     def _decode_weights(self):
         """(the rows of [q | every memory's k | v | beta | decay | output gate] stacked [*, d] for the
-        decode step's one GEMM, each memory's row count, the q / k / v conv weights or None), built
-        once while the weights stay as they are."""
+        decode step's one GEMM, each memory's row count, the q / k / v conv weights or None, the
+        router's weight in float32 or None), built once while the weights stay as they are."""
         def build():
             stacked, sizes = self._projection_weights()
             parts = [self.q_proj.weight, stacked.reshape(-1, stacked.shape[-1])]
             if self.g_proj is not None:
                 parts.append(self.g_proj.weight)
             convs = tuple(self.conv_weight(f"{n}_conv") for n in "qkv") if self.conv_size else None
-            return torch.cat(parts), sum(sizes), convs
+            router = None if self.router is None else self.router.weight.float().contiguous()
+            return torch.cat(parts), sum(sizes), convs, router
         return cached_for_inference(self, "decode_weights", build)
 
     @torch.no_grad()
@@ -495,15 +496,15 @@ class MemoryMixer(nn.Module, ParallelRegion):
         step (kernels/triton/decode_step.py: two), the weighted sum with the gated norm, W_o."""
         from megamom.kernels.triton.combine_norm import combine_gated_rmsnorm
         from megamom.kernels.triton.decode_step import memory_decode_step
-        from megamom.kernels.triton.router import route_fused
+        from megamom.kernels.triton.router import route_forward
         B, _, d = x.shape
         H, K, Vh, M = self.num_heads, self.head_dim, self.head_v_dim, self.num_memories
-        xf = x.reshape(B, d)
+        xf = x.reshape(B, d).contiguous()
+        weight, P, convs, router = self._decode_weights()
         topw = topi = None
         if self.router is not None:
-            _, _, topw, topi = route_fused(xf, self.router.weight, self.topk)
+            _, _, topw, topi = route_forward(xf, router, self.topk)
         xf = self.enter_region(xf[:, None]).squeeze(1)
-        weight, P, convs = self._decode_weights()
         y = F.linear(xf, weight)
         scalar = self.rule.decay == "scalar"
         o, slot_w, state, tails = memory_decode_step(
