@@ -265,6 +265,7 @@ def main() -> int:
                     if name.startswith("llama") and kv > 0.8 * total_gib:
                         rows.append({"model": name, "batch": batch, "prompt": prompt,
                                      "error": f"K/V cache {kv:.0f} GiB does not fit"})
+                        save()
                         continue
                     try:
                         t0 = time.perf_counter()
