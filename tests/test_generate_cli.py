@@ -75,6 +75,9 @@ def test_greedy_batch_equals_megamom(source, trained, capsys):
         assert r["new_token_ids"] == reference(run, r["prompt"], 6)
         assert r["completion"] == tok.decode(r["new_token_ids"])
     assert "tokens/s" in err
+    capsys.readouterr()  # (what loading the references printed)
+    code, again, err = run_cli(capsys, *args, "--no-cuda-graph")  # (decoding from Python; CUDA graphs need a GPU)
+    assert code == 0 and again == out, err
 
 
 def test_prompts_file_and_streaming(trained, tmp_path, capsys):
