@@ -93,7 +93,7 @@ def test_greedy_equal_across_paths(case, tmp_path):
 
 
 @torch.no_grad()
-def test_prefill_in_pieces_and_batch_buckets():
+def test_prefill_in_pieces_equals_one_prefill():
     """generate_batch with a prefill budget smaller than the prompts (pieces continuing the cache,
     prompts in several packed rows) gives the tokens of one packed prefill."""
     model = build("mom-gated_delta")
