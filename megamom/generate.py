@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .model.layers import drop_inference_caches
+from .model.cache import MemoryLayerCache, ModelCache, concat_rows
+from .model.layers import held_inference_weights, inference_weights
 
 
 @torch.no_grad()
@@ -26,9 +27,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, top_p)
+        with inference_weights(model):  # (the weights stacked for decoding, once)
+            return _generate(model, input_ids, max_new_tokens, temperature, top_k, eos_id, generator, use_cache,
+                             top_p)
     finally:
-        drop_inference_caches(model)  # (the weights stacked for decoding)
         model.train(was_training)  # also when generation fails
 
 
@@ -65,28 +67,27 @@ class GraphedDecodeStep:
     place, so a step is one replay instead of a few hundred kernel launches from Python. Built from
     a prefill's cache (its rows are the batch); step(tokens [P]) -> the next logits [P, V] (a view of
     the graph's output buffer, overwritten by the next step). It takes the cache's tensors over
-    (they are updated in place). The graph reads the weights as they were at capture: build a new
-    one after training changes them."""
+    (they are updated in place). The graph reads the weights as they were at capture (it keeps the
+    stacked copies it reads alive): build a new one after training changes them."""
 
     def __init__(self, model, cache):
-        from .model.cache import MemoryLayerCache, ModelCache
         if model.config.arch == "transformer":
             raise ValueError("a CUDA-graphed decode step needs a memory model (an attention cache grows)")
         self.model = model
-        self.cache = ModelCache([MemoryLayerCache(layer.state.contiguous(), None if layer.conv is None else
-                                                  {n: t.contiguous() for n, t in layer.conv.items()}, True)
-                                 for layer in cache.layers], cache.seen_tokens)
+        self.cache = _updated_in_place(cache, clone=False)
         first = self.cache.layers[0].state
         self.tokens = torch.zeros(first.shape[1], 1, dtype=torch.long, device=first.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (kernel compilation, autotuning) on copies of the state
-            for _ in range(2):
-                model(self.tokens, cache=_static_copy(self.cache), logits_to_keep=1)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            out = model(self.tokens, cache=self.cache, logits_to_keep=1)
+        with inference_weights(model):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (kernel compilation, autotuning) on copies of the state
+                for _ in range(2):
+                    model(self.tokens, cache=_updated_in_place(self.cache, clone=True), logits_to_keep=1)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                out = model(self.tokens, cache=self.cache, logits_to_keep=1)
+            self._weights = held_inference_weights(model)  # (the graph reads them after the context drops them)
         assert all(new.state is mine.state for new, mine in zip(out.cache.layers, self.cache.layers))
         self.logits = out.logits[:, -1]
 
@@ -96,24 +97,14 @@ class GraphedDecodeStep:
         return self.logits
 
 
-def _static_copy(cache):
-    """A copy of a memory model's cache whose decode steps update it in place (the graph's warm-up)."""
-    from .model.cache import MemoryLayerCache, ModelCache
-    return ModelCache([MemoryLayerCache(layer.state.contiguous().clone(), None if layer.conv is None else
-                                        {n: t.contiguous().clone() for n, t in layer.conv.items()}, True)
+def _updated_in_place(cache, clone: bool):
+    """A memory model's cache on the same contiguous tensors (clone: on copies) whose decode steps
+    update it in place."""
+    def own(t):
+        return t.clone(memory_format=torch.contiguous_format) if clone else t.contiguous()
+    return ModelCache([MemoryLayerCache(own(layer.state), None if layer.conv is None else
+                                        {n: own(t) for n, t in layer.conv.items()}, True)
                        for layer in cache.layers], cache.seen_tokens)
-
-
-def _concat_caches(caches: list):
-    """Memory-model caches of consecutive prompt groups -> one cache, a row per prompt."""
-    from .model.cache import MemoryLayerCache, ModelCache
-    if len(caches) == 1:
-        return caches[0]
-    layers = []
-    for parts in zip(*(c.layers for c in caches)):
-        conv = None if parts[0].conv is None else {n: torch.cat([p.conv[n] for p in parts], 1) for n in parts[0].conv}
-        layers.append(MemoryLayerCache(torch.cat([p.state for p in parts], 1), conv))
-    return ModelCache(layers, 0)
 
 
 @torch.no_grad()
@@ -146,10 +137,10 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tempera
                                                                eos_id, generator, check_every, on_tokens)]
         if cuda_graph is None:
             cuda_graph = model.output_weight.device.type == "cuda"
-        return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every,
-                       on_tokens, cuda_graph, prefill_tokens)
+        with inference_weights(model):  # (the weights stacked for decoding, once)
+            return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
+                           check_every, on_tokens, cuda_graph, prefill_tokens)
     finally:
-        drop_inference_caches(model)  # (the weights stacked for decoding)
         model.train(was_training)
 
 
@@ -161,6 +152,7 @@ def prefill(model, prompts: list[list[int]], prefill_tokens: Optional[int] = Non
     device = model.output_weight.device
     budget = prefill_tokens or sum(len(p) for p in prompts)
     caches, logits, group = [], [], []
+    grouped = 0  # tokens in `group`
 
     def flush():
         ids = torch.tensor([t for p in group for t in p], device=device)[None]
@@ -182,11 +174,13 @@ def prefill(model, prompts: list[list[int]], prefill_tokens: Optional[int] = Non
     if model.config.arch == "transformer" and len(prompts) != 1:
         raise ValueError("an attention model prefills one prompt at a time")
     for p in prompts:
-        if group and sum(map(len, group)) + len(p) > budget:
+        if group and grouped + len(p) > budget:
             flush()
+            grouped = 0
         group.append(p)
+        grouped += len(p)
     flush()
-    return _concat_caches(caches), torch.cat(logits)
+    return (caches[0] if len(caches) == 1 else concat_rows(caches, 0)), torch.cat(logits)
 
 
 def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, check_every, on_tokens,

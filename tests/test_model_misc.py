@@ -617,3 +617,35 @@ def test_counting_the_papers_gla_gate_and_the_conv_activation_rule():
     assert counted.activated == counted.total - cfg.num_layers * (cfg.num_memories - cfg.topk) * one
     with pytest.raises(ConfigError, match="qkv_activation='none' applies without the short conv"):
         ModelConfig(arch="mom", update_rule="gla", qkv_activation="none").validate()
+
+
+def test_inference_weights_are_kept_only_inside_their_context():
+    """Stacked decode weights are built once per context and rebuilt after an in-place update;
+    outside a context (an evaluation pass during training) nothing is kept; a CUDA graph's holder
+    keeps what it read after the context drops it."""
+    from megamom.model.layers import cached_for_inference, held_inference_weights, inference_weights
+    model = CausalLM(ModelConfig(arch="mom", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, head_dim=8,
+                                 num_memories=2, topk=1))
+    mixer = model.model.layers[0].attn
+    builds = []
+
+    def stacked():
+        builds.append(1)
+        return torch.cat([mixer.q_proj.weight, mixer.o_proj.weight.t()])
+    with torch.no_grad():
+        a, b = cached_for_inference(mixer, "w", stacked), cached_for_inference(mixer, "w", stacked)
+        assert len(builds) == 2 and a is not b and held_inference_weights(model) == []
+        with inference_weights(model):
+            a, b = cached_for_inference(mixer, "w", stacked), cached_for_inference(mixer, "w", stacked)
+            assert len(builds) == 3 and a is b
+            with inference_weights(model):  # nested: the inner exit keeps them
+                pass
+            assert cached_for_inference(mixer, "w", stacked) is a and len(builds) == 3
+            mixer.q_proj.weight.add_(1.0)  # an in-place update (an optimizer step) rebuilds them
+            c = cached_for_inference(mixer, "w", stacked)
+            assert len(builds) == 4 and torch.equal(c[:16], mixer.q_proj.weight)
+            held = held_inference_weights(model)
+        assert len(held) == 1 and held[0] is c
+        assert held_inference_weights(model) == []
+    with inference_weights(model):  # under autograd: built every time, inside the graph
+        assert cached_for_inference(mixer, "w", stacked).requires_grad and held_inference_weights(model) == []

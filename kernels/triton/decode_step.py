@@ -149,6 +149,8 @@ def memory_decode_step(q_raw: torch.Tensor, rows: torch.Tensor, topk_index: Opti
     conv = conv_weights is not None
     W = conv_weights[0].shape[-1] if conv else 2
     if conv:
+        if in_place and not all(t.is_contiguous() for t in conv_tails):
+            raise ValueError("in_place needs contiguous conv tails (a copy would be updated instead)")
         conv_tails = tuple(t.contiguous() for t in conv_tails)
         new_tails = conv_tails if in_place else tuple(torch.empty_like(t) for t in conv_tails)
         conv_weights = tuple(w.contiguous() for w in conv_weights)
@@ -164,6 +166,7 @@ def memory_decode_step(q_raw: torch.Tensor, rows: torch.Tensor, topk_index: Opti
     chosen = torch.empty(M * B, dtype=torch.int8, device=dev)
     slot_w = torch.empty(B, M, **f32)
     topk = topk_index.shape[1] if routed else 1
+    decay_code = {None: 0, "scalar": 1, "vector": 2}[decay]
     if M * B * H:
         _decode_prep_kernel[(M * B * H,)](
             q_raw, q_raw.stride(0), rows, rows.stride(0), rows.stride(1),
@@ -172,7 +175,7 @@ def memory_decode_step(q_raw: torch.Tensor, rows: torch.Tensor, topk_index: Opti
             B, float(gla_normalizer), M=M, H=H, K=K, V=V, BK=next_pow2(K), BV=next_pow2(V), TOPK=topk,
             TP=triton.next_power_of_2(topk), ROUTED=routed, SHARED=shared, CONV=conv, W=W,
             CONV_PER_MEMORY=conv and conv_weights[0].shape[0] > 1, SILU=silu, DELTA=delta,
-            DECAY={None: 0, "scalar": 1, "vector": 2}[decay], DECAY_BIAS=decay_bias is not None,
+            DECAY=decay_code, DECAY_BIAS=decay_bias is not None,
             IN_PLACE=in_place, num_warps=4)
     new_state = state if in_place else torch.empty_like(state)
     o = torch.empty(M, B, H, V, dtype=out_dtype or rows.dtype, device=dev)
@@ -180,6 +183,6 @@ def memory_decode_step(q_raw: torch.Tensor, rows: torch.Tensor, topk_index: Opti
         cfg = launch_cfg("step", BV=next_pow2(V))
         _step_kernel[(triton.cdiv(V, cfg["BV"]), M * B * H)](
             q, k, v, g, beta, state, new_state, o, K ** -0.5 if scale is None else float(scale), 1e-6, chosen,
-            H=H, K=K, V=V, BK=next_pow2(K), DECAY={None: 0, "scalar": 1, "vector": 2}[decay], DELTA=delta, L2=l2,
+            H=H, K=K, V=V, BK=next_pow2(K), DECAY=decay_code, DELTA=delta, L2=l2,
             SELECT=True, IN_PLACE=in_place, **cfg)
     return o, slot_w, new_state, (new_tails if conv else None)

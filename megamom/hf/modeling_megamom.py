@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..kernels.rules import triton_available
-from ..model.cache import AttentionLayerCache, MemoryLayerCache, ModelCache
+from ..model.cache import AttentionLayerCache, MemoryLayerCache, ModelCache, concat_rows
 from ..model.layers import RMSNorm
 from ..model.lm import CausalLM
 from ..model.memory_mixer import MemoryMixer
@@ -51,17 +51,6 @@ def _index_batch(cache: ModelCache, index: torch.Tensor) -> ModelCache:
             i = index.to(c.k.device)
             layers.append(AttentionLayerCache(c.k.index_select(0, i), c.v.index_select(0, i)))
     return ModelCache(layers, cache.seen_tokens)
-
-
-def _cat_batch(caches: list, seen_tokens: int) -> ModelCache:
-    """Memory caches of single rows -> one batch (rows prefilled separately, e.g. left padding)."""
-    layers = []
-    for parts in zip(*(c.layers for c in caches)):
-        conv = None
-        if parts[0].conv is not None:
-            conv = {k: torch.cat([p.conv[k] for p in parts], 1) for k in parts[0].conv}
-        layers.append(MemoryLayerCache(torch.cat([p.state for p in parts], 1), conv))
-    return ModelCache(layers, seen_tokens)
 
 
 class MegaMoMCache(Cache):
@@ -255,8 +244,8 @@ class MegaMoMForCausalLM(MegaMoMPreTrainedModel, GenerationMixin):
             max_new = max((get("max_length") or 20) - T, 0)
         mask = kwargs.get("attention_mask")
         lengths = self._left_padding(mask, input_ids.shape, False, True) if mask is not None else None
-        rows = [r[T - int(n):] if lengths is not None else r
-                for r, n in zip(input_ids.tolist(), lengths.tolist() if lengths is not None else [T] * B)]
+        starts = (T - lengths).tolist() if lengths is not None else [0] * B  # (left padding is dropped)
+        rows = [r[start:] for r, start in zip(input_ids.tolist(), starts)]
         sample = bool(get("do_sample"))
         new = generation.generate_batch(core, rows, max_new, temperature=get("temperature") or 1.0 if sample else 0.0,
                                         top_k=get("top_k") if sample else None,
@@ -400,7 +389,7 @@ class MegaMoMForCausalLM(MegaMoMPreTrainedModel, GenerationMixin):
             aux = [o.aux_loss for o, _ in parts if o.aux_loss is not None]
             z = [o.z_loss for o, _ in parts if o.z_loss is not None]
             losses = (lm + router, lm, torch.stack(aux).mean() if aux else None, torch.stack(z).mean() if z else None)
-        new = _cat_batch(caches, T) if use_cache else None
+        new = concat_rows(caches, T) if use_cache else None
         return torch.cat(logits, 0), losses, new
 
     @contextlib.contextmanager

@@ -34,3 +34,14 @@ class ModelCache:
             tensors = [c.state, *(c.conv or {}).values()] if isinstance(c, MemoryLayerCache) else [c.k, c.v]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
+
+
+def concat_rows(caches: list, seen_tokens: int) -> ModelCache:
+    """Memory-model caches of separately prefilled rows -> one batch, their rows in order."""
+    if len(caches) == 1:
+        return ModelCache(caches[0].layers, seen_tokens)
+    layers = []
+    for parts in zip(*(c.layers for c in caches)):
+        conv = None if parts[0].conv is None else {k: torch.cat([p.conv[k] for p in parts], 1) for k in parts[0].conv}
+        layers.append(MemoryLayerCache(torch.cat([p.state for p in parts], 1), conv))
+    return ModelCache(layers, seen_tokens)

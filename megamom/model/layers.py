@@ -1,6 +1,7 @@
 """Small building blocks shared by every architecture."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -96,14 +97,31 @@ class GatedRMSNorm(RMSNorm):
 
 
 _INFERENCE_CACHE = "_inference_cache"
+_inference_depth = 0  # open `inference_weights` contexts
+
+
+@contextlib.contextmanager
+def inference_weights(model: nn.Module):
+    """Within it, weights stacked outside autograd (`cached_for_inference`) are kept between calls
+    instead of being stacked at every decode step; when the outermost context exits they are
+    dropped (a CUDA graph captured inside holds its own references: `held_inference_weights`).
+    Elsewhere (an evaluation pass during training, say) nothing is kept."""
+    global _inference_depth
+    _inference_depth += 1
+    try:
+        yield
+    finally:
+        _inference_depth -= 1
+        if not _inference_depth:
+            for module in model.modules():
+                module.__dict__.pop(_INFERENCE_CACHE, None)
 
 
 def cached_for_inference(owner: nn.Module, name: str, build: Callable[[], Any]) -> Any:
-    """build() (weights stacked for one GEMM, say), kept on `owner` between calls outside autograd
-    while none of its parameters changes (same storage, no in-place update): a decode step then
-    reads them instead of stacking them again. Under autograd build() runs every time, inside the
-    graph. `drop_inference_caches` frees them."""
-    if torch.is_grad_enabled():
+    """build() (weights stacked for one GEMM, say), kept on `owner` inside `inference_weights`
+    outside autograd while none of its parameters changes (same storage, no in-place update).
+    Elsewhere build() runs every time (under autograd inside the graph)."""
+    if torch.is_grad_enabled() or not _inference_depth:
         return build()
     key = tuple((p.data_ptr(), p._version) for p in owner.parameters())
     store = owner.__dict__.setdefault(_INFERENCE_CACHE, {})
@@ -113,9 +131,10 @@ def cached_for_inference(owner: nn.Module, name: str, build: Callable[[], Any]) 
     return hit[1]
 
 
-def drop_inference_caches(model: nn.Module) -> None:
-    for module in model.modules():
-        module.__dict__.pop(_INFERENCE_CACHE, None)
+def held_inference_weights(model: nn.Module) -> list:
+    """What `cached_for_inference` keeps for the model's modules now (for a CUDA graph that reads it
+    to keep alive after the context drops it)."""
+    return [value for module in model.modules() for _, value in module.__dict__.get(_INFERENCE_CACHE, {}).values()]
 
 
 class SwiGLU(nn.Module, ParallelRegion):

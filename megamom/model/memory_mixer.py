@@ -479,7 +479,8 @@ class MemoryMixer(nn.Module, ParallelRegion):
     def _decode_weights(self):
         """(the rows of [q | every memory's k | v | beta | decay | output gate] stacked [*, d] for the
         decode step's one GEMM, each memory's row count, the q / k / v conv weights or None, the
-        router's weight in float32 or None), built once while the weights stay as they are."""
+        router's weight in float32 or None, the low-rank decay gate's bias per memory or None),
+        built once while the weights stay as they are (inside `layers.inference_weights`)."""
         def build():
             stacked, sizes = self._projection_weights()
             parts = [self.q_proj.weight, stacked.reshape(-1, stacked.shape[-1])]
@@ -487,7 +488,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
                 parts.append(self.g_proj.weight)
             convs = tuple(self.conv_weight(f"{n}_conv") for n in "qkv") if self.conv_size else None
             router = None if self.router is None else self.router.weight.float().contiguous()
-            return torch.cat(parts), sum(sizes), convs, router
+            return torch.cat(parts), sum(sizes), convs, router, self._decay_bias()
         return cached_for_inference(self, "decode_weights", build)
 
     @torch.no_grad()
@@ -500,7 +501,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
         B, _, d = x.shape
         H, K, Vh, M = self.num_heads, self.head_dim, self.head_v_dim, self.num_memories
         xf = x.reshape(B, d).contiguous()
-        weight, P, convs, router = self._decode_weights()
+        weight, P, convs, router, decay_bias = self._decode_weights()
         topw = topi = None
         if self.router is not None:
             _, _, topw, topi = route_forward(xf, router, self.topk)
@@ -511,7 +512,7 @@ class MemoryMixer(nn.Module, ParallelRegion):
             y[:, :H * K], y[:, H * K:H * K + M * P].view(B, M, P), topi, topw, self.shared, cache.state, convs,
             tuple(cache.conv[n] for n in "qkv") if convs else None, head_dim=K, delta=self.rule.delta,
             decay=self.rule.decay, A_log=self.A_log if scalar else None, dt_bias=self.dt_bias if scalar else None,
-            decay_bias=self._decay_bias(), gla_normalizer=self.cfg.gla_gate_normalizer,
+            decay_bias=decay_bias, gla_normalizer=self.cfg.gla_gate_normalizer,
             silu=bool(self.conv_size) or self.cfg.qkv_activation == "silu", l2=self.cfg.qk_norm == "l2",
             scale=K ** -0.5, in_place=cache.update_in_place, out_dtype=xf.dtype)
         gate = y[:, H * K + M * P:] if self.g_proj is not None else None

@@ -138,6 +138,16 @@ def run_interp_suite() -> dict:
     return out
 
 
+def test_in_place_refuses_tails_it_would_copy():
+    """In place, non-contiguous conv tails would be copied and the copy updated: refused, naming them."""
+    pytest.importorskip("triton")
+    from megamom.kernels.triton.decode_step import memory_decode_step
+    (q_raw, rows, topi, topw, shared, state, weights, tails), kw = make_case("gated_delta")
+    strided = tuple(t.transpose(0, 1).contiguous().transpose(0, 1) for t in tails)
+    with pytest.raises(ValueError, match="contiguous conv tails"):
+        memory_decode_step(q_raw, rows, topi, topw, shared, state, weights, strided, in_place=True, **kw)
+
+
 @pytest.fixture(scope="module")
 def interp_results():
     return interp_report(__file__)
